@@ -1,0 +1,41 @@
+# Two commands matter: `make serve` starts the local stack, `make test` runs the whole suite.
+# Everything they need is installed on first use into ignored folders (.venv, .triton, checkpoints).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+TINY_CSM := checkpoints/csm-tiny
+TINY_WATERMARK := checkpoints/silentcipher-tiny
+
+.PHONY: setup serve test bench clean
+
+setup: $(VENV)/.installed .triton/.installed $(TINY_CSM)/.complete $(TINY_WATERMARK)/.complete
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt -e ".[server,proxy,dev]"
+	# silentcipher 1.0.5 declares torch<=2.0.0; its real imports come with the server extra.
+	$(PIP) install -c constraints.txt --no-deps silentcipher
+	touch $@
+
+.triton/.installed: scripts/install_triton.py constraints.txt $(VENV)/.installed
+	$(PY) scripts/install_triton.py --dest .triton
+	touch $@
+
+$(TINY_CSM)/.complete: scripts/make_tiny_checkpoint.py $(VENV)/.installed
+	$(PY) scripts/make_tiny_checkpoint.py $(TINY_CSM)
+
+$(TINY_WATERMARK)/.complete: scripts/make_tiny_watermark_checkpoint.py $(VENV)/.installed
+	$(PY) scripts/make_tiny_watermark_checkpoint.py $(TINY_WATERMARK)
+
+serve: setup
+	$(PY) scripts/serve.py
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) scripts/bench_engine.py
+
+clean:
+	rm -rf .triton checkpoints build .pytest_cache

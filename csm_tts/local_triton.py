@@ -1,0 +1,137 @@
+"""Start and stop the real `tritonserver` installed by scripts/install_triton.py, on loopback ports.
+
+Used by `make serve`, the test suite and the benchmarks. Two facts make the binary from the PyPI wheel work here
+(shared/FINDINGS.md): the bundled libraries need LD_LIBRARY_PATH (the binary's relative RPATH no longer resolves once
+copied), and the Python backend stub ignores PYTHONPATH, so the venv's `bin/` goes first on PATH, which is how the
+stub finds the venv's site-packages (torch, transformers, this package).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TRITON_DIR = ROOT / ".triton"
+
+
+class TritonStartError(RuntimeError):
+    """The server exited or did not become ready; the message carries the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    model_repository: Path
+    http_port: int = 8003
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_path: Path | None = None
+    triton_dir: Path = DEFAULT_TRITON_DIR
+    env: dict[str, str] = field(default_factory=dict)
+    verbose: bool = False
+    process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            str(self.triton_dir / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={self.triton_dir / 'backends'}",
+            f"--cache-directory={self.triton_dir / 'caches'}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--exit-timeout-secs=10",
+            "--log-info=true",
+        ]
+        if self.verbose:
+            cmd.append("--log-verbose=1")
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+        # The stub must load the same libpython patch release as the venv's stdlib.
+        libdirs = [str(self.triton_dir / "lib"), sysconfig.get_config_var("LIBDIR") or ""]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libdirs + [env.get("LD_LIBRARY_PATH", "")] if p)
+        env.update(self.env)
+        return env
+
+    def start(self, timeout: float = 120.0) -> "TritonServer":
+        binary = self.triton_dir / "bin" / "tritonserver"
+        if not binary.exists():
+            raise TritonStartError(f"{binary} is missing: run `python scripts/install_triton.py` (or `make setup`)")
+        if self.log_path is None:
+            self.log_path = ROOT / "build" / f"triton-{self.http_port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TritonStartError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TritonStartError(f"tritonserver was not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop our own server by its PID (SIGINT lets Triton unload models and call finalize)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,55 @@
+"""Render `model_repository/` for one deployment profile (local CPU or GPU image) from the same templates.
+
+Each `config.pbtxt` in the source repository may hold `${name}` placeholders; a profile fills them. Rendering fails
+on any placeholder left unfilled, so a CPU and a GPU repository can only differ where a profile says they do
+(tests/test_model_repository.py checks exactly that). Everything else (model.py files, the ensemble's empty `1/`)
+is copied as it is.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "model_repository"
+PLACEHOLDER = re.compile(r"\$\{([a-z_][a-z0-9_]*)\}")
+
+# What differs between the local CPU stack and the GPU image. Paths are filled by the caller (render(..., values)).
+PROFILES: dict[str, dict[str, str]] = {
+    "cpu": {"instance_kind": "KIND_CPU", "csm_instance_count": "1"},
+    "gpu": {"instance_kind": "KIND_GPU", "csm_instance_count": "1"},
+}
+DEFAULT_PATHS: dict[str, dict[str, str]] = {
+    "cpu": {
+        "csm_model_dir": str(ROOT / "checkpoints" / "csm-tiny"),
+        "watermark_model_dir": str(ROOT / "checkpoints" / "silentcipher-tiny"),
+    },
+    "gpu": {"csm_model_dir": "/models/csm-1b", "watermark_model_dir": "/models/silentcipher"},
+}
+
+
+class UnfilledPlaceholder(ValueError):
+    pass
+
+
+def fill(text: str, values: dict[str, str], where: str = "template") -> str:
+    missing = sorted({m.group(1) for m in PLACEHOLDER.finditer(text)} - values.keys())
+    if missing:
+        raise UnfilledPlaceholder(f"{where}: no value for placeholder(s) {', '.join(missing)}")
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def render(dest: Path, profile: str, overrides: dict[str, str] | None = None, source: Path = SOURCE) -> Path:
+    """Write the repository for `profile` to `dest` (replacing it) and return `dest`."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    values = {**PROFILES[profile], **DEFAULT_PATHS[profile], **(overrides or {})}
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for config in sorted(dest.glob("*/config.pbtxt")):
+        config.write_text(fill(config.read_text(), values, where=str(config.relative_to(dest))))
+    return dest
