@@ -1,0 +1,149 @@
+"""Load CSM-1B (HF format, as `sesame/csm-1b` ships it) from a local directory, and write tiny random checkpoints.
+
+Weights are never downloaded at run time: a missing or incomplete directory is a clear error that names the fix
+(`scripts/download_weights.py` for the real model, `scripts/make_tiny_checkpoint.py` for the tiny test model).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "processor_config.json")
+
+# Sesame's chat template as shipped with sesame/csm-1b (transformers' conversion script): one turn is
+# `<bos>[speaker]text<eos>`, followed by `<|AUDIO|><|audio_eos|>` when the turn carries audio.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- bos_token }}{{- '[' + message['role'] + ']' }}{{- message['content'][0]['text'] }}{{- eos_token }}"
+    "{%- if message['content']|length > 1 %}{{- '<|AUDIO|><|audio_eos|>' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+class CheckpointError(FileNotFoundError):
+    pass
+
+
+def check_checkpoint_dir(model_dir: str | Path) -> Path:
+    path = Path(model_dir)
+    fix = (
+        "download the real weights with `python scripts/download_weights.py --what csm --dest DIR` "
+        "(needs HF_TOKEN) or write the tiny test model with `python scripts/make_tiny_checkpoint.py DIR`, "
+        "then point CSM_MODEL_DIR at DIR"
+    )
+    if not path.is_dir():
+        raise CheckpointError(f"CSM checkpoint directory {path} does not exist: {fix}")
+    missing = [f for f in REQUIRED_FILES if not (path / f).exists()]
+    if not any(path.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise CheckpointError(f"CSM checkpoint {path} is incomplete (missing {', '.join(missing)}): {fix}")
+    return path
+
+
+def load_csm(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Return (model, processor) from a local directory; never touches the network."""
+    from transformers import CsmForConditionalGeneration, CsmProcessor
+
+    path = check_checkpoint_dir(model_dir)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    processor = CsmProcessor.from_pretrained(path, local_files_only=True)
+    model = CsmForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+    model.to(device).eval()
+    return model, processor
+
+
+def tiny_config(codebook_size: int = 2048, text_vocab_size: int = 512):
+    """A CSM with the real structure (32 codebooks, 2048-entry codebooks, 80 ms frames) at toy widths."""
+    from transformers import CsmConfig, MimiConfig
+
+    codec = MimiConfig(
+        hidden_size=32, num_filters=4, upsampling_ratios=[8, 6, 5, 4], codebook_size=codebook_size,
+        codebook_dim=8, vector_quantization_hidden_dimension=8, num_quantizers=32, upsample_groups=32,
+        num_hidden_layers=2, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
+        # A short sliding window, so that tests cover the codec transformer's windowed attention in streaming.
+        sliding_window=24, max_position_embeddings=8000, use_cache=True,
+    )
+    return CsmConfig(
+        num_codebooks=32, vocab_size=codebook_size + 3, text_vocab_size=text_vocab_size, hidden_size=128,
+        intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, codebook_pad_token_id=codebook_size + 2, codebook_eos_token_id=0,
+        bos_token_id=0, pad_token_id=2, audio_token_id=3, audio_eos_token_id=4,
+        depth_decoder_config=dict(
+            num_codebooks=32, backbone_hidden_size=128, vocab_size=codebook_size + 3, hidden_size=64,
+            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=33,
+        ),
+        codec_config=codec.to_dict(),
+    )
+
+
+TINY_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|AUDIO|>", "<|audio_eos|>"]
+# Deterministic training text for the toy byte-level BPE tokenizer.
+TINY_CORPUS = [
+    "The past is just a story we tell ourselves.",
+    "Hello from Sesame. How are you doing today? I am fine, thank you very much.",
+    "Streaming speech arrives chunk by chunk while the rest is still being generated.",
+    "0123456789 [0] [1] [2] [3] ,.;:!?'\"-()",
+] * 4
+
+
+def _tiny_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TINY_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<|pad|>",
+        model_max_length=2048,
+    )
+
+
+def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random CSM checkpoint in the exact HF layout of sesame/csm-1b (a few seconds, ~60 MB)."""
+    from transformers import CsmForConditionalGeneration, CsmProcessor, EncodecFeatureExtractor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tiny_tokenizer(vocab_size=400)
+    config = tiny_config(text_vocab_size=len(tokenizer))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in TINY_SPECIAL_TOKENS}
+    config.bos_token_id, config.pad_token_id = ids["<|begin_of_text|>"], ids["<|pad|>"]
+    config.audio_token_id, config.audio_eos_token_id = ids["<|AUDIO|>"], ids["<|audio_eos|>"]
+
+    torch.manual_seed(seed)
+    model = CsmForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # Mimi initialises its codebooks to zeros (they are learned by EMA), which would make every code decode to
+        # the same vector and the audio independent of what the model generates. Give each code its own vector.
+        for module in model.codec_model.modules():
+            if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage"):
+                module.embed_sum.normal_()
+                module._embed = None
+        # Keep the random codec's output roughly within [-1, 1], like real speech, so WAV files do not clip.
+        final_conv = model.codec_model.decoder.decoder_seanet.layers[-1].conv
+        final_conv.weight.mul_(0.01)
+        final_conv.bias.zero_()
+    # Sesame's generation defaults; max_new_tokens avoids transformers' silent 20-frame default.
+    model.generation_config.update(do_sample=True, temperature=0.9, top_k=50, max_new_tokens=125)
+    model.generation_config._from_model_config = False  # otherwise every depth_decoder_* key is dropped on reload
+    model.depth_decoder.generation_config.update(do_sample=True, temperature=0.9, top_k=50)
+    model.depth_decoder.generation_config._from_model_config = False
+    model.save_pretrained(out)
+
+    feature_extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=24000, padding_value=0.0)
+    processor = CsmProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    (out / "tiny_checkpoint.json").write_text(json.dumps({"seed": seed, "note": "random weights, for tests"}))
+    return out

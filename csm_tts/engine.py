@@ -1,0 +1,289 @@
+"""CSM-1B generation, one 80 ms frame at a time, with exact streaming audio.
+
+One frame = one backbone step (Llama with KV cache) that samples codebook 0 through `lm_head`, then 31 depth-decoder
+steps for codebooks 1..31. This is the loop of transformers' `CsmForConditionalGeneration.generate`, written out so
+that a caller can stop between frames (cancellation), emit audio as it is produced (chunk schedule), and advance many
+streams from one scheduler. Everything a stream needs lives in one `Stream` object.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.cache_utils import DynamicCache
+
+from csm_tts import FRAME_MS, SAMPLE_RATE
+from csm_tts.chunk_schedule import ChunkSchedule
+from csm_tts.codec_stream import StreamingCodecDecoder
+
+
+class InvalidRequest(ValueError):
+    """Bad input; the message is meant for the client."""
+
+
+@dataclass(frozen=True)
+class ContextSegment:
+    """An earlier turn: what `speaker` said (`text`) and how it sounded (24 kHz mono float32 `audio`)."""
+
+    speaker: int
+    text: str
+    audio: np.ndarray
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    text: str
+    speaker_id: int = 0
+    temperature: float = 0.9  # 0 = greedy
+    topk: int = 50
+    max_audio_length_ms: int = 30_000
+    seed: int | None = None
+    context: tuple[ContextSegment, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_audio_length_ms
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_speaker_id: int = 31
+    max_text_chars: int = 5_000
+    max_audio_length_ms: int = 90_000
+    max_context_audio_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    index: int
+    audio: np.ndarray  # float32, 24 kHz
+    sample_offset: int
+    is_last: bool
+    finish_reason: str | None = None  # "eos" or "length" on the last chunk
+
+
+@dataclass(eq=False)
+class Stream:
+    """All per-stream state: KV cache, next backbone hidden state, RNG, codec decoder state, counters."""
+
+    request: GenerationRequest
+    stream_id: str
+    max_frames: int
+    prompt_length: int
+    cache: DynamicCache
+    hidden: torch.Tensor  # backbone output for the last position, [1, hidden]
+    generator: torch.Generator | None
+    codec: StreamingCodecDecoder
+    pending: list[torch.Tensor] = field(default_factory=list)  # frames not yet decoded, each [32]
+    codes: list[torch.Tensor] = field(default_factory=list)  # every frame generated so far
+    chunk_index: int = 0
+    samples_sent: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def frames_generated(self) -> int:
+        return len(self.codes)
+
+
+def validate_request(request: GenerationRequest, limits: Limits, codebook_size: int) -> None:
+    """Cheap checks that need no model; the prompt-length check happens in `CsmEngine.start`."""
+    if not isinstance(request.text, str) or not request.text.strip():
+        raise InvalidRequest("text must be a non-empty string")
+    if len(request.text) > limits.max_text_chars:
+        raise InvalidRequest(f"text has {len(request.text)} characters; the limit is {limits.max_text_chars}")
+    for name, value in (("speaker_id", request.speaker_id), *((f"context speaker", s.speaker) for s in request.context)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limits.max_speaker_id:
+            raise InvalidRequest(f"{name} must be an integer from 0 to {limits.max_speaker_id}, got {value!r}")
+    if not (isinstance(request.temperature, (int, float)) and 0.0 <= request.temperature <= 2.0):
+        raise InvalidRequest(f"temperature must be between 0 (greedy) and 2, got {request.temperature!r}")
+    if not isinstance(request.topk, int) or not 1 <= request.topk <= codebook_size:
+        raise InvalidRequest(f"topk must be an integer from 1 to {codebook_size}, got {request.topk!r}")
+    if not isinstance(request.max_audio_length_ms, int) or not FRAME_MS <= request.max_audio_length_ms <= limits.max_audio_length_ms:
+        raise InvalidRequest(
+            f"max_audio_length_ms must be an integer from {FRAME_MS} to {limits.max_audio_length_ms}, "
+            f"got {request.max_audio_length_ms!r}"
+        )
+    if request.seed is not None and (not isinstance(request.seed, int) or not 0 <= request.seed < 2**63):
+        raise InvalidRequest(f"seed must be an integer from 0 to 2**63-1, got {request.seed!r}")
+    total_context = 0
+    for i, segment in enumerate(request.context):
+        if not isinstance(segment.text, str) or not segment.text.strip():
+            raise InvalidRequest(f"context segment {i} has empty text")
+        audio = segment.audio
+        if not isinstance(audio, np.ndarray) or audio.ndim != 1 or audio.size == 0:
+            raise InvalidRequest(f"context segment {i} audio must be a non-empty 1-D array of 24 kHz samples")
+        if not np.isfinite(audio).all():
+            raise InvalidRequest(f"context segment {i} audio contains NaN or infinite samples")
+        total_context += audio.size
+    if total_context > limits.max_context_audio_s * SAMPLE_RATE:
+        raise InvalidRequest(
+            f"context audio totals {total_context / SAMPLE_RATE:.1f} s; the limit is {limits.max_context_audio_s:.0f} s"
+        )
+
+
+def sample_codes(
+    logits: torch.Tensor, temperature: float, topk: int, generator: torch.Generator | None, valid_ids: int
+) -> torch.Tensor:
+    """Sample one id per row of [batch, vocab] logits. Ids >= valid_ids (CSM's special codes, which the codec cannot
+    decode) are never chosen. Temperature 0 is greedy. Same order as transformers: temperature, top-k, softmax."""
+    logits = logits.float()
+    logits[..., valid_ids:] = -math.inf
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    top_values, top_ids = torch.topk(logits / temperature, min(topk, valid_ids), dim=-1)
+    probs = torch.softmax(top_values, dim=-1)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return top_ids.gather(-1, choice).squeeze(-1)
+
+
+class CsmEngine:
+    def __init__(self, model, processor, schedule: ChunkSchedule = ChunkSchedule(), limits: Limits = Limits()):
+        self.model = model
+        self.processor = processor
+        self.schedule = schedule
+        self.limits = limits
+        self.device = next(model.parameters()).device
+        config = model.config
+        self.num_codebooks = config.num_codebooks
+        self.codebook_size = config.codec_config.codebook_size
+        self.eos_id = config.codebook_eos_token_id
+        self.max_positions = config.max_position_embeddings
+        self.depth_config = model.depth_decoder.config
+
+    @classmethod
+    def from_dir(cls, model_dir, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> "CsmEngine":
+        from csm_tts.checkpoint import load_csm
+
+        model, processor = load_csm(model_dir, device=device, dtype=dtype)
+        return cls(model, processor, **kwargs)
+
+    def validate(self, request: GenerationRequest) -> None:
+        validate_request(request, self.limits, self.codebook_size)
+
+    # -- prompt -------------------------------------------------------------------------------------------------
+    def prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
+        conversation = [
+            {"role": str(s.speaker), "content": [{"type": "text", "text": s.text}, {"type": "audio", "audio": s.audio}]}
+            for s in request.context
+        ]
+        conversation.append({"role": str(request.speaker_id), "content": [{"type": "text", "text": request.text}]})
+        inputs = self.processor.apply_chat_template(conversation, tokenize=True, return_dict=True).to(self.device)
+        if "input_values" in inputs:
+            inputs["input_values"] = inputs["input_values"].to(self.model.dtype)
+        # transformers' own merge of text embeddings with Mimi-encoded context audio, as `generate` uses it.
+        merged = self.model._merge_input_ids_with_input_values(
+            input_ids=inputs["input_ids"],
+            input_values=inputs.get("input_values"),
+            input_values_cutoffs=inputs.get("input_values_cutoffs"),
+        )
+        return merged["inputs_embeds"]
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(self, request: GenerationRequest, stream_id: str | None = None) -> Stream:
+        """Validate, build the prompt and run the prefill. Raises InvalidRequest."""
+        self.validate(request)
+        embeds = self.prompt_embeds(request)
+        prompt_length = embeds.shape[1]
+        max_frames = request.max_audio_length_ms // FRAME_MS
+        if prompt_length + max_frames > self.max_positions:
+            raise InvalidRequest(
+                f"the prompt takes {prompt_length} positions (text and context) and max_audio_length_ms "
+                f"{request.max_audio_length_ms} needs {max_frames} more; the model's context holds "
+                f"{self.max_positions}: shorten the text or context, or lower max_audio_length_ms"
+            )
+        cache = DynamicCache(config=self.model.config)
+        out = self.model.backbone_model(inputs_embeds=embeds, cache=cache, use_cache=True)
+        generator = None
+        if request.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
+        return Stream(
+            request=request,
+            stream_id=stream_id or uuid.uuid4().hex,
+            max_frames=max_frames,
+            prompt_length=prompt_length,
+            cache=cache,
+            hidden=out.last_hidden_state[:, -1],
+            generator=generator,
+            codec=StreamingCodecDecoder(self.model.codec_model),
+        )
+
+    def _sample(self, logits: torch.Tensor, stream: Stream) -> torch.Tensor:
+        r = stream.request
+        return sample_codes(logits, r.temperature, r.topk, stream.generator, self.codebook_size)
+
+    @torch.inference_mode()
+    def frame_codes(self, stream: Stream) -> torch.Tensor:
+        """Codebook 0 from the backbone's hidden state, then codebooks 1..31 from the depth decoder. Returns [1, 32]."""
+        hidden = stream.hidden
+        c0 = self._sample(self.model.lm_head(hidden), stream)
+        depth_cache = DynamicCache(config=self.depth_config)
+        # Position 0 is a placeholder that the depth decoder replaces with the backbone's hidden state.
+        ids = torch.stack([torch.zeros_like(c0), c0], dim=1)
+        codes = [c0]
+        out = self.model.depth_decoder(
+            input_ids=ids, backbone_last_hidden_state=hidden, cache=depth_cache, use_cache=True, logits_to_keep=1
+        )
+        for codebook in range(1, self.num_codebooks):
+            code = self._sample(out.logits[:, -1], stream)
+            codes.append(code)
+            if codebook < self.num_codebooks - 1:
+                out = self.model.depth_decoder(input_ids=code[:, None], cache=depth_cache, use_cache=True, logits_to_keep=1)
+        return torch.stack(codes, dim=1)
+
+    @torch.inference_mode()
+    def step(self, stream: Stream) -> None:
+        """Generate one frame (or finish the stream at EOS / its length limit)."""
+        if stream.finished:
+            return
+        frame = self.frame_codes(stream)
+        # transformers' EOS rule: codebooks 0..30 all equal to the EOS id (an all-zero frame).
+        if not stream.request.ignore_eos and bool((frame[0, :-1] == self.eos_id).all()):
+            stream.finish_reason = "eos"
+            return
+        stream.pending.append(frame[0])
+        stream.codes.append(frame[0])
+        if stream.frames_generated >= stream.max_frames:
+            stream.finish_reason = "length"
+            return
+        embeds = self.model.backbone_model.embed_tokens(frame[:, None, :])
+        out = self.model.backbone_model(inputs_embeds=embeds, cache=stream.cache, use_cache=True)
+        stream.hidden = out.last_hidden_state[:, -1]
+
+    def chunk_ready(self, stream: Stream) -> bool:
+        return stream.finished or len(stream.pending) >= self.schedule.frames_in_chunk(stream.chunk_index)
+
+    def take_chunk(self, stream: Stream) -> AudioChunk:
+        """Decode the pending frames into the next chunk (empty audio when a stream ends on a chunk border)."""
+        codes = torch.stack(stream.pending) if stream.pending else torch.zeros(0, self.num_codebooks, dtype=torch.long)
+        stream.pending = []
+        audio = stream.codec.decode(codes)
+        chunk = AudioChunk(
+            index=stream.chunk_index,
+            audio=audio,
+            sample_offset=stream.samples_sent,
+            is_last=stream.finished,
+            finish_reason=stream.finish_reason,
+        )
+        stream.chunk_index += 1
+        stream.samples_sent += audio.size
+        return chunk
+
+    def generate(self, request: GenerationRequest) -> Iterator[AudioChunk]:
+        """Stream one request on its own: chunks in order, the last with is_last=True."""
+        stream = self.start(request)
+        while True:
+            self.step(stream)
+            if self.chunk_ready(stream):
+                chunk = self.take_chunk(stream)
+                yield chunk
+                if chunk.is_last:
+                    return

@@ -1,0 +1,138 @@
+"""Runs all active streams of one model instance on one background thread, interleaved frame by frame.
+
+Triton's `execute()` only validates and hands a request over (`submit`), so it returns at once and many requests
+can be in flight on one instance; the scheduler thread admits queued streams (prefill), advances every active
+stream by one frame per round, and sends a chunk whenever a stream's chunk schedule says so. A full queue is refused
+(`ServerFull`, retry-able) instead of growing latency without bound. Cancelled streams are dropped between frames.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Protocol
+
+from csm_tts.engine import AudioChunk, CsmEngine, GenerationRequest, InvalidRequest, Stream
+
+log = logging.getLogger("csm_tts.scheduler")
+
+
+class ServerFull(RuntimeError):
+    pass
+
+
+class StreamSink(Protocol):
+    """Where one request's output goes (a Triton response sender in production, a list in tests)."""
+
+    def send_chunk(self, stream: Stream, chunk: AudioChunk) -> None: ...
+
+    def send_error(self, message: str, invalid_input: bool) -> None: ...  # also ends the request
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass(eq=False)
+class _Job:
+    request: GenerationRequest
+    sink: StreamSink
+    stream: Stream | None = None
+
+
+class StreamScheduler:
+    def __init__(self, engine: CsmEngine, max_active: int = 8, max_queued: int = 32, logger=log.info):
+        self.engine = engine
+        self.max_active = max_active
+        self.max_queued = max_queued
+        self.log = logger
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._active: list[_Job] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="csm-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        with self._wake:
+            return len(self._queue) + len(self._active)
+
+    def submit(self, request: GenerationRequest, sink: StreamSink) -> None:
+        with self._wake:
+            if self._stopping:
+                raise ServerFull("the model is shutting down")
+            if len(self._queue) >= self.max_queued:
+                raise ServerFull(
+                    f"server is full ({len(self._active)} active streams, {len(self._queue)} queued); retry later"
+                )
+            self._queue.append(_Job(request, sink))
+            self._wake.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Let in-flight streams finish (bounded by `timeout`), then stop the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # -- the scheduler thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._active and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._queue and not self._active:
+                    return
+                admitted = []
+                while self._queue and len(self._active) + len(admitted) < self.max_active:
+                    admitted.append(self._queue.popleft())
+            for job in admitted:
+                self._admit(job)
+            self._round()
+
+    def _admit(self, job: _Job) -> None:
+        if job.sink.is_cancelled():
+            self.log("Cancelling the request before it started")
+            return
+        try:
+            job.stream = self.engine.start(job.request)
+        except InvalidRequest as e:
+            job.sink.send_error(str(e), invalid_input=True)
+            return
+        except Exception as e:  # a failure of one request must not stop the others
+            self._fail(job, f"stream failed to start: {e}")
+            return
+        with self._wake:
+            self._active.append(job)
+
+    def _round(self) -> None:
+        """Advance every active stream by one frame; send chunks that are due."""
+        done = []
+        for job in list(self._active):
+            stream = job.stream
+            if job.sink.is_cancelled():
+                self.log(f"Cancelling the request {stream.stream_id} after {stream.frames_generated} frames")
+                done.append(job)
+                continue
+            try:
+                self.engine.step(stream)
+                if self.engine.chunk_ready(stream):
+                    job.sink.send_chunk(stream, self.engine.take_chunk(stream))
+            except Exception as e:
+                self._fail(job, f"stream {stream.stream_id} failed: {e}")
+                done.append(job)
+                continue
+            if stream.finished and not stream.pending:
+                done.append(job)
+        if done:
+            with self._wake:
+                self._active = [j for j in self._active if j not in done]
+
+    def _fail(self, job: _Job, message: str) -> None:
+        self.log(f"{message}\n{traceback.format_exc()}")
+        try:
+            job.sink.send_error(message, invalid_input=False)
+        except Exception as e:  # the client may be gone already
+            self.log(f"could not report the failure: {e}")

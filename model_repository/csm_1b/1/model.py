@@ -1,0 +1,117 @@
+"""Triton adapter for the CSM-1B streaming engine (decoupled). Logic lives in csm_tts.engine / csm_tts.scheduler."""
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from csm_tts.chunk_schedule import ChunkSchedule
+from csm_tts.engine import CsmEngine, InvalidRequest
+from csm_tts.request_parsing import CONTEXT_INPUTS, parse_parameters, parse_request
+from csm_tts.scheduler import ServerFull, StreamScheduler
+from csm_tts.watermark_options import InvalidWatermarkOption, WatermarkSettings, resolve
+
+PREFIX = "[csm_1b]"
+
+
+def config_parameter(model_config: dict, key: str, env: str | None = None, default: str | None = None) -> str | None:
+    """A config parameter; missing, empty or unfilled `${...}` values count as unset (then env, then default)."""
+    value = model_config.get("parameters", {}).get(key, {}).get("string_value", "")
+    if value and not value.startswith("${"):
+        return value
+    if env and os.environ.get(env):
+        return os.environ[env]
+    return default
+
+
+class TritonSink:
+    """Sends one stream's chunks through its response sender; the last response carries the final flag."""
+
+    def __init__(self, sender):
+        self.sender = sender
+
+    def send_chunk(self, stream, chunk):
+        tensors = [
+            pb_utils.Tensor("audio", chunk.audio.astype(np.float32)),
+            pb_utils.Tensor("stream_id", np.array([stream.stream_id.encode()], dtype=np.object_)),
+            pb_utils.Tensor("chunk_index", np.array([chunk.index], dtype=np.int32)),
+            pb_utils.Tensor("is_last", np.array([chunk.is_last], dtype=bool)),
+            pb_utils.Tensor("sample_offset", np.array([chunk.sample_offset], dtype=np.int64)),
+        ]
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if chunk.is_last else 0
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def send_error(self, message, invalid_input):
+        code = pb_utils.TritonError.INVALID_ARG if invalid_input else pb_utils.TritonError.INTERNAL
+        send_error(self.sender, message, code)
+
+    def is_cancelled(self):
+        return self.sender.is_cancelled()
+
+
+def send_error(sender, message, code):
+    sender.send(
+        pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)),
+        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(self.model_config):
+            raise pb_utils.TritonModelException(f"{PREFIX} must be decoupled: set model_transaction_policy.decoupled")
+        if args["model_instance_kind"] == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        else:
+            device = "cpu"
+        model_dir = config_parameter(self.model_config, "model_dir", env="CSM_MODEL_DIR")
+        if model_dir is None:
+            raise pb_utils.TritonModelException(f"{PREFIX} no checkpoint: set the model_dir parameter or CSM_MODEL_DIR")
+
+        def number(key, default, kind=int):
+            return kind(config_parameter(self.model_config, key, default=str(default)))
+
+        schedule = ChunkSchedule(
+            first_frames=number("first_chunk_frames", 2),
+            growth=number("chunk_growth", 2.0, float),
+            max_frames=number("max_chunk_frames", 10),
+        )
+        # Invalid watermark settings must stop the model from loading (the watermarker checks them too).
+        self.watermark_settings = WatermarkSettings.from_env()
+        self.engine = CsmEngine.from_dir(model_dir, device=device, schedule=schedule)
+        self.scheduler = StreamScheduler(
+            self.engine,
+            max_active=number("max_active_streams", 8),
+            max_queued=number("max_queued_streams", 32),
+            logger=lambda msg: pb_utils.Logger.log_info(f"{PREFIX} {msg}"),
+        )
+        pb_utils.Logger.log_info(f"{PREFIX} loaded {model_dir} on {device}; chunk schedule {schedule}")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parameters = parse_parameters(request.parameters())
+                resolve(parameters, self.watermark_settings)  # fail fast on bad watermark options
+                text = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)[0]
+                context = {}
+                for name in CONTEXT_INPUTS:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    context[name] = None if tensor is None else tensor.as_numpy()
+                generation = parse_request(text, parameters, context)
+                self.engine.validate(generation)
+                self.scheduler.submit(generation, TritonSink(sender))
+            except (InvalidRequest, InvalidWatermarkOption) as e:
+                send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
+            except ServerFull as e:
+                send_error(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
+            except Exception as e:  # never raise out of execute once a sender is in use
+                pb_utils.Logger.log_error(f"{PREFIX} request failed: {e}")
+                send_error(sender, f"request failed: {e}", pb_utils.TritonError.INTERNAL)
+        return None
+
+    def finalize(self):
+        pb_utils.Logger.log_info(f"{PREFIX} finalizing: waiting for streams in flight")
+        self.scheduler.close()

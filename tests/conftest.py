@@ -1,0 +1,70 @@
+"""Shared fixtures: the tiny checkpoints and ONE real Triton server per test session (live tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csm_tts.local_triton import TritonServer, free_port
+from csm_tts.model_repository import render
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CSM = ROOT / "checkpoints" / "csm-tiny"
+TINY_WATERMARK = ROOT / "checkpoints" / "silentcipher-tiny"
+# Short so that eviction of abandoned watermark state is observable within a test.
+WATERMARK_IDLE_TIMEOUT_S = "3"
+
+
+def require_dir(path: Path, how: str) -> Path:
+    if not (path / ".complete").exists():
+        pytest.fail(f"{path} is missing or incomplete: {how} (or run `make setup`)", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_csm_dir() -> Path:
+    return require_dir(TINY_CSM, f"python scripts/make_tiny_checkpoint.py {TINY_CSM}")
+
+
+@pytest.fixture(scope="session")
+def tiny_watermark_dir() -> Path:
+    return require_dir(TINY_WATERMARK, f"python scripts/make_tiny_watermark_checkpoint.py {TINY_WATERMARK}")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_csm_dir):
+    from csm_tts.engine import CsmEngine
+
+    return CsmEngine.from_dir(tiny_csm_dir)
+
+
+def start_triton(repo_dir: Path, csm_dir: Path, watermark_dir: Path, **env) -> TritonServer:
+    render(repo_dir, "cpu", {"csm_model_dir": str(csm_dir), "watermark_model_dir": str(watermark_dir)})
+    server = TritonServer(
+        repo_dir,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_path=repo_dir.parent / "triton.log",
+        env={
+            "CSM_WATERMARK_KEY": "",
+            "CSM_WATERMARK_ENABLED": "true",
+            "CSM_WATERMARK_IDLE_TIMEOUT_S": WATERMARK_IDLE_TIMEOUT_S,
+            **env,
+        },
+    )
+    return server.start(timeout=240)
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory, tiny_csm_dir, tiny_watermark_dir):
+    """The real tritonserver on free loopback ports, serving the rendered CPU repository with the tiny models."""
+    server = start_triton(tmp_path_factory.mktemp("triton") / "model_repository", tiny_csm_dir, tiny_watermark_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def grpc_url(triton_server) -> str:
+    return triton_server.grpc_url
