@@ -43,18 +43,17 @@ class TritonSink:
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
     def send_error(self, message, invalid_input):
-        code = pb_utils.TritonError.INVALID_ARG if invalid_input else pb_utils.TritonError.INTERNAL
-        send_error(self.sender, message, code)
+        send_error(self.sender, message, "INVALID_ARG" if invalid_input else "INTERNAL")
 
     def is_cancelled(self):
         return self.sender.is_cancelled()
 
 
-def send_error(sender, message, code):
-    sender.send(
-        pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)),
-        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-    )
+def send_error(sender, message, code_name):
+    """The error response, then the final flag. gRPC streams carry only the message, not the code, so the message
+    starts with the code's name ("INVALID_ARG: ...") for clients such as the proxy to map it."""
+    error = pb_utils.TritonError(f"{code_name}: {message}", getattr(pb_utils.TritonError, code_name))
+    sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 class TritonPythonModel:
@@ -104,12 +103,12 @@ class TritonPythonModel:
                 self.engine.validate(generation)
                 self.scheduler.submit(generation, TritonSink(sender))
             except (InvalidRequest, InvalidWatermarkOption) as e:
-                send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
+                send_error(sender, str(e), "INVALID_ARG")
             except ServerFull as e:
-                send_error(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
+                send_error(sender, str(e), "UNAVAILABLE")
             except Exception as e:  # never raise out of execute once a sender is in use
                 pb_utils.Logger.log_error(f"{PREFIX} request failed: {e}")
-                send_error(sender, f"request failed: {e}", pb_utils.TritonError.INTERNAL)
+                send_error(sender, f"request failed: {e}", "INTERNAL")
         return None
 
     def finalize(self):

@@ -1,0 +1,116 @@
+"""The stream scheduler without Triton: a recording sink stands in for the response sender."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from csm_tts.engine import GenerationRequest
+from csm_tts.request_parsing import parse_parameters, parse_request
+from csm_tts.engine import InvalidRequest
+from csm_tts.scheduler import ServerFull, StreamScheduler
+
+
+class RecordingSink:
+    def __init__(self, cancel_after_chunks: int | None = None):
+        self.chunks, self.errors = [], []
+        self.cancel_after_chunks = cancel_after_chunks
+        self.done = threading.Event()
+
+    def send_chunk(self, stream, chunk):
+        self.chunks.append(chunk)
+        if chunk.is_last:
+            self.done.set()
+
+    def send_error(self, message, invalid_input):
+        self.errors.append((message, invalid_input))
+        self.done.set()
+
+    def is_cancelled(self):
+        cancelled = self.cancel_after_chunks is not None and len(self.chunks) >= self.cancel_after_chunks
+        if cancelled:
+            self.done.set()
+        return cancelled
+
+    @property
+    def audio(self):
+        return np.concatenate([c.audio for c in self.chunks])
+
+
+@pytest.fixture
+def scheduler(engine):
+    messages = []
+    sched = StreamScheduler(engine, max_active=4, max_queued=4, logger=messages.append)
+    sched.messages = messages
+    yield sched
+    sched.close()
+
+
+def test_every_stream_ends_exactly_once(scheduler):
+    sinks = [RecordingSink() for _ in range(3)]
+    for i, sink in enumerate(sinks):
+        scheduler.submit(GenerationRequest("Hello.", seed=i, max_audio_length_ms=480), sink)
+    for sink in sinks:
+        assert sink.done.wait(60)
+        assert [c.is_last for c in sink.chunks].count(True) == 1 and sink.chunks[-1].is_last and not sink.errors
+
+
+def test_concurrent_streams_equal_solo_runs(scheduler, engine):
+    requests = [GenerationRequest("Hello.", seed=s, max_audio_length_ms=800) for s in (3, 4, 5)]
+    sinks = [RecordingSink() for _ in requests]
+    for request, sink in zip(requests, sinks):
+        scheduler.submit(request, sink)
+    for request, sink in zip(requests, sinks):
+        assert sink.done.wait(60)
+        solo = np.concatenate([c.audio for c in engine.generate(request)])
+        assert np.array_equal(sink.audio, solo)
+
+
+def test_cancel_stops_within_a_frame_and_others_continue(scheduler):
+    cancelled, other = RecordingSink(cancel_after_chunks=1), RecordingSink()
+    scheduler.submit(GenerationRequest("Hello.", seed=1, max_audio_length_ms=20_000), cancelled)
+    scheduler.submit(GenerationRequest("Hello.", seed=2, max_audio_length_ms=800), other)
+    assert other.done.wait(60) and cancelled.done.wait(60)
+    deadline = time.monotonic() + 5
+    while not any("Cancelling the request" in m for m in scheduler.messages) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any("Cancelling the request" in m for m in scheduler.messages)
+    assert len(cancelled.chunks) == 1 and not cancelled.chunks[0].is_last
+    assert other.chunks[-1].is_last
+    assert scheduler.in_flight == 0
+
+
+def test_full_queue_is_refused(engine):
+    sched = StreamScheduler(engine, max_active=1, max_queued=1, logger=lambda m: None)
+    try:
+        sinks = [RecordingSink(), RecordingSink()]
+        sched.submit(GenerationRequest("Hello.", max_audio_length_ms=2000), sinks[0])
+        time.sleep(0.5)  # the first stream is active now; the queue has room for one more
+        sched.submit(GenerationRequest("Hello.", max_audio_length_ms=160), sinks[1])
+        with pytest.raises(ServerFull, match="retry"):
+            sched.submit(GenerationRequest("Hello.", max_audio_length_ms=160), RecordingSink())
+        assert all(s.done.wait(60) for s in sinks)
+    finally:
+        sched.close()
+
+
+def test_prompt_too_long_is_reported_as_invalid_input(scheduler):
+    sink = RecordingSink()
+    scheduler.submit(GenerationRequest("word " * 900, max_audio_length_ms=90_000), sink)
+    assert sink.done.wait(30)
+    assert sink.errors and sink.errors[0][1] is True and "2048" in sink.errors[0][0]
+
+
+def test_parse_request_accepts_strings_and_numbers():
+    request = parse_request(b"Hi", parse_parameters('{"speaker_id": "2", "temperature": 0.5, "topk": "7", "seed": 9, "ignore_eos": "true"}'))
+    assert (request.text, request.speaker_id, request.temperature, request.topk, request.seed, request.ignore_eos) == ("Hi", 2, 0.5, 7, 9, True)
+    assert parse_request("Hi", {}).max_audio_length_ms == 30_000
+
+
+@pytest.mark.parametrize("raw", ['{"topk": "many"}', '{"temperature": "nan"}', '{"ignore_eos": 3}', '{"speaker_id": true}', "[1]", "{"])
+def test_parse_request_rejects_bad_parameters(raw):
+    with pytest.raises(InvalidRequest):
+        parse_request(b"Hi", parse_parameters(raw))
