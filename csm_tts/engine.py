@@ -129,18 +129,27 @@ def validate_request(request: GenerationRequest, limits: Limits, codebook_size: 
 
 
 def sample_codes(
-    logits: torch.Tensor, temperature: float, topk: int, generator: torch.Generator | None, valid_ids: int
+    logits: torch.Tensor, temperatures: torch.Tensor, topks: torch.Tensor, uniforms: torch.Tensor, valid_ids: int
 ) -> torch.Tensor:
-    """Sample one id per row of [batch, vocab] logits. Ids >= valid_ids (CSM's special codes, which the codec cannot
-    decode) are never chosen. Temperature 0 is greedy. Same order as transformers: temperature, top-k, softmax."""
+    """Sample one id per row of [batch, vocab] logits, each row with its own temperature, top-k and uniform draw.
+
+    Ids >= valid_ids (CSM's special codes, which the codec cannot decode) are never chosen. Temperature 0 is greedy
+    (argmax, like transformers). Otherwise: temperature, top-k, softmax, then inverse-CDF sampling with the row's
+    uniform number. Each stream draws its uniforms from its own generator, so what a stream samples does not depend
+    on which other streams share the batch (a multinomial call over the batch would interleave their randomness).
+    """
     logits = logits.float()
     logits[..., valid_ids:] = -math.inf
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    top_values, top_ids = torch.topk(logits / temperature, min(topk, valid_ids), dim=-1)
-    probs = torch.softmax(top_values, dim=-1)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return top_ids.gather(-1, choice).squeeze(-1)
+    greedy = logits.argmax(dim=-1)
+    k = min(int(topks.max()), valid_ids)
+    top_values, top_ids = torch.topk(logits / temperatures.clamp(min=1e-5)[:, None], k, dim=-1)
+    ranks = torch.arange(k, device=logits.device)
+    top_values = top_values.masked_fill(ranks[None, :] >= topks[:, None], -math.inf)
+    cdf = torch.softmax(top_values, dim=-1).cumsum(dim=-1)
+    index = (cdf < uniforms[:, None]).sum(dim=-1).clamp(max=k - 1)
+    index = torch.minimum(index, topks - 1)  # rounding in the cdf must not step past the row's top-k
+    sampled = top_ids.gather(-1, index[:, None]).squeeze(-1)
+    return torch.where(temperatures == 0, greedy, sampled)
 
 
 class CsmEngine:
@@ -203,7 +212,9 @@ class CsmEngine:
         out = self.model.backbone_model(inputs_embeds=embeds, cache=cache, use_cache=True)
         generator = None
         if request.temperature > 0:
-            generator = torch.Generator(device=self.device)
+            # On the CPU whatever the model's device: 32 uniforms a frame cost nothing, and CPU generators give the
+            # same numbers on every machine, so a seed means the same audio on a laptop and on a GPU server.
+            generator = torch.Generator()
             generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
         return Stream(
             request=request,
@@ -216,15 +227,24 @@ class CsmEngine:
             codec=StreamingCodecDecoder(self.model.codec_model),
         )
 
-    def _sample(self, logits: torch.Tensor, stream: Stream) -> torch.Tensor:
-        r = stream.request
-        return sample_codes(logits, r.temperature, r.topk, stream.generator, self.codebook_size)
-
     @torch.inference_mode()
-    def frame_codes(self, stream: Stream) -> torch.Tensor:
-        """Codebook 0 from the backbone's hidden state, then codebooks 1..31 from the depth decoder. Returns [1, 32]."""
-        hidden = stream.hidden
-        c0 = self._sample(self.model.lm_head(hidden), stream)
+    def frame_codes(self, streams: list[Stream]) -> torch.Tensor:
+        """One frame for each stream, batched: codebook 0 from the backbone's hidden state, then codebooks 1..31
+        from the depth decoder, whose 31 sequential steps dominate the cost of a frame. Returns [batch, 32]."""
+        device = self.device
+        hidden = torch.cat([s.hidden for s in streams])
+        temperatures = torch.tensor([float(s.request.temperature) for s in streams], device=device)
+        topks = torch.tensor([s.request.topk for s in streams], device=device)
+        # One draw per codebook per frame from each stream's own generator (greedy streams have none).
+        uniforms = torch.stack(
+            [torch.rand(self.num_codebooks, generator=s.generator) if s.generator else torch.zeros(self.num_codebooks)
+             for s in streams]
+        ).to(device)
+
+        def sample(logits, codebook):
+            return sample_codes(logits, temperatures, topks, uniforms[:, codebook], self.codebook_size)
+
+        c0 = sample(self.model.lm_head(hidden), 0)
         depth_cache = DynamicCache(config=self.depth_config)
         # Position 0 is a placeholder that the depth decoder replaces with the backbone's hidden state.
         ids = torch.stack([torch.zeros_like(c0), c0], dim=1)
@@ -233,30 +253,71 @@ class CsmEngine:
             input_ids=ids, backbone_last_hidden_state=hidden, cache=depth_cache, use_cache=True, logits_to_keep=1
         )
         for codebook in range(1, self.num_codebooks):
-            code = self._sample(out.logits[:, -1], stream)
+            code = sample(out.logits[:, -1], codebook)
             codes.append(code)
             if codebook < self.num_codebooks - 1:
                 out = self.model.depth_decoder(input_ids=code[:, None], cache=depth_cache, use_cache=True, logits_to_keep=1)
         return torch.stack(codes, dim=1)
 
     @torch.inference_mode()
+    def backbone_step(self, streams: list[Stream], frames: torch.Tensor) -> None:
+        """Feed each stream's new frame to the backbone, all streams in one call.
+
+        Streams have KV caches of different lengths: they are left-padded to a common length for the call (padding
+        masked out, each stream at its own position) and each stream keeps only its own new key/value row.
+        """
+        embeds = self.model.backbone_model.embed_tokens(frames[:, None, :])
+        if len(streams) == 1:
+            out = self.model.backbone_model(inputs_embeds=embeds, cache=streams[0].cache, use_cache=True)
+            streams[0].hidden = out.last_hidden_state[:, -1]
+            return
+        lengths = [s.cache.get_seq_length() for s in streams]
+        longest = max(lengths)
+        batch_cache = DynamicCache(config=self.model.config)
+        for layer_index, layer in enumerate(batch_cache.layers):
+            own = [s.cache.layers[layer_index] for s in streams]
+            pad = [(0, 0, longest - n, 0) for n in lengths]  # left-pad the sequence dimension
+            keys = torch.cat([torch.nn.functional.pad(o.keys, p) for o, p in zip(own, pad)])
+            values = torch.cat([torch.nn.functional.pad(o.values, p) for o, p in zip(own, pad)])
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        mask = torch.zeros(len(streams), longest + 1, dtype=torch.long, device=self.device)
+        for row, n in enumerate(lengths):
+            mask[row, longest - n:] = 1
+        positions = torch.tensor(lengths, device=self.device)[:, None]
+        out = self.model.backbone_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=batch_cache, use_cache=True
+        )
+        for row, stream in enumerate(streams):
+            stream.hidden = out.last_hidden_state[row:row + 1, -1]
+            for layer_index, layer in enumerate(batch_cache.layers):
+                stream.cache.layers[layer_index].update(layer.keys[row:row + 1, :, -1:], layer.values[row:row + 1, :, -1:])
+
+    @torch.inference_mode()
+    def step_many(self, streams: list[Stream]) -> None:
+        """Advance every unfinished stream by one frame (or finish it at EOS / its length limit), in one batch."""
+        streams = [s for s in streams if not s.finished]
+        if not streams:
+            return
+        frames = self.frame_codes(streams)
+        continuing = []
+        for stream, frame in zip(streams, frames):
+            # transformers' EOS rule: codebooks 0..30 all equal to the EOS id (an all-zero frame).
+            if not stream.request.ignore_eos and bool((frame[:-1] == self.eos_id).all()):
+                stream.finish_reason = "eos"
+                continue
+            stream.pending.append(frame)
+            stream.codes.append(frame)
+            if stream.frames_generated >= stream.max_frames:
+                stream.finish_reason = "length"
+                continue
+            continuing.append(stream)
+        if continuing:
+            index = [streams.index(s) for s in continuing]
+            self.backbone_step(continuing, frames[index])
+
     def step(self, stream: Stream) -> None:
-        """Generate one frame (or finish the stream at EOS / its length limit)."""
-        if stream.finished:
-            return
-        frame = self.frame_codes(stream)
-        # transformers' EOS rule: codebooks 0..30 all equal to the EOS id (an all-zero frame).
-        if not stream.request.ignore_eos and bool((frame[0, :-1] == self.eos_id).all()):
-            stream.finish_reason = "eos"
-            return
-        stream.pending.append(frame[0])
-        stream.codes.append(frame[0])
-        if stream.frames_generated >= stream.max_frames:
-            stream.finish_reason = "length"
-            return
-        embeds = self.model.backbone_model.embed_tokens(frame[:, None, :])
-        out = self.model.backbone_model(inputs_embeds=embeds, cache=stream.cache, use_cache=True)
-        stream.hidden = out.last_hidden_state[:, -1]
+        self.step_many([stream])
 
     def chunk_ready(self, stream: Stream) -> bool:
         return stream.finished or len(stream.pending) >= self.schedule.frames_in_chunk(stream.chunk_index)

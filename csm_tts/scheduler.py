@@ -29,7 +29,7 @@ class StreamSink(Protocol):
 
     def send_chunk(self, stream: Stream, chunk: AudioChunk) -> None: ...
 
-    def send_error(self, message: str, invalid_input: bool) -> None: ...  # also ends the request
+    def send_error(self, message: str, code: str) -> None: ...  # code: INVALID_ARG, INTERNAL or CANCELLED; ends the request
 
     def is_cancelled(self) -> bool: ...
 
@@ -85,21 +85,22 @@ class StreamScheduler:
                     self._wake.wait()
                 if self._stopping and not self._queue and not self._active:
                     return
-                admitted = []
-                while self._queue and len(self._active) + len(admitted) < self.max_active:
-                    admitted.append(self._queue.popleft())
-            for job in admitted:
+                # At most one prefill between two batched steps, so a burst of new streams cannot freeze running ones.
+                job = self._queue.popleft() if self._queue and len(self._active) < self.max_active else None
+            if job is not None:
                 self._admit(job)
-            self._round()
+            if self._active:
+                self._round()
 
     def _admit(self, job: _Job) -> None:
         if job.sink.is_cancelled():
             self.log("Cancelling the request before it started")
+            self._end_cancelled(job)
             return
         try:
             job.stream = self.engine.start(job.request)
         except InvalidRequest as e:
-            job.sink.send_error(str(e), invalid_input=True)
+            job.sink.send_error(str(e), "INVALID_ARG")
             return
         except Exception as e:  # a failure of one request must not stop the others
             self._fail(job, f"stream failed to start: {e}")
@@ -108,16 +109,25 @@ class StreamScheduler:
             self._active.append(job)
 
     def _round(self) -> None:
-        """Advance every active stream by one frame; send chunks that are due."""
-        done = []
-        for job in list(self._active):
-            stream = job.stream
+        """Advance every active stream by one frame in one batched step; send the chunks that are due."""
+        done, stepping = [], []
+        for job in self._active:
             if job.sink.is_cancelled():
-                self.log(f"Cancelling the request {stream.stream_id} after {stream.frames_generated} frames")
+                self.log(f"Cancelling the request {job.stream.stream_id} after {job.stream.frames_generated} frames")
+                self._end_cancelled(job)
                 done.append(job)
-                continue
+            else:
+                stepping.append(job)
+        try:
+            self.engine.step_many([job.stream for job in stepping])
+        except Exception as e:  # a failed batch fails its streams, not the server
+            for job in stepping:
+                self._fail(job, f"stream {job.stream.stream_id} failed: {e}")
+            done.extend(stepping)
+            stepping = []
+        for job in stepping:
+            stream = job.stream
             try:
-                self.engine.step(stream)
                 if self.engine.chunk_ready(stream):
                     job.sink.send_chunk(stream, self.engine.take_chunk(stream))
             except Exception as e:
@@ -133,6 +143,13 @@ class StreamScheduler:
     def _fail(self, job: _Job, message: str) -> None:
         self.log(f"{message}\n{traceback.format_exc()}")
         try:
-            job.sink.send_error(message, invalid_input=False)
+            job.sink.send_error(message, "INTERNAL")
         except Exception as e:  # the client may be gone already
             self.log(f"could not report the failure: {e}")
+
+    def _end_cancelled(self, job: _Job) -> None:
+        """A cancelled request still gets its one final response (nobody may be listening any more)."""
+        try:
+            job.sink.send_error("the request was cancelled", "CANCELLED")
+        except Exception:
+            pass

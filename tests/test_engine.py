@@ -126,20 +126,35 @@ def test_same_seed_same_audio_different_seed_different_audio(engine):
     assert not np.array_equal(audio(11), audio(12))
 
 
+def rows(n, temperature, topk):
+    return torch.full((n,), float(temperature)), torch.full((n,), topk)
+
+
 def test_sampling_never_picks_ids_outside_the_codebook():
     logits = torch.zeros(4, 2051)
     logits[:, 2048:] = 100.0  # the special ids are by far the most likely
     generator = torch.Generator().manual_seed(0)
     for temperature, topk in ((0.0, 50), (0.9, 50), (2.0, 2051)):
-        ids = torch.stack([sample_codes(logits.clone(), temperature, topk, generator, 2048) for _ in range(50)])
-        assert int(ids.max()) < 2048
+        for _ in range(50):
+            ids = sample_codes(logits.clone(), *rows(4, temperature, topk), torch.rand(4, generator=generator), 2048)
+            assert int(ids.max()) < 2048
 
 
-def test_topk_one_is_greedy():
+def test_topk_one_is_greedy_and_rows_keep_their_own_settings():
     logits = torch.randn(3, 2051, generator=torch.Generator().manual_seed(0))
     logits[:, 2048:] = -1e9
-    sampled = sample_codes(logits.clone(), 0.9, 1, torch.Generator().manual_seed(5), 2048)
-    assert torch.equal(sampled, logits.argmax(-1))
+    uniforms = torch.tensor([0.3, 0.99, 0.999])
+    assert torch.equal(sample_codes(logits.clone(), *rows(3, 0.9, 1), uniforms, 2048), logits.argmax(-1))
+    mixed = sample_codes(logits.clone(), torch.tensor([0.0, 0.9, 0.9]), torch.tensor([50, 1, 2048]), uniforms, 2048)
+    assert mixed[0] == logits[0].argmax() and mixed[1] == logits[1].argmax() and mixed[2] != logits[2].argmax()
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]]))
+    uniforms = torch.linspace(0.001, 0.999, 1000)
+    ids = torch.cat([sample_codes(logits.clone(), *rows(1, 1.0, 3), u[None], 4) for u in uniforms])
+    counts = torch.bincount(ids, minlength=4) / 1000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.01)
 
 
 @pytest.mark.parametrize(

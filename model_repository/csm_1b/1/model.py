@@ -42,8 +42,8 @@ class TritonSink:
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if chunk.is_last else 0
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
-    def send_error(self, message, invalid_input):
-        send_error(self.sender, message, "INVALID_ARG" if invalid_input else "INTERNAL")
+    def send_error(self, message, code_name):
+        send_error(self.sender, message, code_name)
 
     def is_cancelled(self):
         return self.sender.is_cancelled()
