@@ -91,6 +91,11 @@ class Stream:
     def frames_generated(self) -> int:
         return len(self.codes)
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Memory held by this stream's backbone KV cache (freed with the stream)."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers if layer.is_initialized)
+
 
 def validate_request(request: GenerationRequest, limits: Limits, codebook_size: int) -> None:
     """Cheap checks that need no model; the prompt-length check happens in `CsmEngine.start`."""
@@ -165,6 +170,11 @@ class CsmEngine:
         self.eos_id = config.codebook_eos_token_id
         self.max_positions = config.max_position_embeddings
         self.depth_config = model.depth_decoder.config
+        # Keys and values of every backbone layer, per position: a stream at full context holds
+        # max_positions times this (~32 MiB for CSM-1B in bf16).
+        self.kv_bytes_per_position = (
+            2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * model.dtype.itemsize
+        )
 
     @classmethod
     def from_dir(cls, model_dir, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> "CsmEngine":

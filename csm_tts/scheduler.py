@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Protocol
@@ -98,7 +99,13 @@ class StreamScheduler:
             self._end_cancelled(job)
             return
         try:
+            started = time.perf_counter()
             job.stream = self.engine.start(job.request)
+            # The prefill runs between two batched steps: this is how long a join stalls the running streams.
+            self.log(
+                f"stream {job.stream.stream_id} joined: prefill of {job.stream.prompt_length} positions took "
+                f"{(time.perf_counter() - started) * 1000:.0f} ms ({len(self._active)} streams running)"
+            )
         except InvalidRequest as e:
             job.sink.send_error(str(e), "INVALID_ARG")
             return

@@ -1,9 +1,12 @@
-"""Time to first audio and frames per second of the CSM engine: in-process, and through Triton over gRPC.
+"""Time to first audio and frames per second of the CSM engine: in-process, through Triton over gRPC, and batched.
 
     python scripts/bench_engine.py [--model-dir checkpoints/csm-tiny] [--runs 5] [--frames 50] [--grpc-url HOST:PORT]
+                                   [--concurrency 8]
 
-Without --grpc-url it starts its own local Triton (CPU profile) on free ports. Both paths run the same seeded,
-fixed-length requests (ignore_eos), so the ratio between them is the serving overhead. Prints a table.
+Without --grpc-url it starts its own local Triton (CPU profile) on free ports. All paths run the same seeded,
+fixed-length requests (ignore_eos), so the ratio in-process / gRPC is the serving overhead and the ratio of
+aggregate frames/s at --concurrency streams to one stream (both through the in-process scheduler, one run) is what
+cross-stream batching buys. Prints tables.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +60,48 @@ async def over_grpc(url: str, frames: int, runs: int) -> list[tuple[float, float
     return results
 
 
+class TimingSink:
+    """Records when a scheduled stream's chunks arrive."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first = None
+        self.samples = 0
+        self.done = threading.Event()
+
+    def send_chunk(self, stream, chunk):
+        self.first = self.first if self.first is not None else time.perf_counter() - self.start
+        self.samples += chunk.audio.size
+        if chunk.is_last:
+            self.done.set()
+
+    def send_error(self, message, code):
+        raise SystemExit(f"stream failed: {code} {message}")
+
+    def is_cancelled(self):
+        return False
+
+
+def batched(engine: CsmEngine, frames: int, concurrency: int) -> tuple[float, float]:
+    """Aggregate frames/s and median TTFA of `concurrency` simultaneous streams through the scheduler."""
+    from csm_tts.scheduler import StreamScheduler
+
+    scheduler = StreamScheduler(engine, max_active=concurrency, max_queued=concurrency, logger=lambda m: None)
+    try:
+        start = time.perf_counter()
+        sinks = []
+        for seed in range(concurrency):
+            sinks.append(TimingSink())
+            request = GenerationRequest(TEXT, seed=seed, max_audio_length_ms=frames * FRAME_MS, ignore_eos=True)
+            scheduler.submit(request, sinks[-1])
+        for sink in sinks:
+            sink.done.wait()
+        total = time.perf_counter() - start
+    finally:
+        scheduler.close()
+    return sum(s.samples for s in sinks) / SAMPLES_PER_FRAME / total, statistics.median(s.first for s in sinks)
+
+
 def summary(name: str, rows: list[tuple[float, float]]) -> tuple[float, float]:
     ttfa = statistics.median(r[0] for r in rows) * 1000
     fps = statistics.median(r[1] for r in rows)
@@ -69,11 +115,14 @@ def main() -> None:
     parser.add_argument("--grpc-url", help="an already running Triton serving csm_1b (else one is started)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
 
     engine = CsmEngine.from_dir(args.model_dir)
     in_process(engine, 4, 1)  # warm-up
     local = in_process(engine, args.frames, args.runs)
+    one_fps, one_ttfa = batched(engine, args.frames, 1)
+    many_fps, many_ttfa = batched(engine, args.frames, args.concurrency)
     del engine
 
     server = None
@@ -96,6 +145,11 @@ def main() -> None:
     local_ttfa, local_fps = summary("in-process", local)
     grpc_ttfa, grpc_fps = summary("triton-grpc", served)
     print(f"serving overhead: TTFA x{grpc_ttfa / local_ttfa:.2f}, throughput x{grpc_fps / local_fps:.2f}")
+    print(f"\nbatched scheduler, {args.frames} frames per stream")
+    print(f"{'streams':<12} {'TTFA ms':>10} {'agg frames/s':>13}")
+    print(f"{1:<12} {one_ttfa * 1000:>10.1f} {one_fps:>13.1f}")
+    print(f"{args.concurrency:<12} {many_ttfa * 1000:>10.1f} {many_fps:>13.1f}")
+    print(f"aggregate throughput x{many_fps / one_fps:.2f} at {args.concurrency} streams")
 
 
 if __name__ == "__main__":

@@ -187,3 +187,12 @@ def test_chunk_schedule_grows_to_its_cap():
     assert [schedule.frames_in_chunk(i) for i in range(5)] == [2, 4, 8, 10, 10]
     with pytest.raises(ValueError):
         ChunkSchedule(first_frames=0)
+
+
+def test_kv_cache_grows_one_position_per_frame(engine):
+    stream = engine.start(GenerationRequest(text=TEXT, seed=0, max_audio_length_ms=5 * 80))
+    after_prefill = stream.kv_cache_bytes
+    assert after_prefill == stream.prompt_length * engine.kv_bytes_per_position
+    for _ in range(3):
+        engine.step(stream)
+    assert stream.kv_cache_bytes == (stream.prompt_length + 3) * engine.kv_bytes_per_position
