@@ -170,6 +170,7 @@ class CsmEngine:
         self.eos_id = config.codebook_eos_token_id
         self.max_positions = config.max_position_embeddings
         self.depth_config = model.depth_decoder.config
+        self.depth = model.depth_decoder.model
         # Keys and values of every backbone layer, per position: a stream at full context holds
         # max_positions times this (~32 MiB for CSM-1B in bf16).
         self.kv_bytes_per_position = (
@@ -256,18 +257,35 @@ class CsmEngine:
 
         c0 = sample(self.model.lm_head(hidden), 0)
         depth_cache = DynamicCache(config=self.depth_config)
-        # Position 0 is a placeholder that the depth decoder replaces with the backbone's hidden state.
-        ids = torch.stack([torch.zeros_like(c0), c0], dim=1)
+        # Position 0 is the backbone's hidden state, position 1 codebook 0; then one codebook per step.
+        first = self.depth.embed_tokens(c0)[:, None]
+        logits = self._depth_logits(torch.cat([hidden[:, None].to(first.dtype), first], dim=1), depth_cache, 0)
         codes = [c0]
-        out = self.model.depth_decoder(
-            input_ids=ids, backbone_last_hidden_state=hidden, cache=depth_cache, use_cache=True, logits_to_keep=1
-        )
         for codebook in range(1, self.num_codebooks):
-            code = sample(out.logits[:, -1], codebook)
+            code = sample(logits, codebook)
             codes.append(code)
             if codebook < self.num_codebooks - 1:
-                out = self.model.depth_decoder(input_ids=code[:, None], cache=depth_cache, use_cache=True, logits_to_keep=1)
+                embeds = self.depth.embed_tokens(code + codebook * self.depth_config.vocab_size)[:, None]
+                logits = self._depth_logits(embeds, depth_cache, codebook + 1)
         return torch.stack(codes, dim=1)
+
+    def _depth_logits(self, embeds: torch.Tensor, cache: DynamicCache, position: int) -> torch.Tensor:
+        """The depth decoder's forward pass for new positions, returning the logits of the next codebook.
+
+        The same modules and operations as `CsmDepthDecoderForCausalLM.forward`, called directly: its wrappers
+        (output capturing, config merging, mask construction) cost as much as the layers themselves at these sizes,
+        31 times per frame. SDPA infers the causal mask when no mask is given (tests check equality with
+        transformers' `generate`).
+        """
+        hidden = self.depth.inputs_embeds_projector(embeds)
+        positions = torch.arange(position, position + embeds.shape[1], device=embeds.device)[None]
+        rotary = self.depth.rotary_emb(hidden, positions)
+        for layer in self.depth.layers:
+            hidden = layer(hidden, position_ids=positions, cache=cache, use_cache=True, position_embeddings=rotary)
+        hidden = self.depth.norm(hidden[:, -1])
+        # Codebook c (1..31) has its own head; position p predicts codebook p.
+        head = self.model.depth_decoder.codebooks_head.weight[position + embeds.shape[1] - 2]
+        return hidden @ head
 
     @torch.inference_mode()
     def backbone_step(self, streams: list[Stream], frames: torch.Tensor) -> None:
