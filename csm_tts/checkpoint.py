@@ -32,7 +32,7 @@ def check_checkpoint_dir(model_dir: str | Path) -> Path:
     fix = (
         "download the real weights with `python scripts/download_weights.py --what csm --dest DIR` "
         "(needs HF_TOKEN) or write the tiny test model with `python scripts/make_tiny_checkpoint.py DIR`, "
-        "then point CSM_MODEL_DIR at DIR"
+        "then point CSM_MODEL_DIR at DIR/csm-1b (or at the tiny DIR)"
     )
     if not path.is_dir():
         raise CheckpointError(f"CSM checkpoint directory {path} does not exist: {fix}")
