@@ -851,6 +851,10 @@ class TooManyStreams(RuntimeError):
     pass
 
 
+class StreamGone(RuntimeError):
+    """A chunk of a stream whose state was dropped (evicted while idle, or cancelled)."""
+
+
 @dataclass
 class ChunkResult:
     audio: np.ndarray
@@ -881,10 +885,14 @@ class _StreamState:
 class WatermarkStreams:
     """Per-stream watermark state keyed by stream id; chunks of a stream are applied in chunk_index order.
 
-    A chunk that arrives before its predecessor is held (its response carries no audio) and applied when the gap is
-    filled; the response that applies the last chunk flushes the watermarker and says is_last. Streams that stop
-    sending (cancelled, abandoned) are dropped by `evict_idle`. Thread-safe: one lock around every operation.
+    A stream starts at chunk 0. A later chunk that arrives before its predecessor is held (its response carries no
+    audio) and applied when the gap is filled; the response that applies the last chunk flushes the watermarker and
+    says is_last. Streams that stop sending (abandoned) are dropped by `evict_idle`, cancelled ones by `drop`; a
+    chunk that arrives for a dropped stream gets `StreamGone` instead of silently starting a broken stream.
+    Thread-safe: one lock around every operation.
     """
+
+    REMEMBER_DROPPED = 4096
 
     def __init__(self, model: WatermarkModel, lookahead_frames: int = DEFAULT_LOOKAHEAD_FRAMES,
                  message_sdr: float = DEFAULT_MESSAGE_SDR, idle_timeout_s: float = 30.0, max_streams: int = 256,
@@ -900,6 +908,7 @@ class WatermarkStreams:
         self._clock = clock or time.monotonic
         self._lock = threading.Lock()
         self._streams: dict[str, _StreamState] = {}
+        self._dropped: dict[str, str] = {}  # recently dropped stream id -> why (insertion-ordered, bounded)
 
     def __len__(self) -> int:
         with self._lock:
@@ -916,6 +925,11 @@ class WatermarkStreams:
         with self._lock:
             state = self._streams.get(stream_id)
             if state is None:
+                if stream_id in self._dropped:
+                    raise StreamGone(f"stream {stream_id} was {self._dropped[stream_id]}")
+                if chunk_index != 0 or sample_offset != 0:
+                    raise StreamError(f"stream {stream_id} is unknown here: its first chunk must be chunk 0 at "
+                                      f"sample 0, got chunk {chunk_index} at sample {sample_offset}")
                 if len(self._streams) >= self.max_streams:
                     raise TooManyStreams(f"the watermarker holds {self.max_streams} streams already")
                 watermarker = None if key is None else StreamingWatermarker(
@@ -960,15 +974,25 @@ class WatermarkStreams:
             del self._streams[stream_id]
         return result
 
-    def drop(self, stream_id: str) -> bool:
+    def drop(self, stream_id: str, why: str = "cancelled") -> bool:
         with self._lock:
-            return self._streams.pop(stream_id, None) is not None
+            found = self._streams.pop(stream_id, None) is not None
+            self._remember(stream_id, why)
+            return found
+
+    def _remember(self, stream_id: str, why: str) -> None:
+        self._dropped.pop(stream_id, None)
+        self._dropped[stream_id] = why
+        while len(self._dropped) > self.REMEMBER_DROPPED:
+            del self._dropped[next(iter(self._dropped))]
 
     def evict_idle(self) -> list[EvictedStream]:
         """Drop every stream that received nothing for idle_timeout_s; returns what was dropped (for the log)."""
         now = self._clock()
         with self._lock:
             idle = [(sid, s) for sid, s in self._streams.items() if now - s.last_seen > self.idle_timeout_s]
-            for sid, _ in idle:
+            for sid, s in idle:
                 del self._streams[sid]
+                self._remember(sid, f"dropped after {now - s.last_seen:.1f} s without chunks (idle timeout "
+                                    f"{self.idle_timeout_s:g} s)")
         return [EvictedStream(sid, s.next_index, now - s.last_seen) for sid, s in idle]

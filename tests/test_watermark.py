@@ -383,10 +383,10 @@ def test_streams_apply_chunks_in_order_and_forget_finished_streams(model):
         chunk, offset = parts[index]
         return streams.process("b", KEY, "k-test", chunk, index, offset, index == 2)
 
-    early = [send(2), send(1)]
-    assert [(r.audio.size, r.is_last) for r in early] == [(0, False), (0, False)]
-    last = send(0)
-    assert last.is_last and last.chunk_index == 2 and np.abs(last.audio - out).max() <= TOLERANCE
+    first, early, last = send(0), send(2), send(1)
+    assert (early.audio.size, early.is_last) == (0, False)
+    assert last.is_last and last.chunk_index == 2
+    assert np.abs(np.concatenate([first.audio, last.audio]) - out).max() <= TOLERANCE
 
 
 def test_streams_without_watermark_pass_audio_unchanged(model):
@@ -401,7 +401,7 @@ def test_streams_without_watermark_pass_audio_unchanged(model):
 
 
 def test_streams_reject_chunks_that_do_not_fit(model):
-    from csm_tts.watermark import StreamError, TooManyStreams, WatermarkStreams
+    from csm_tts.watermark import StreamError, StreamGone, TooManyStreams, WatermarkStreams
 
     x = np.zeros(1920, np.float32)
     streams = WatermarkStreams(model, max_streams=2)
@@ -412,14 +412,19 @@ def test_streams_reject_chunks_that_do_not_fit(model):
     streams.process("a", None, "none", x, 0, 0, False)
     with pytest.raises(StreamError, match="starts at sample 5"):
         streams.process("a", None, "none", x, 1, 5, False)
+    with pytest.raises(StreamError, match="first chunk must be chunk 0"):
+        streams.process("late", None, "none", x, 3, 5760, False)
     streams.process("b", None, "none", x, 0, 0, False)
     streams.process("c", None, "none", x, 0, 0, False)
     with pytest.raises(TooManyStreams):
         streams.process("d", None, "none", x, 0, 0, False)
+    assert streams.drop("c")
+    with pytest.raises(StreamGone, match="stream c was cancelled"):
+        streams.process("c", None, "none", x, 1, 1920, False)
 
 
 def test_idle_streams_are_evicted(model):
-    from csm_tts.watermark import WatermarkStreams
+    from csm_tts.watermark import StreamGone, WatermarkStreams
 
     clock = FakeClock()
     streams = WatermarkStreams(model, idle_timeout_s=30, clock=clock)
@@ -432,3 +437,6 @@ def test_idle_streams_are_evicted(model):
     gone = streams.evict_idle()
     assert [(g.stream_id, g.chunks) for g in gone] == [("quiet", 1)] and gone[0].idle_s == pytest.approx(35)
     assert "quiet" not in streams and "busy" in streams
+    # Its late chunks fail clearly instead of starting a stream that waits forever for chunk 0.
+    with pytest.raises(StreamGone, match="without chunks"):
+        streams.process("quiet", KEY, "k", x, 1, 1920, False)

@@ -1,0 +1,79 @@
+"""Voice continuity: the earlier chunks of one conversation turn become context segments for the next chunk.
+
+CSM-1B keeps a speaker's voice steady when it sees the earlier text *and* audio. Its context window holds 2048
+positions: about one per text token, one per 80 ms audio frame of context, plus the frames it is asked to generate.
+`Conversation.context_for` picks the newest segments that fit (dropping the oldest first) using a generous estimate;
+if Triton still says the prompt is too long, the caller drops more (`without_oldest`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
+SEGMENT_OVERHEAD = 8  # speaker tag, begin/end of text, audio begin/end markers
+FRAME_MS = 80
+
+
+@dataclass(frozen=True)
+class Segment:
+    speaker: int
+    text: str
+    audio: np.ndarray  # float32, 24 kHz mono
+
+
+@dataclass(frozen=True)
+class ContextBudget:
+    positions: int = 2048
+    tokens_per_byte: float = 0.5
+    max_audio_s: float = 30.0
+    max_segments: int = 8
+
+    def text_cost(self, text: str) -> int:
+        return math.ceil(len(text.encode("utf-8")) * self.tokens_per_byte) + SEGMENT_OVERHEAD
+
+    def segment_cost(self, segment: Segment) -> int:
+        return self.text_cost(segment.text) + math.ceil(segment.audio.size / FRAME_SAMPLES) + 1
+
+    def request_cost(self, text: str, max_audio_length_ms: int) -> int:
+        return self.text_cost(text) + max_audio_length_ms // FRAME_MS
+
+
+@dataclass
+class Conversation:
+    """The finished chunks of one WebSocket session or one /stream/chunks request, oldest first."""
+
+    budget: ContextBudget
+    segments: list[Segment] = field(default_factory=list)
+
+    def add(self, speaker: int, text: str, audio: np.ndarray) -> None:
+        if audio.size == 0:
+            return
+        self.segments.append(Segment(speaker, text, np.asarray(audio, dtype=np.float32)))
+        # Keep no more than could ever be used.
+        del self.segments[: max(0, len(self.segments) - self.budget.max_segments)]
+
+    def context_for(self, text: str, max_audio_length_ms: int) -> list[Segment]:
+        free = self.budget.positions - self.budget.request_cost(text, max_audio_length_ms)
+        max_samples = int(self.budget.max_audio_s * 24_000)
+        chosen: list[Segment] = []
+        samples = 0
+        for segment in reversed(self.segments):
+            cost = self.budget.segment_cost(segment)
+            if cost > free or samples + segment.audio.size > max_samples or len(chosen) >= self.budget.max_segments:
+                break
+            chosen.append(segment)
+            free -= cost
+            samples += segment.audio.size
+        chosen.reverse()
+        return chosen
+
+    def clear(self) -> None:
+        self.segments.clear()
+
+
+def without_oldest(context: list[Segment]) -> list[Segment]:
+    return context[1:]

@@ -1,0 +1,184 @@
+"""Proxy configuration, read once from the environment (docs/api.md lists every variable).
+
+Every value is checked at start-up: a bad value stops the proxy with a message naming the variable, rather than
+surfacing later as a confusing runtime error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from csm_tts.watermark_options import WatermarkSettings
+
+
+class SettingsError(ValueError):
+    """An environment variable has an invalid value; the message names it."""
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Triton: one or more replicas (gRPC host:port); streams are spread over the healthy ones.
+    triton_grpc_urls: tuple[str, ...] = ("127.0.0.1:8001",)
+    triton_model: str = "tts"
+    watermark_model: str = "watermarker"
+    health_interval_s: float = 2.0  # background health check of every replica
+    health_timeout_s: float = 0.5  # per health RPC; bounds how long "Triton is down" takes to notice
+    stream_idle_timeout_s: float = 60.0  # longest wait for the next response of a Triton stream
+    # HTTP and WebSocket limits.
+    max_body_bytes: int = 1 << 20
+    max_text_chunks: int = 100  # strings per POST /stream/chunks
+    max_streams: int = 128  # Triton streams open at once through this proxy
+    max_websockets: int = 256
+    ws_max_pending: int = 8  # text chunks queued per socket before further ones are refused
+    ws_send_timeout_s: float = 10.0  # a client that accepts nothing for this long is disconnected
+    ws_write_buffer_bytes: int = 64 << 10  # bytes the proxy queues per socket before waiting for the client
+    ws_socket_sndbuf: int | None = None  # SO_SNDBUF of WebSocket connections (None: the kernel's autotuning)
+    ws_heartbeat_s: float = 30.0
+    cors_origins: tuple[str, ...] = ()  # "*" allows any origin
+    # Voice continuity: earlier chunks of a session are passed as context, newest first, inside the model's window.
+    context_enabled: bool = True
+    context_positions: int = 2048
+    context_tokens_per_byte: float = 0.5  # generous estimate of text tokens per UTF-8 byte
+    context_max_audio_s: float = 30.0
+    context_max_segments: int = 8
+    # Watermark defaults (the Triton side applies them; the proxy reports and forwards them).
+    watermark_enabled: bool | None = None  # None: not set here, Triton's own default applies (true)
+    watermark_key_source: str = "public"  # "private" when CSM_WATERMARK_KEY holds a key other than the public one
+    wav_offload_seconds: float = 5.0  # encode WAV/base64 of longer clips in a worker thread
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for name, field_name, parse in _VARIABLES:
+            raw = env.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                values[field_name] = parse(raw)
+            except (TypeError, ValueError) as e:
+                raise SettingsError(f"{name}={raw!r}: {e}") from None
+        try:
+            watermark = WatermarkSettings.from_env(env)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        if env.get("CSM_WATERMARK_ENABLED", "").strip():
+            values["watermark_enabled"] = watermark.enabled
+        values["watermark_key_source"] = "public" if watermark.key_is_public else "private"
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not self.triton_grpc_urls:
+            raise SettingsError("TRITON_GRPC_URLS: at least one host:port is needed")
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"PROXY_PORT={self.port}: not a TCP port")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                raise SettingsError(f"{f.name}={value}: must be positive")
+
+    @property
+    def watermark_default(self) -> bool:
+        """What a request without a `watermark` option gets."""
+        return True if self.watermark_enabled is None else self.watermark_enabled
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be a TCP port (1-65535)")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _grpc_urls(raw: str) -> tuple[str, ...]:
+    urls = []
+    for item in _list(raw):
+        url = item.removeprefix("grpc://")
+        host, sep, port = url.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"{item!r} is not host:port")
+        urls.append(url)
+    if not urls:
+        raise ValueError("at least one host:port is needed")
+    return tuple(urls)
+
+
+def _name(raw: str) -> str:
+    if any(c.isspace() for c in raw):
+        raise ValueError("must not contain spaces")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+# environment variable -> (Settings field, parser)
+_VARIABLES = [
+    ("PROXY_HOST", "host", _name),
+    ("PROXY_PORT", "port", _port),
+    ("TRITON_GRPC_URLS", "triton_grpc_urls", _grpc_urls),
+    ("TRITON_MODEL", "triton_model", _name),
+    ("TRITON_WATERMARK_MODEL", "watermark_model", _name),
+    ("TRITON_HEALTH_INTERVAL_S", "health_interval_s", _positive_float),
+    ("TRITON_HEALTH_TIMEOUT_S", "health_timeout_s", _positive_float),
+    ("TRITON_STREAM_IDLE_TIMEOUT_S", "stream_idle_timeout_s", _positive_float),
+    ("PROXY_MAX_BODY_BYTES", "max_body_bytes", _positive_int),
+    ("PROXY_MAX_TEXT_CHUNKS", "max_text_chunks", _positive_int),
+    ("PROXY_MAX_STREAMS", "max_streams", _positive_int),
+    ("PROXY_MAX_WEBSOCKETS", "max_websockets", _positive_int),
+    ("PROXY_WS_MAX_PENDING", "ws_max_pending", _positive_int),
+    ("PROXY_WS_SEND_TIMEOUT_S", "ws_send_timeout_s", _positive_float),
+    ("PROXY_WS_WRITE_BUFFER_BYTES", "ws_write_buffer_bytes", _positive_int),
+    ("PROXY_WS_SOCKET_SNDBUF", "ws_socket_sndbuf", _positive_int),
+    ("PROXY_WS_HEARTBEAT_S", "ws_heartbeat_s", _positive_float),
+    ("PROXY_CORS_ORIGINS", "cors_origins", _list),
+    ("PROXY_CONTEXT_ENABLED", "context_enabled", _bool),
+    ("PROXY_CONTEXT_POSITIONS", "context_positions", _positive_int),
+    ("PROXY_CONTEXT_TOKENS_PER_BYTE", "context_tokens_per_byte", _positive_float),
+    ("PROXY_CONTEXT_MAX_AUDIO_S", "context_max_audio_s", _positive_float),
+    ("PROXY_CONTEXT_MAX_SEGMENTS", "context_max_segments", _positive_int),
+    ("PROXY_WAV_OFFLOAD_SECONDS", "wav_offload_seconds", _positive_float),
+    ("PROXY_LOG_LEVEL", "log_level", _log_level),
+]
+ENVIRONMENT_VARIABLES = tuple(name for name, _, _ in _VARIABLES) + ("CSM_WATERMARK_ENABLED", "CSM_WATERMARK_KEY")

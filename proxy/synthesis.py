@@ -1,0 +1,103 @@
+"""One text chunk through Triton, with voice-continuity context: `async with Generation(...) as g: async for c in g`.
+
+The context comes from the conversation (newest segments that fit the model's window). If Triton still finds the
+prompt too long (INVALID_ARG "... context holds ..."), the oldest segment is dropped and the request retried, down to
+no context at all; only then is the error the client's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from proxy.api import GenerateOptions
+from proxy.context import Conversation, Segment
+from proxy.triton_client import AudioChunk, TritonPool, TritonStream, UpstreamRejected
+
+CONTEXT_TOO_LONG = "context holds"
+
+
+class Generation:
+    def __init__(self, pool: TritonPool, options: GenerateOptions, watermark_default: bool | None = None,
+                 conversation: Conversation | None = None):
+        self.pool = pool
+        self.options = options
+        self.parameters = options.triton_parameters(watermark_default)
+        self.context: list[Segment] = (
+            conversation.context_for(options.text, options.max_audio_length_ms) if conversation else []
+        )
+        self.started = time.perf_counter()
+        self.first_chunk_at: float | None = None  # perf_counter() when the first chunk arrived from Triton
+        self.watermarked = False
+        self.key_id: str | None = None
+        self._stream: TritonStream | None = None
+        self._first: AudioChunk | None = None
+        self._ended = False
+
+    async def __aenter__(self) -> "Generation":
+        while True:
+            stream = self.pool.stream(self.options.text, self.parameters, self.context)
+            await stream.__aenter__()
+            try:
+                self._first = await stream.__anext__()
+            except UpstreamRejected as e:
+                await stream.__aexit__(None, None, None)
+                if self.context and CONTEXT_TOO_LONG in e.message:
+                    self.context = self.context[1:]
+                    continue
+                raise
+            except BaseException:
+                await stream.__aexit__(None, None, None)
+                raise
+            self._stream = stream
+            self._note(self._first)
+            return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._stream is not None:
+            await self._stream.__aexit__(*exc)
+            self._stream = None
+
+    def __aiter__(self) -> "Generation":
+        return self
+
+    async def __anext__(self) -> AudioChunk:
+        if self._first is not None:
+            chunk, self._first = self._first, None
+            return chunk
+        if self._stream is None or self._ended:
+            raise StopAsyncIteration
+        chunk = await self._stream.__anext__()
+        self._note(chunk)
+        return chunk
+
+    def _note(self, chunk: AudioChunk) -> None:
+        self._ended = chunk.is_last
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.perf_counter()
+        self.watermarked = self.watermarked or chunk.watermarked
+        self.key_id = chunk.key_id or self.key_id
+
+    def elapsed_ms(self, since: float | None = None) -> float:
+        return (time.perf_counter() - (self.started if since is None else since)) * 1000.0
+
+
+@dataclass
+class Clip:
+    audio: np.ndarray
+    watermarked: bool
+    processing_time_ms: float
+
+
+async def synthesize(pool: TritonPool, options: GenerateOptions, watermark_default: bool | None = None,
+                     conversation: Conversation | None = None) -> Clip:
+    """The whole clip of one text (non-streaming endpoints)."""
+    parts = []
+    async with Generation(pool, options, watermark_default, conversation) as generation:
+        async for chunk in generation:
+            if chunk.audio.size:
+                parts.append(chunk.audio)
+    audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return Clip(audio=audio, watermarked=generation.watermarked, processing_time_ms=generation.elapsed_ms())
