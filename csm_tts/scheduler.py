@@ -39,6 +39,7 @@ class StreamSink(Protocol):
 class _Job:
     request: GenerationRequest
     sink: StreamSink
+    stream_id: str | None = None
     stream: Stream | None = None
 
 
@@ -60,7 +61,7 @@ class StreamScheduler:
         with self._wake:
             return len(self._queue) + len(self._active)
 
-    def submit(self, request: GenerationRequest, sink: StreamSink) -> None:
+    def submit(self, request: GenerationRequest, sink: StreamSink, stream_id: str | None = None) -> None:
         with self._wake:
             if self._stopping:
                 raise ServerFull("the model is shutting down")
@@ -68,7 +69,7 @@ class StreamScheduler:
                 raise ServerFull(
                     f"server is full ({len(self._active)} active streams, {len(self._queue)} queued); retry later"
                 )
-            self._queue.append(_Job(request, sink))
+            self._queue.append(_Job(request, sink, stream_id))
             self._wake.notify()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -100,7 +101,7 @@ class StreamScheduler:
             return
         try:
             started = time.perf_counter()
-            job.stream = self.engine.start(job.request)
+            job.stream = self.engine.start(job.request, stream_id=job.stream_id)
             # The prefill runs between two batched steps: this is how long a join stalls the running streams.
             self.log(
                 f"stream {job.stream.stream_id} joined: prefill of {job.stream.prompt_length} positions took "

@@ -192,9 +192,8 @@ def cache_bytes(cache) -> int:
 
 # -- one stream -------------------------------------------------------------------------------------------------------
 def in_thread(fn, *args):
-    """Run fn on a fresh thread, as the scheduler runs the engine. On a busy 2-core CPU, torch ops from the main
-    thread (2 OpenMP threads spinning at every barrier) ran 5-20x slower than the same ops from the scheduler's thread;
-    running both on their own thread keeps one-stream and scheduled numbers comparable."""
+    """Run fn on a thread of its own, as StreamScheduler runs the engine, so that one-stream and scheduled numbers
+    are taken under the same threading conditions."""
     out: dict = {}
 
     def target():
@@ -422,6 +421,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer frames, runs and concurrency levels")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing of one stream")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes instead of the real size (tests only)")
+    parser.add_argument("--cpu-threads", type=int,
+                        help="torch intra-op threads (CPU runs; default torch's choice). 1 keeps a busy shared CPU "
+                             "stable: 2-thread ops ran 5-50x slower there")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -440,6 +442,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.budget_s <= 0:
         parser.error("--budget-s must be positive")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        parser.error("--cpu-threads must be >= 1")
     return args
 
 
@@ -457,6 +461,8 @@ def resolve_device(args) -> tuple[torch.device, torch.dtype]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device, dtype = resolve_device(args)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     budget_end = START + args.budget_s
     remaining = lambda: budget_end - time.monotonic()  # noqa: E731
     notes: list[str] = []
@@ -484,7 +490,8 @@ def main(argv=None) -> dict:
                    "concurrency": args.concurrency, "max_active": args.max_active, "budget_s": args.budget_s,
                    "chunk_schedule": {"first_frames": schedule.first_frames, "growth": schedule.growth,
                                       "max_frames": schedule.max_frames},
-                   "texts": str(TEXTS_FILE.relative_to(ROOT)), "seeded": True, "ignore_eos": True, "quick": args.quick},
+                   "texts": str(TEXTS_FILE.relative_to(ROOT)), "seeded": True, "ignore_eos": True, "quick": args.quick,
+                   "cpu_threads": args.cpu_threads},
         "model": model_summary(engine), "build_s": build_s, "notes": notes, "concurrency": [],
     }
     print(f"built {'tiny' if args.tiny else 'real-size'} CSM on {device} ({dtype}) in {build_s:.1f} s; "
@@ -546,9 +553,13 @@ def main(argv=None) -> dict:
                               None)
     kv_measured = next((r["kv_cache_bytes_per_stream"] for r in result["concurrency"] if r["kv_cache_bytes_per_stream"]),
                        None)
-    stream = engine.start(fixed_request(texts[1], 2, seed=0))
-    engine.step(stream)
-    engine.take_chunk(stream)
+    def one_chunk():
+        stream = engine.start(fixed_request(texts[1], 2, seed=0))
+        engine.step(stream)
+        engine.take_chunk(stream)
+        return stream
+
+    stream = in_thread(one_chunk)
     result["kv_cache"] = {
         "backbone_bytes_per_position": engine.kv_bytes_per_position,
         "positions_measured": int(positions_measured or stream.prompt_length + stream.frames_generated),

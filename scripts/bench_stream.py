@@ -13,8 +13,9 @@ Targets:
 
 Each of N requests (--requests; default 3 x concurrency, at least 8) takes the next text of the committed set
 benchmarks/texts.json (mixed lengths) and seed = its index, so every target gets the same requests. C clients
-(--concurrency, a sweep) each send one request at a time (closed loop). Levels run in order and, within a level,
-targets run one after another, so ratios between targets come from the same minutes of the same machine.
+(--concurrency, a sweep) each send one request at a time (closed loop). Levels run in order; within a level the
+targets run one after another, and --rounds R splits the requests into R rounds that each visit every target, so that
+ratios between targets see the same load on a shared machine.
 
 Per (target, concurrency): time to first audio (p50/p90/p99, first non-empty chunk after the request was sent), gaps
 between chunks (p50/p90/p99), stalls (a chunk that arrived after the audio delivered before it had finished playing,
@@ -365,7 +366,7 @@ class Stack:
         self.proxy_log: Path | None = None
         self.tmp: Path | None = None
 
-    def start_triton(self, model_dir: Path, watermark_dir: Path) -> None:
+    def start_triton(self, model_dir: Path, watermark_dir: Path, cpu_threads: int | None = None) -> None:
         sys.path.insert(0, str(ROOT / "tests"))
         from conftest import start_triton
 
@@ -373,8 +374,10 @@ class Stack:
         print(f"starting Triton ({model_dir.name}) ...", file=sys.stderr, flush=True)
         # The watermarker's production idle timeout (the test fixture's 3 s evicts streams whose chunks are slow
         # on a busy CPU, which then never end).
-        self.triton = start_triton(self.tmp / "model_repository", Path(model_dir), Path(watermark_dir),
-                                   CSM_WATERMARK_IDLE_TIMEOUT_S="30")
+        env = {"CSM_WATERMARK_IDLE_TIMEOUT_S": "30"}
+        if cpu_threads:
+            env.update(OMP_NUM_THREADS=str(cpu_threads), MKL_NUM_THREADS=str(cpu_threads))
+        self.triton = start_triton(self.tmp / "model_repository", Path(model_dir), Path(watermark_dir), **env)
         self.grpc_url = self.triton.grpc_url
 
     def start_proxy(self, model: str, timeout_s: float = 60.0) -> None:
@@ -451,6 +454,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="CSM checkpoint of a Triton started here")
     parser.add_argument("--watermark-dir", type=Path, default=DEFAULT_WATERMARK_DIR,
                         help="watermark checkpoint of a Triton started here")
+    parser.add_argument("--cpu-threads", type=int,
+                        help="OMP_NUM_THREADS of a Triton started here; 1 keeps a shared CPU box stable (torch's "
+                             "2-thread ops ran 5-50x slower on a busy 2-core machine); default: torch's own choice")
     parser.add_argument("--texts", type=Path, default=TEXTS_FILE, help="JSON file with a 'texts' list")
     parser.add_argument("--rounds", type=int, default=1,
                         help="split each level's requests into R rounds that visit every target in turn (ratios "
@@ -472,6 +478,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--concurrency needs levels >= 1")
     if args.requests is not None and args.requests < 1:
         parser.error("--requests must be >= 1")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        parser.error("--cpu-threads must be >= 1")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     if args.fixed_frames is not None and args.fixed_frames < 1:
@@ -588,13 +596,16 @@ def ratios(rows: list[dict], proxy_model: str) -> list[str]:
         seen.add((a, b))
         for level in levels:
             for ra in by_key.get((a, level), []):
-                for rb in by_key.get((b, level), [])[:1]:
+                # Same watermark setting when the other target has one (csm_1b has none).
+                same = [r for r in by_key.get((b, level), []) if r["watermark"] in (ra["watermark"], None)]
+                for rb in same[:1]:
                     ta, tb = ra["ttfa_ms"]["p50"], rb["ttfa_ms"]["p50"]
                     qa, qb = ra["audio_s_per_s"], rb["audio_s_per_s"]
                     if None in (ta, tb) or not tb or not qb:
                         continue
                     wm = f" (watermark {ra['watermark']})" if ra["watermark"] and a != "csm_1b" else ""
-                    lines.append(f"{a}{wm} / {b} at concurrency {level}: TTFA p50 x{ta / tb:.2f}, "
+                    wm_b = f" (watermark {rb['watermark']})" if rb["watermark"] else ""
+                    lines.append(f"{a}{wm} / {b}{wm_b} at concurrency {level}: TTFA p50 x{ta / tb:.2f}, "
                                  f"audio s/s x{(qa or 0) / qb:.2f}")
     wm_rows = {(r["target"], r["concurrency"], r["watermark"]): r for r in rows}
     for (target, level, wm), r in sorted(wm_rows.items(), key=str):
@@ -613,7 +624,7 @@ def main(argv=None) -> list[dict]:
         needs_grpc = any(t in GRPC_TARGETS for t in args.targets) or (
             args.proxy_url is None and any(t in PROXY_TARGETS for t in args.targets))
         if needs_grpc and stack.grpc_url is None:
-            stack.start_triton(args.model_dir, args.watermark_dir)
+            stack.start_triton(args.model_dir, args.watermark_dir, args.cpu_threads)
         if any(t in PROXY_TARGETS for t in args.targets) and stack.proxy_url is None:
             if (ROOT / "proxy" / "__main__.py").exists():
                 stack.start_proxy(args.proxy_model)

@@ -170,6 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--perf-analyzer", help="the binary to use (default: the venv's, installed if missing)")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "checkpoints" / "csm-tiny")
     parser.add_argument("--watermark-dir", type=Path, default=ROOT / "checkpoints" / "silentcipher-tiny")
+    parser.add_argument("--cpu-threads", type=int,
+                        help="OMP_NUM_THREADS of a Triton started here (1 keeps a busy shared CPU stable)")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per perf_analyzer run")
     parser.add_argument("--keep", type=Path, help="keep perf_analyzer's CSV and profile exports in this folder")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -200,7 +202,9 @@ def main(argv=None) -> list[dict]:
             from conftest import start_triton
 
             print("starting Triton ...", file=sys.stderr, flush=True)
-            server = start_triton(workdir / "model_repository", args.model_dir, args.watermark_dir)
+            threads = {"OMP_NUM_THREADS": str(args.cpu_threads)} if args.cpu_threads else {}
+            server = start_triton(workdir / "model_repository", args.model_dir, args.watermark_dir,
+                                  CSM_WATERMARK_IDLE_TIMEOUT_S="30", **threads)
             url = server.grpc_url
         for level in args.levels:
             for model in args.model_list:

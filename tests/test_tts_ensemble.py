@@ -94,9 +94,6 @@ async def test_cancelled_stream_frees_its_watermark_state(grpc_url, triton_serve
     assert (await stream(grpc_url, "tts", TEXT, {"max_audio_length_ms": 160})).error is None  # still serving
 
 
-@pytest.mark.xfail(strict=True, reason="Triton 2.51 propagates an ensemble's cancellation only to requests of later "
-                   "steps (core PR #263), never to csm_1b's running request; csm_1b needs a side channel from the "
-                   "watermarker (or a newer Triton) to stop generating")
 async def test_cancelled_stream_stops_generation(grpc_url, triton_server):
     start = len(triton_server.log_text())
     result = await stream(grpc_url, "tts", TEXT, {"seed": 4, "max_audio_length_ms": 8000}, stop_after_chunks=2)

@@ -2,10 +2,12 @@
 
 import json
 import os
+import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from csm_tts.cancellation import take_cancel
 from csm_tts.chunk_schedule import ChunkSchedule
 from csm_tts.engine import CsmEngine, InvalidRequest
 from csm_tts.request_parsing import CONTEXT_INPUTS, parse_parameters, parse_request
@@ -30,6 +32,7 @@ class TritonSink:
 
     def __init__(self, sender):
         self.sender = sender
+        self.stream_id = uuid.uuid4().hex
 
     def send_chunk(self, stream, chunk):
         tensors = [
@@ -40,13 +43,16 @@ class TritonSink:
             pb_utils.Tensor("sample_offset", np.array([chunk.sample_offset], dtype=np.int64)),
         ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if chunk.is_last else 0
+        if chunk.is_last:
+            take_cancel(self.stream_id)  # a marker that came too late must not linger
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
     def send_error(self, message, code_name):
         send_error(self.sender, message, code_name)
 
     def is_cancelled(self):
-        return self.sender.is_cancelled()
+        # Direct clients cancel this request; clients of the tts ensemble cancel through the watermarker.
+        return self.sender.is_cancelled() or take_cancel(self.stream_id)
 
 
 def send_error(sender, message, code_name):
@@ -101,7 +107,8 @@ class TritonPythonModel:
                     context[name] = None if tensor is None else tensor.as_numpy()
                 generation = parse_request(text, parameters, context)
                 self.engine.validate(generation)
-                self.scheduler.submit(generation, TritonSink(sender))
+                sink = TritonSink(sender)
+                self.scheduler.submit(generation, sink, stream_id=sink.stream_id)
             except (InvalidRequest, InvalidWatermarkOption) as e:
                 send_error(sender, str(e), "INVALID_ARG")
             except ServerFull as e:

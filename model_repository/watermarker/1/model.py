@@ -7,6 +7,8 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from csm_tts.cancellation import signal_cancel
+
 from csm_tts.watermark import StreamError, StreamGone, TooManyStreams, WatermarkStreams, load_watermark_model
 from csm_tts.watermark_options import InvalidWatermarkOption, WatermarkSettings, resolve
 
@@ -104,6 +106,7 @@ class TritonPythonModel:
             if request.is_cancelled():
                 stream_id = scalar(request, "stream_id")
                 stream_id = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+                signal_cancel(stream_id)  # so that csm_1b stops generating (csm_tts/cancellation.py)
                 if self.streams.drop(stream_id):
                     pb_utils.Logger.log_info(f"{PREFIX} cancelled stream {stream_id}: dropped its watermark state")
                 return error_response("the request was cancelled", "CANCELLED")
