@@ -172,7 +172,7 @@ class CsmEngine:
         self.depth_config = model.depth_decoder.config
         self.depth = model.depth_decoder.model
         # Keys and values of every backbone layer, per position: a stream at full context holds
-        # max_positions times this (~32 MiB for CSM-1B in bf16).
+        # max_positions times this (32 KiB x 2048 = 64 MiB for CSM-1B in bf16).
         self.kv_bytes_per_position = (
             2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * model.dtype.itemsize
         )

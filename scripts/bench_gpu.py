@@ -36,7 +36,6 @@ START = time.monotonic()  # the time budget counts imports and model constructio
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
