@@ -82,6 +82,21 @@ def tiny_config(codebook_size: int = 2048, text_vocab_size: int = 512):
     )
 
 
+@torch.no_grad()
+def randomize_codec(model) -> None:
+    """Make a randomly initialised CSM's Mimi codec produce code-dependent audio of a sane level."""
+    # Mimi initialises its codebooks to zeros (they are learned by EMA), which would make every code decode to the
+    # same vector and the audio independent of what the model generates. Give each code its own vector.
+    for module in model.codec_model.modules():
+        if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage"):
+            module.embed_sum.normal_()
+            module._embed = None
+    # Keep the random codec's output roughly within [-1, 1], like real speech, so WAV files do not clip.
+    final_conv = model.codec_model.decoder.decoder_seanet.layers[-1].conv
+    final_conv.weight.mul_(0.01)
+    final_conv.bias.zero_()
+
+
 TINY_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|AUDIO|>", "<|audio_eos|>"]
 # Deterministic training text for the toy byte-level BPE tokenizer.
 TINY_CORPUS = [
@@ -124,17 +139,7 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = CsmForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        # Mimi initialises its codebooks to zeros (they are learned by EMA), which would make every code decode to
-        # the same vector and the audio independent of what the model generates. Give each code its own vector.
-        for module in model.codec_model.modules():
-            if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage"):
-                module.embed_sum.normal_()
-                module._embed = None
-        # Keep the random codec's output roughly within [-1, 1], like real speech, so WAV files do not clip.
-        final_conv = model.codec_model.decoder.decoder_seanet.layers[-1].conv
-        final_conv.weight.mul_(0.01)
-        final_conv.bias.zero_()
+    randomize_codec(model)
     # Sesame's generation defaults; max_new_tokens avoids transformers' silent 20-frame default.
     model.generation_config.update(do_sample=True, temperature=0.9, top_k=50, max_new_tokens=125)
     model.generation_config._from_model_config = False  # otherwise every depth_decoder_* key is dropped on reload

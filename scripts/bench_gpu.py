@@ -51,10 +51,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # csm_tts from the checkout (it is not installed on a bare GPU machine)
 
 from csm_tts import FRAME_MS, SAMPLE_RATE  # noqa: E402
-from csm_tts.checkpoint import CHAT_TEMPLATE, TINY_SPECIAL_TOKENS, _tiny_tokenizer, tiny_config  # noqa: E402
+from csm_tts.checkpoint import (  # noqa: E402
+    CHAT_TEMPLATE, TINY_SPECIAL_TOKENS, _tiny_tokenizer, randomize_codec, tiny_config,
+)
 from csm_tts.chunk_schedule import ChunkSchedule  # noqa: E402
 from csm_tts.engine import CsmEngine, GenerationRequest  # noqa: E402
 from csm_tts.scheduler import StreamScheduler  # noqa: E402
+from csm_tts.stream_stats import percentile, playback_stalls  # noqa: E402
 
 TEXTS_FILE = ROOT / "benchmarks" / "texts.json"
 DEFAULT_CONCURRENCY = "1,4,8,16,32,64"
@@ -72,28 +75,6 @@ REAL_SHAPES = {
 }
 
 
-# -- statistics (the same definitions as scripts/bench_stream.py) ----------------------------------------------------
-def percentile(values, q: float) -> float | None:
-    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
-
-
-def playback_stalls(arrivals_s: list[float], durations_s: list[float]) -> tuple[int, float]:
-    """Audible stalls of one stream played from its first chunk's arrival: (count, seconds of silence).
-
-    A chunk stalls playback when it arrives after all audio delivered before it has finished playing (the gap since
-    the previous chunk exceeded the audio still buffered); playback then resumes when it arrives."""
-    stalls, silence = 0, 0.0
-    runs_out = None
-    for arrival, duration in zip(arrivals_s, durations_s):
-        if runs_out is None:
-            runs_out = arrival + duration
-            continue
-        if arrival > runs_out + 1e-9:
-            stalls += 1
-            silence += arrival - runs_out
-            runs_out = arrival
-        runs_out += duration
-    return stalls, silence
 
 
 # -- the model --------------------------------------------------------------------------------------------------------
@@ -125,16 +106,7 @@ def build_engine(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool
         except TypeError:  # transformers releases before `dtype` replaced `torch_dtype`
             model = CsmForConditionalGeneration._from_config(config, torch_dtype=dtype)
     model.eval()
-    with torch.no_grad():
-        # Mimi initialises its codebooks to zeros (they are learned by EMA): every code would decode to the same
-        # vector. Give each code its own vector, as csm_tts.checkpoint.make_tiny_checkpoint does.
-        for module in model.codec_model.modules():
-            if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage"):
-                module.embed_sum.normal_()
-                module._embed = None
-        final_conv = model.codec_model.decoder.decoder_seanet.layers[-1].conv
-        final_conv.weight.mul_(0.01)  # keep random audio roughly within [-1, 1]
-        final_conv.bias.zero_()
+    randomize_codec(model)
     processor = CsmProcessor(
         feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,

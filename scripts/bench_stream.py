@@ -56,6 +56,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from csm_tts.stream_stats import percentile, playback_stalls  # noqa: E402
+
 SAMPLE_RATE = 24_000
 FRAME_MS = 80
 TARGETS = ("tts", "csm_1b", "ws", "generate")
@@ -68,28 +70,6 @@ DEFAULT_MODEL_DIR = ROOT / "checkpoints" / "csm-tiny"
 DEFAULT_WATERMARK_DIR = ROOT / "checkpoints" / "silentcipher-tiny"
 
 
-# -- statistics (the same definitions as scripts/bench_gpu.py) -------------------------------------------------------
-def percentile(values, q: float) -> float | None:
-    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
-
-
-def playback_stalls(arrivals_s: list[float], durations_s: list[float]) -> tuple[int, float]:
-    """Audible stalls of one stream played from its first chunk's arrival: (count, seconds of silence).
-
-    A chunk stalls playback when it arrives after all audio delivered before it has finished playing (the gap since
-    the previous chunk exceeded the audio still buffered); playback then resumes when it arrives."""
-    stalls, silence = 0, 0.0
-    runs_out = None
-    for arrival, duration in zip(arrivals_s, durations_s):
-        if runs_out is None:
-            runs_out = arrival + duration
-            continue
-        if arrival > runs_out + 1e-9:
-            stalls += 1
-            silence += arrival - runs_out
-            runs_out = arrival
-        runs_out += duration
-    return stalls, silence
 
 
 @dataclass
