@@ -103,7 +103,7 @@ def validate_request(request: GenerationRequest, limits: Limits, codebook_size: 
         raise InvalidRequest("text must be a non-empty string")
     if len(request.text) > limits.max_text_chars:
         raise InvalidRequest(f"text has {len(request.text)} characters; the limit is {limits.max_text_chars}")
-    for name, value in (("speaker_id", request.speaker_id), *((f"context speaker", s.speaker) for s in request.context)):
+    for name, value in (("speaker_id", request.speaker_id), *(("context speaker", s.speaker) for s in request.context)):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limits.max_speaker_id:
             raise InvalidRequest(f"{name} must be an integer from 0 to {limits.max_speaker_id}, got {value!r}")
     if not (isinstance(request.temperature, (int, float)) and 0.0 <= request.temperature <= 2.0):

@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --window-s and --step-s must be positive, --offsets at least 1", file=sys.stderr)
         return USAGE
 
-    import numpy as np
     import soundfile as sf
     import soxr
 
