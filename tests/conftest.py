@@ -14,6 +14,9 @@ TINY_CSM = ROOT / "checkpoints" / "csm-tiny"
 TINY_WATERMARK = ROOT / "checkpoints" / "silentcipher-tiny"
 # Long enough that a loaded CI machine never evicts a live stream between two chunks.
 WATERMARK_IDLE_TIMEOUT_S = "20"
+# "Fast" failure when Triton is down: the proxy's health RPC gives up after 0.5 s; a hang would last until the
+# 60 s stream timeout. The margin lets a loaded CI machine pass.
+FAST_FAIL_S = 3.0
 
 
 def require_dir(path: Path, how: str) -> Path:
