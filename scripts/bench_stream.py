@@ -156,6 +156,7 @@ class Plan:
 
 
 # -- clients: one per simulated user, one request at a time ----------------------------------------------------------
+# Each client's `exchange` fills a RequestResult; `measure` times it and turns failures into that request's error.
 class GrpcClient:
     def __init__(self, url: str, model: str):
         import tritonclient.grpc.aio as grpcclient
@@ -163,41 +164,34 @@ class GrpcClient:
         self.model = model
         self.client = grpcclient.InferenceServerClient(url)
 
-    async def request(self, plan: Plan, index: int, watermark: bool | None, timeout_s: float) -> RequestResult:
+    async def exchange(self, plan: Plan, index: int, watermark: bool | None, result: RequestResult,
+                       sent: float) -> None:
         from tritonclient.grpc import InferInput
 
         text = InferInput("text", [1], "BYTES")
         text.set_data_from_numpy(np.array([plan.text(index).encode()], dtype=np.object_))
         request = {"model_name": self.model, "inputs": [text], "parameters": plan.grpc_parameters(index, watermark)}
-        result = RequestResult(index)
         done = asyncio.Event()
 
         async def requests():
             yield request
             await done.wait()  # the stream stays open until the last response has arrived
 
-        sent = time.perf_counter()
         try:
-            async with asyncio.timeout(timeout_s):
-                async for response, error in self.client.stream_infer(requests()):
-                    now = time.perf_counter()
-                    if error is not None:
-                        result.error = error.message() if hasattr(error, "message") else str(error)
-                        break
-                    audio = response.as_numpy("audio")
-                    result.arrivals.append(now - sent)
-                    result.durations.append((audio.size if audio is not None else 0) / SAMPLE_RATE)
-                    if bool(response.as_numpy("is_last")[0]):
-                        break
-                else:
-                    result.error = result.error or "the stream ended without a last chunk"
-        except TimeoutError:
-            result.error = f"timed out after {timeout_s:g} s"
-        except Exception as e:  # an RPC failure is one failed request, not the end of the benchmark
-            result.error = f"{type(e).__name__}: {e}"
+            async for response, error in self.client.stream_infer(requests()):
+                now = time.perf_counter()
+                if error is not None:
+                    result.error = error.message() if hasattr(error, "message") else str(error)
+                    break
+                audio = response.as_numpy("audio")
+                result.arrivals.append(now - sent)
+                result.durations.append((audio.size if audio is not None else 0) / SAMPLE_RATE)
+                if bool(response.as_numpy("is_last")[0]):
+                    break
+            else:
+                result.error = result.error or "the stream ended without a last chunk"
         finally:
             done.set()
-        return result
 
     async def close(self) -> None:
         await self.client.close()
@@ -224,36 +218,28 @@ class WebSocketClient:
             raise
         return self
 
-    async def request(self, plan: Plan, index: int, watermark: bool | None, timeout_s: float) -> RequestResult:
+    async def exchange(self, plan: Plan, index: int, watermark: bool | None, result: RequestResult,
+                       sent: float) -> None:
         import aiohttp
 
-        result = RequestResult(index)
-        sent = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self.ws.send_str(json.dumps(plan.proxy_body(index, watermark)))
-                while True:
-                    msg = await self.ws.receive()
-                    now = time.perf_counter()
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        _, _, _, samples = WS_FRAME_HEADER.unpack_from(msg.data)
-                        result.arrivals.append(now - sent)
-                        result.durations.append(samples / SAMPLE_RATE)
-                    elif msg.type == aiohttp.WSMsgType.TEXT:
-                        body = json.loads(msg.data)
-                        if body.get("type") == "error" or "error" in body:
-                            result.error = str(body.get("error"))
-                            break
-                        if body.get("type") == "end":
-                            break
-                    else:
-                        result.error = f"the socket closed ({msg.type.name} {self.ws.close_code})"
-                        break
-        except TimeoutError:
-            result.error = f"timed out after {timeout_s:g} s"
-        except Exception as e:
-            result.error = f"{type(e).__name__}: {e}"
-        return result
+        await self.ws.send_str(json.dumps(plan.proxy_body(index, watermark)))
+        while True:
+            msg = await self.ws.receive()
+            now = time.perf_counter()
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                _, _, _, samples = WS_FRAME_HEADER.unpack_from(msg.data)
+                result.arrivals.append(now - sent)
+                result.durations.append(samples / SAMPLE_RATE)
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                body = json.loads(msg.data)
+                if body.get("type") == "error" or "error" in body:
+                    result.error = str(body.get("error"))
+                    return
+                if body.get("type") == "end":
+                    return
+            else:
+                result.error = f"the socket closed ({msg.type.name} {self.ws.close_code})"
+                return
 
     async def close(self) -> None:
         if self.ws is not None:
@@ -275,28 +261,34 @@ class GenerateClient:
         self.session = aiohttp.ClientSession()
         return self
 
-    async def request(self, plan: Plan, index: int, watermark: bool | None, timeout_s: float) -> RequestResult:
-        result = RequestResult(index)
-        sent = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self.session.post(f"{self.proxy_url}/generate", json=plan.proxy_body(index, watermark)) as r:
-                    body = await r.json(content_type=None)
-            now = time.perf_counter()
-            if r.status != 200:
-                result.error = f"HTTP {r.status}: {body.get('error') if isinstance(body, dict) else body}"
-            else:
-                result.arrivals.append(now - sent)
-                result.durations.append(float(body["duration_ms"]) / 1000)
-        except TimeoutError:
-            result.error = f"timed out after {timeout_s:g} s"
-        except Exception as e:
-            result.error = f"{type(e).__name__}: {e}"
-        return result
+    async def exchange(self, plan: Plan, index: int, watermark: bool | None, result: RequestResult,
+                       sent: float) -> None:
+        async with self.session.post(f"{self.proxy_url}/generate", json=plan.proxy_body(index, watermark)) as r:
+            body = await r.json(content_type=None)
+        now = time.perf_counter()
+        if r.status != 200:
+            result.error = f"HTTP {r.status}: {body.get('error') if isinstance(body, dict) else body}"
+        else:
+            result.arrivals.append(now - sent)
+            result.durations.append(float(body["duration_ms"]) / 1000)
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+
+async def measure(client, plan: Plan, index: int, watermark: bool | None, timeout_s: float) -> RequestResult:
+    """One request through any client: arrival times count from the send, and any failure (timeout, RPC or socket
+    error) becomes this request's error rather than the end of the benchmark."""
+    result = RequestResult(index)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.exchange(plan, index, watermark, result, sent=time.perf_counter())
+    except TimeoutError:
+        result.error = f"timed out after {timeout_s:g} s"
+    except Exception as e:
+        result.error = f"{type(e).__name__}: {e}"
+    return result
 
 
 async def open_client(target: str, stack: "Stack"):
@@ -323,7 +315,7 @@ async def run_level(target: str, concurrency: int, requests: int, plan: Plan, st
 
     async def user(client):
         while (index := next(indices)) < first + requests:
-            results.append(await client.request(plan, index, watermark, timeout_s))
+            results.append(await measure(client, plan, index, watermark, timeout_s))
 
     try:
         start = time.perf_counter()
@@ -475,12 +467,12 @@ async def warm_up(target: str, plan: Plan, stack: Stack, watermark: bool | None,
     """One untimed request; also finds out whether the proxy accepts `ignore_eos`. Returns an error or None."""
     client = await open_client(target, stack)
     try:
-        result = await client.request(plan, 0, watermark, timeout_s)
+        result = await measure(client, plan, 0, watermark, timeout_s)
         if target in PROXY_TARGETS and result.error and "ignore_eos" in result.error and plan.proxy_ignore_eos:
             plan.proxy_ignore_eos = False
             print("note: the proxy does not accept ignore_eos; proxy requests rely on max_audio_length_ms",
                   file=sys.stderr)
-            result = await client.request(plan, 0, watermark, timeout_s)
+            result = await measure(client, plan, 0, watermark, timeout_s)
         return result.error
     finally:
         await client.close()

@@ -18,6 +18,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    (args.out_dir / ".complete").unlink(missing_ok=True)  # a failed rewrite must not look finished
     out = make_tiny_checkpoint(args.out_dir, seed=args.seed)
     (out / ".complete").touch()
     print(f"tiny CSM checkpoint written to {out}")
