@@ -23,8 +23,9 @@ playback starting at the first chunk: an audible gap), real-time factor (time fr
 duration; p50), aggregate audio seconds per wall second, and errors.
 
 --fixed-frames N: seeded, fixed-length requests (ignore_eos, exactly N frames of 80 ms), so that random-weight
-checkpoints give comparable numbers. The proxy accepts max_audio_length_ms from 1000 ms and, until it accepts
-`ignore_eos`, random weights practically never emit the all-zero EOS frame, so the length is still fixed there.
+checkpoints give comparable numbers. The proxy refuses `ignore_eos` (a benchmark-only field) and accepts
+max_audio_length_ms from 1000 ms; random weights practically never emit the all-zero EOS frame, so the length is
+still fixed there.
 
 Without --grpc-url it starts its own Triton (tests/conftest.start_triton, CPU profile, --model-dir /
 --watermark-dir); without --proxy-url it starts `python -m proxy` (PROXY_PORT, TRITON_GRPC_URLS, TRITON_MODEL =
@@ -131,7 +132,6 @@ class Plan:
     texts: list[str]
     fixed_frames: int | None
     max_audio_length_ms: int
-    proxy_ignore_eos: bool = True  # switched off when the proxy rejects the field
 
     def text(self, index: int) -> str:
         return self.texts[index % len(self.texts)]
@@ -148,8 +148,6 @@ class Plan:
         body: dict = {"text": self.text(index), "max_audio_length_ms": max(self.max_audio_length_ms, PROXY_MIN_AUDIO_MS)}
         if self.fixed_frames:
             body.update(seed=index, max_audio_length_ms=max(self.fixed_frames * FRAME_MS, PROXY_MIN_AUDIO_MS))
-            if self.proxy_ignore_eos:
-                body["ignore_eos"] = True
         if watermark is not None:
             body["watermark"] = watermark
         return body
@@ -464,16 +462,10 @@ def watermark_label(value: bool | None) -> str:
 
 
 async def warm_up(target: str, plan: Plan, stack: Stack, watermark: bool | None, timeout_s: float) -> str | None:
-    """One untimed request; also finds out whether the proxy accepts `ignore_eos`. Returns an error or None."""
+    """One untimed request. Returns its error or None."""
     client = await open_client(target, stack)
     try:
-        result = await measure(client, plan, 0, watermark, timeout_s)
-        if target in PROXY_TARGETS and result.error and "ignore_eos" in result.error and plan.proxy_ignore_eos:
-            plan.proxy_ignore_eos = False
-            print("note: the proxy does not accept ignore_eos; proxy requests rely on max_audio_length_ms",
-                  file=sys.stderr)
-            result = await measure(client, plan, 0, watermark, timeout_s)
-        return result.error
+        return (await measure(client, plan, 0, watermark, timeout_s)).error
     finally:
         await client.close()
 

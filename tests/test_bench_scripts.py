@@ -71,9 +71,7 @@ def test_bench_stream_request_plan():
     assert plan.grpc_parameters(3, None) == {"max_audio_length_ms": 320, "seed": 3, "ignore_eos": True}
     assert plan.grpc_parameters(0, False)["watermark"] is False
     body = plan.proxy_body(5, True)
-    assert body == {"text": "b", "max_audio_length_ms": 1000, "seed": 5, "ignore_eos": True, "watermark": True}
-    plan.proxy_ignore_eos = False
-    assert "ignore_eos" not in plan.proxy_body(5, None)
+    assert body == {"text": "b", "max_audio_length_ms": 1000, "seed": 5, "watermark": True}  # the proxy refuses ignore_eos
     free = bench_stream.Plan(["a"], fixed_frames=None, max_audio_length_ms=2000)
     assert free.grpc_parameters(0, None) == {"max_audio_length_ms": 2000}
 
