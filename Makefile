@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TINY_CSM := checkpoints/csm-tiny
 TINY_WATERMARK := checkpoints/silentcipher-tiny
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test lint bench clean
 
 setup: $(VENV)/.installed .triton/.installed $(TINY_CSM)/.complete $(TINY_WATERMARK)/.complete
 
@@ -31,8 +31,12 @@ $(TINY_WATERMARK)/.complete: scripts/make_tiny_watermark_checkpoint.py $(VENV)/.
 serve: setup
 	$(PY) scripts/serve.py
 
-test: setup
+test: setup lint
 	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) scripts/bench_engine.py

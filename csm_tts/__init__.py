@@ -1,7 +1,17 @@
-"""Streaming CSM-1B text-to-speech for NVIDIA Triton: engine, streaming codec, watermark and local tooling.
+"""Streaming CSM-1B text-to-speech for NVIDIA Triton.
 
-Nothing in this package imports `triton_python_backend_utils`; the Triton models under `model_repository/` are thin
-adapters over these modules, so everything here can be unit-tested and reused without a server.
+- `csm_tts.speech`: the speech runtime: checkpoint loading, the frame-by-frame engine (sampling, batching), the
+  cross-stream scheduler, exact streaming codec decode, the chunk schedule, parsing Triton requests.
+- `csm_tts.watermark`: the streaming silentcipher watermark (weights, DSP, encoder, detection, per-stream table) and
+  the watermark options both the proxy and the models read.
+- `csm_tts.triton`: what the Triton adapters under `model_repository/` share (config parameters, coded errors,
+  cancellation across the ensemble).
+- `csm_tts.tooling`: development and deployment tooling the runtime never imports (local Triton, rendering the model
+  repository, tiny checkpoints, benchmark statistics).
+- `csm_tts.parsing`: one spelling of booleans for environment variables, query strings and request parameters.
+
+Nothing in this package imports `triton_python_backend_utils`, so everything is unit-tested without a server.
+This module holds the audio format every part shares, and imports nothing (the proxy has no torch).
 """
 
 SAMPLE_RATE = 24_000

@@ -23,8 +23,12 @@ def main() -> int:
         "%s %s: Triton %s (model %s)", NAME, __version__, ", ".join(settings.triton_grpc_urls), settings.triton_model
     )
     web.run_app(
-        create_app(settings), host=settings.host, port=settings.port, handler_cancellation=True,
-        shutdown_timeout=10.0, access_log=logging.getLogger("aiohttp.access"),
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        handler_cancellation=True,
+        shutdown_timeout=10.0,
+        access_log=logging.getLogger("aiohttp.access"),
         print=lambda *_: logging.getLogger("proxy").info("listening on http://%s:%d", settings.host, settings.port),
     )
     return 0

@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from csm_tts.parsing import parse_bool, shown
+from csm_tts.watermark.options import KEY_FORMAT, InvalidWatermarkOption, parse_key
+
 MAX_TEXT_CHARS = 5000
 OPTION_NAMES = ("speaker_id", "max_audio_length_ms", "temperature", "topk", "watermark", "watermark_key", "seed")
 DEFAULTS = {"speaker_id": 0, "max_audio_length_ms": 30_000, "temperature": 0.9, "topk": 50}
 SAMPLE_FORMATS = ("s16le", "f32le")
 MODES = ("message", "stream")
+NO_TEXT = "No text provided"  # the documented reply to a text chunk without text
 
 
 class ApiError(Exception):
@@ -75,7 +79,7 @@ class GenerateOptions:
 # -- field validators: each returns the clean value or raises ValueError with a user-facing message ---------------
 def _int(value: object, low: int | None = None, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"must be an integer, got {_show(value)}")
+        raise ValueError(f"must be an integer, got {shown(value)}")
     if isinstance(value, float):
         if not value.is_integer():
             raise ValueError(f"must be an integer, got {value!r}")
@@ -87,7 +91,7 @@ def _int(value: object, low: int | None = None, high: int | None = None) -> int:
 
 def _float(value: object, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"must be a number, got {_show(value)}")
+        raise ValueError(f"must be a number, got {shown(value)}")
     value = float(value)
     if not low <= value <= high:  # also rejects NaN
         raise ValueError(_range_message(low, high, value))
@@ -102,14 +106,9 @@ def _range_message(low, high, value) -> str:
     return f"must be between {low} and {high}, got {value!r}"
 
 
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def check_text(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"must be a string, got {_show(value)}")
+        raise ValueError(f"must be a string, got {shown(value)}")
     if not value.strip():
         raise ValueError("must not be empty")
     if len(value) > MAX_TEXT_CHARS:
@@ -120,22 +119,17 @@ def check_text(value: object) -> str:
 def _watermark(value: object) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
-    raise ValueError(f"must be true, false or null, got {_show(value)}")
+    raise ValueError(f"must be true, false or null, got {shown(value)}")
 
 
 def _watermark_key(value: object) -> tuple[int, ...] | None:
+    """A list of 5 integers, or "a,b,c,d,e" as CSM_WATERMARK_KEY spells it; the error never echoes the key."""
     if value is None:
         return None
-    if isinstance(value, str):  # "a,b,c,d,e", as CSM_WATERMARK_KEY spells it
-        try:
-            value = [int(part) for part in value.split(",")]
-        except ValueError:
-            raise ValueError("must be a list of 5 integers from 0 to 255") from None
-    if not isinstance(value, (list, tuple)) or len(value) != 5:
-        raise ValueError("must be a list of exactly 5 integers from 0 to 255")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value):
-        raise ValueError("must be a list of exactly 5 integers from 0 to 255")
-    return tuple(value)
+    try:
+        return parse_key(value)
+    except InvalidWatermarkOption:
+        raise ValueError(f"must be {KEY_FORMAT}") from None
 
 
 def _seed(value: object) -> int | None:
@@ -207,14 +201,12 @@ def with_text(options: Mapping, text: object) -> GenerateOptions:
 def _query_value(name: str, raw: str) -> object:
     raw = raw.strip()
     if name in ("watermark", "binary", "context"):
-        lowered = raw.lower()
-        if lowered in ("true", "1", "yes", "on"):
-            return True
-        if lowered in ("false", "0", "no", "off"):
-            return False
-        if lowered in ("", "null", "none") and name == "watermark":
+        if raw.lower() in ("", "null", "none") and name == "watermark":
             return None
-        return raw  # the check reports it
+        try:
+            return parse_bool(raw, name)
+        except ValueError:
+            return raw  # the check reports it
     if name == "watermark_key":
         return raw
     if name in ("mode", "format"):
@@ -272,8 +264,13 @@ class StreamConfig:
     options: dict = field(default_factory=dict)  # default generation options for the session's text chunks
 
     def public(self) -> dict:
-        return {"mode": self.mode, "binary": self.binary, "format": self.sample_format, "context": self.context,
-                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()}}
+        return {
+            "mode": self.mode,
+            "binary": self.binary,
+            "format": self.sample_format,
+            "context": self.context,
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()},
+        }
 
 
 CONFIG_KEYS = ("mode", "binary", "format", "context")
@@ -287,19 +284,23 @@ def parse_stream_config(data: object, base: StreamConfig) -> StreamConfig:
     changes: dict = {}
     if "mode" in data:
         if data["mode"] not in MODES:
-            errors.append({"field": "mode", "message": f"must be one of {', '.join(MODES)}, got {_show(data['mode'])}"})
+            errors.append({"field": "mode", "message": f"must be one of {', '.join(MODES)}, got {shown(data['mode'])}"})
         else:
             changes["mode"] = data["mode"]
     if "format" in data:
         if data["format"] not in SAMPLE_FORMATS:
-            errors.append({"field": "format",
-                           "message": f"must be one of {', '.join(SAMPLE_FORMATS)}, got {_show(data['format'])}"})
+            errors.append(
+                {
+                    "field": "format",
+                    "message": f"must be one of {', '.join(SAMPLE_FORMATS)}, got {shown(data['format'])}",
+                }
+            )
         else:
             changes["sample_format"] = data["format"]
     for name in ("binary", "context"):
         if name in data:
             if not isinstance(data[name], bool):
-                errors.append({"field": name, "message": f"must be true or false, got {_show(data[name])}"})
+                errors.append({"field": name, "message": f"must be true or false, got {shown(data[name])}"})
             else:
                 changes[name] = data[name]
     values, option_errors = check_options(data)

@@ -14,7 +14,7 @@ import io
 import numpy as np
 import soundfile
 
-SAMPLE_RATE = 24_000
+from csm_tts import SAMPLE_RATE
 
 
 def to_pcm16(audio: np.ndarray) -> np.ndarray:

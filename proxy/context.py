@@ -3,7 +3,7 @@
 CSM-1B keeps a speaker's voice steady when it sees the earlier text *and* audio. Its context window holds 2048
 positions: about one per text token, one per 80 ms audio frame of context, plus the frames it is asked to generate.
 `Conversation.context_for` picks the newest segments that fit (dropping the oldest first) using a generous estimate;
-if Triton still says the prompt is too long, the caller drops more (`without_oldest`).
+if Triton still says the prompt is too long, the caller drops more (proxy/synthesis.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
+from csm_tts import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
+
 SEGMENT_OVERHEAD = 8  # speaker tag, begin/end of text, audio begin/end markers
-FRAME_MS = 80
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,20 @@ class ContextBudget:
     max_audio_s: float = 30.0
     max_segments: int = 8
 
+    @classmethod
+    def from_settings(cls, settings) -> ContextBudget:
+        return cls(
+            positions=settings.context_positions,
+            tokens_per_byte=settings.context_tokens_per_byte,
+            max_audio_s=settings.context_max_audio_s,
+            max_segments=settings.context_max_segments,
+        )
+
     def text_cost(self, text: str) -> int:
         return math.ceil(len(text.encode("utf-8")) * self.tokens_per_byte) + SEGMENT_OVERHEAD
 
     def segment_cost(self, segment: Segment) -> int:
-        return self.text_cost(segment.text) + math.ceil(segment.audio.size / FRAME_SAMPLES) + 1
+        return self.text_cost(segment.text) + math.ceil(segment.audio.size / SAMPLES_PER_FRAME) + 1
 
     def request_cost(self, text: str, max_audio_length_ms: int) -> int:
         return self.text_cost(text) + max_audio_length_ms // FRAME_MS
@@ -58,7 +67,7 @@ class Conversation:
 
     def context_for(self, text: str, max_audio_length_ms: int) -> list[Segment]:
         free = self.budget.positions - self.budget.request_cost(text, max_audio_length_ms)
-        max_samples = int(self.budget.max_audio_s * 24_000)
+        max_samples = int(self.budget.max_audio_s * SAMPLE_RATE)
         chosen: list[Segment] = []
         samples = 0
         for segment in reversed(self.segments):
@@ -70,10 +79,3 @@ class Conversation:
             samples += segment.audio.size
         chosen.reverse()
         return chosen
-
-    def clear(self) -> None:
-        self.segments.clear()
-
-
-def without_oldest(context: list[Segment]) -> list[Segment]:
-    return context[1:]

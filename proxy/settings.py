@@ -10,15 +10,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from csm_tts.watermark_options import WatermarkSettings
+from csm_tts.parsing import parse_bool
+from csm_tts.watermark.options import WatermarkSettings
 
 
 class SettingsError(ValueError):
     """An environment variable has an invalid value; the message names it."""
-
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class Settings:
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         values: dict[str, object] = {}
         for name, field_name, parse in _VARIABLES:
@@ -116,11 +113,7 @@ def _port(raw: str) -> int:
 
 
 def _bool(raw: str) -> bool:
-    if raw.lower() in _TRUE:
-        return True
-    if raw.lower() in _FALSE:
-        return False
-    raise ValueError("must be true or false")
+    return parse_bool(raw, "the value")
 
 
 def _list(raw: str) -> tuple[str, ...]:
@@ -181,4 +174,3 @@ _VARIABLES = [
     ("PROXY_WAV_OFFLOAD_SECONDS", "wav_offload_seconds", _positive_float),
     ("PROXY_LOG_LEVEL", "log_level", _log_level),
 ]
-ENVIRONMENT_VARIABLES = tuple(name for name, _, _ in _VARIABLES) + ("CSM_WATERMARK_ENABLED", "CSM_WATERMARK_KEY")

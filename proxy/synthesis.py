@@ -20,8 +20,13 @@ CONTEXT_TOO_LONG = "context holds"
 
 
 class Generation:
-    def __init__(self, pool: TritonPool, options: GenerateOptions, watermark_default: bool | None = None,
-                 conversation: Conversation | None = None):
+    def __init__(
+        self,
+        pool: TritonPool,
+        options: GenerateOptions,
+        watermark_default: bool | None = None,
+        conversation: Conversation | None = None,
+    ):
         self.pool = pool
         self.options = options
         self.parameters = options.triton_parameters(watermark_default)
@@ -29,14 +34,13 @@ class Generation:
             conversation.context_for(options.text, options.max_audio_length_ms) if conversation else []
         )
         self.started = time.perf_counter()
-        self.first_chunk_at: float | None = None  # perf_counter() when the first chunk arrived from Triton
         self.watermarked = False
         self.key_id: str | None = None
         self._stream: TritonStream | None = None
         self._first: AudioChunk | None = None
         self._ended = False
 
-    async def __aenter__(self) -> "Generation":
+    async def __aenter__(self) -> Generation:
         while True:
             stream = self.pool.stream(self.options.text, self.parameters, self.context)
             await stream.__aenter__()
@@ -60,7 +64,7 @@ class Generation:
             await self._stream.__aexit__(*exc)
             self._stream = None
 
-    def __aiter__(self) -> "Generation":
+    def __aiter__(self) -> Generation:
         return self
 
     async def __anext__(self) -> AudioChunk:
@@ -75,8 +79,6 @@ class Generation:
 
     def _note(self, chunk: AudioChunk) -> None:
         self._ended = chunk.is_last
-        if self.first_chunk_at is None:
-            self.first_chunk_at = time.perf_counter()
         self.watermarked = self.watermarked or chunk.watermarked
         self.key_id = chunk.key_id or self.key_id
 
@@ -91,8 +93,12 @@ class Clip:
     processing_time_ms: float
 
 
-async def synthesize(pool: TritonPool, options: GenerateOptions, watermark_default: bool | None = None,
-                     conversation: Conversation | None = None) -> Clip:
+async def synthesize(
+    pool: TritonPool,
+    options: GenerateOptions,
+    watermark_default: bool | None = None,
+    conversation: Conversation | None = None,
+) -> Clip:
     """The whole clip of one text (non-streaming endpoints)."""
     parts = []
     async with Generation(pool, options, watermark_default, conversation) as generation:

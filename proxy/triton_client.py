@@ -74,7 +74,7 @@ def classify(message: str) -> UpstreamError:
     for prefix in ("INVALID_ARG", "UNAVAILABLE"):
         index = text.find(prefix + ":")
         if index >= 0:
-            detail = text[index + len(prefix) + 1:].strip()
+            detail = text[index + len(prefix) + 1 :].strip()
             if prefix == "INVALID_ARG":
                 return UpstreamRejected(detail)
             return UpstreamUnavailable(f"Triton is busy or unavailable: {detail}")
@@ -119,8 +119,9 @@ class Replica:
     def mark_down(self, reason: str) -> None:
         if self.health.ready:
             log.warning("Triton %s marked unavailable: %s", self.url, reason)
-        self.health = ReplicaHealth(live=False, ready=False, models=self.health.models, error=reason,
-                                    checked_at=time.monotonic())
+        self.health = ReplicaHealth(
+            live=False, ready=False, models=self.health.models, error=reason, checked_at=time.monotonic()
+        )
 
 
 def make_inputs(text: str, context: Sequence[Segment] = ()) -> list[InferInput]:
@@ -142,9 +143,16 @@ def make_inputs(text: str, context: Sequence[Segment] = ()) -> list[InferInput]:
 
 
 class TritonPool:
-    def __init__(self, urls: Sequence[str], model: str, watermark_model: str = "watermarker",
-                 health_interval_s: float = 2.0, health_timeout_s: float = 0.5, stream_idle_timeout_s: float = 60.0,
-                 max_streams: int = 128):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        model: str,
+        watermark_model: str = "watermarker",
+        health_interval_s: float = 2.0,
+        health_timeout_s: float = 0.5,
+        stream_idle_timeout_s: float = 60.0,
+        max_streams: int = 128,
+    ):
         self.model = model
         self.watermark_model = watermark_model
         self.health_interval_s = health_interval_s
@@ -160,17 +168,28 @@ class TritonPool:
         self._turn = 0
 
     @classmethod
-    def from_settings(cls, settings) -> "TritonPool":
-        return cls(settings.triton_grpc_urls, settings.triton_model, settings.watermark_model,
-                   settings.health_interval_s, settings.health_timeout_s, settings.stream_idle_timeout_s,
-                   settings.max_streams)
+    def from_settings(cls, settings) -> TritonPool:
+        return cls(
+            settings.triton_grpc_urls,
+            settings.triton_model,
+            settings.watermark_model,
+            settings.health_interval_s,
+            settings.health_timeout_s,
+            settings.stream_idle_timeout_s,
+            settings.max_streams,
+        )
 
     async def start(self) -> None:
         await self.check_all()
         self._task = asyncio.create_task(self._health_loop(), name="triton-health")
         for replica in self.replicas:
-            log.info("Triton %s: %s", replica.url, "ready" if replica.healthy(self.model) else
-                     f"not ready ({replica.health.error or 'model ' + self.model + ' not ready'})")
+            log.info(
+                "Triton %s: %s",
+                replica.url,
+                "ready"
+                if replica.healthy(self.model)
+                else f"not ready ({replica.health.error or 'model ' + self.model + ' not ready'})",
+            )
 
     async def close(self) -> None:
         for task in [self._task, *self._drains]:
@@ -252,16 +271,8 @@ class TritonPool:
                 reasons.append(f"{r.url}: model {self.model!r} {state.lower()}")
         return "Triton is unavailable: " + "; ".join(reasons)
 
-    def status(self) -> dict:
-        return {
-            "active_streams": self.active_streams,
-            "chunks_received": self.chunks_received,
-            "healthy_replicas": len(self.healthy()),
-            "replicas": len(self.replicas),
-        }
-
     # -- streams ---------------------------------------------------------------------------------------------------
-    def stream(self, text: str, parameters: dict, context: Sequence[Segment] = ()) -> "TritonStream":
+    def stream(self, text: str, parameters: dict, context: Sequence[Segment] = ()) -> TritonStream:
         return TritonStream(self, text, parameters, context)
 
     def drain(self, call) -> None:
@@ -289,7 +300,7 @@ class TritonStream:
         self._tried: list[Replica] = []
         self._counted = False
 
-    async def __aenter__(self) -> "TritonStream":
+    async def __aenter__(self) -> TritonStream:
         if self.pool.active_streams >= self.pool.max_streams:
             raise UpstreamUnavailable(
                 f"The proxy has {self.pool.active_streams} streams open (limit {self.pool.max_streams}); retry later"
@@ -390,8 +401,13 @@ class TritonStream:
         code = e.code() if hasattr(e, "code") else None
         details = e.details() if hasattr(e, "details") else str(e)
         reason = f"{code.name if code else 'ERROR'}: {_short(details or '')}"
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        if code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.UNKNOWN,
+            grpc.StatusCode.INTERNAL,
+        ):
             self.replica.mark_down(reason)
             return UpstreamUnavailable(f"Triton at {self.replica.url} is unavailable ({reason})")
         return UpstreamError(f"Triton stream failed ({reason})")

@@ -22,10 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from csm_tts import FRAME_MS, SAMPLES_PER_FRAME  # noqa: E402
-from csm_tts.engine import CsmEngine, GenerationRequest  # noqa: E402
+from csm_tts.speech.engine import CsmEngine, GenerationRequest  # noqa: E402
+from csm_tts.speech.scheduler import StreamScheduler  # noqa: E402
+from csm_tts.tooling.local_triton import start_local_triton  # noqa: E402
+from csm_tts.tooling.triton_streams import stream  # noqa: E402
 
 TEXT = "The past is just a story we tell ourselves."
 
@@ -46,8 +48,6 @@ def in_process(engine: CsmEngine, frames: int, runs: int) -> list[tuple[float, f
 
 
 async def over_grpc(url: str, frames: int, runs: int) -> list[tuple[float, float]]:
-    from triton_streams import stream
-
     results = []
     for seed in range(runs):
         params = {"seed": seed, "max_audio_length_ms": frames * FRAME_MS, "ignore_eos": True}
@@ -84,8 +84,6 @@ class TimingSink:
 
 def batched(engine: CsmEngine, frames: int, concurrency: int) -> tuple[float, float]:
     """Aggregate frames/s and median TTFA of `concurrency` simultaneous streams through the scheduler."""
-    from csm_tts.scheduler import StreamScheduler
-
     scheduler = StreamScheduler(engine, max_active=concurrency, max_queued=concurrency, logger=lambda m: None)
     try:
         start = time.perf_counter()
@@ -128,10 +126,10 @@ def main() -> None:
     server = None
     url = args.grpc_url
     if url is None:
-        from conftest import start_triton
-
         tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
-        server = start_triton(tmp / "model_repository", Path(args.model_dir), ROOT / "checkpoints" / "silentcipher-tiny")
+        server = start_local_triton(
+            tmp / "model_repository", Path(args.model_dir), ROOT / "checkpoints" / "silentcipher-tiny"
+        )
         url = server.grpc_url
     try:
         asyncio.run(over_grpc(url, 4, 1))  # warm-up

@@ -18,7 +18,8 @@ numbers. Measured:
   frames), frames/s, real-time factor (generation time / audio duration), and where a frame's time goes;
 - bytes of KV cache per stream (backbone per position, at the measured length and at the full 2048-position context;
   the codec decoder's cache);
-- concurrency sweep (default 1, 4, 8, 16, 32, 64 streams, all submitted at once to `csm_tts.scheduler.StreamScheduler`,
+- concurrency sweep (default 1, 4, 8, 16, 32, 64 streams, all submitted at once to
+  `csm_tts.speech.scheduler.StreamScheduler`,
   which batches whatever it batches at the time): aggregate audio seconds per wall second, p50/p99 time to first
   audio, worst stream's real-time factor, stalls (a chunk that arrives after the audio delivered before it has
   finished playing, i.e. an audible gap), peak GPU memory.
@@ -51,13 +52,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # csm_tts from the checkout (it is not installed on a bare GPU machine)
 
 from csm_tts import FRAME_MS, SAMPLE_RATE  # noqa: E402
-from csm_tts.checkpoint import (  # noqa: E402
-    CHAT_TEMPLATE, TINY_SPECIAL_TOKENS, _tiny_tokenizer, randomize_codec, tiny_config,
+from csm_tts.speech.checkpoint import CHAT_TEMPLATE  # noqa: E402
+from csm_tts.speech.chunk_schedule import ChunkSchedule  # noqa: E402
+from csm_tts.speech.engine import CsmEngine, GenerationRequest  # noqa: E402
+from csm_tts.speech.scheduler import StreamScheduler  # noqa: E402
+from csm_tts.tooling.stream_stats import percentile, playback_stalls  # noqa: E402
+from csm_tts.tooling.tiny_checkpoints import (  # noqa: E402
+    TINY_SPECIAL_TOKENS,
+    randomize_codec,
+    tiny_config,
+    tiny_tokenizer,
 )
-from csm_tts.chunk_schedule import ChunkSchedule  # noqa: E402
-from csm_tts.engine import CsmEngine, GenerationRequest  # noqa: E402
-from csm_tts.scheduler import StreamScheduler  # noqa: E402
-from csm_tts.stream_stats import percentile, playback_stalls  # noqa: E402
 
 TEXTS_FILE = ROOT / "benchmarks" / "texts.json"
 DEFAULT_CONCURRENCY = "1,4,8,16,32,64"
@@ -65,16 +70,33 @@ QUICK = {"frames": 24, "single_frames": 40, "runs": 1, "concurrency": "1,8,32", 
 # The real CSM-1B (sesame/csm-1b config.json) as transformers' CsmConfig() defaults describe it; checked at start-up
 # so that a transformers release with other defaults cannot silently benchmark another model.
 REAL_SHAPES = {
-    "backbone": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-                 "intermediate_size": 8192, "text_vocab_size": 128256, "vocab_size": 2051, "num_codebooks": 32,
-                 "max_position_embeddings": 2048},
-    "depth_decoder": {"hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
-                      "intermediate_size": 8192},
-    "codec": {"hidden_size": 512, "num_hidden_layers": 8, "codebook_size": 2048, "num_quantizers": 32,
-              "upsampling_ratios": [8, 6, 5, 4], "sampling_rate": 24000},
+    "backbone": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "text_vocab_size": 128256,
+        "vocab_size": 2051,
+        "num_codebooks": 32,
+        "max_position_embeddings": 2048,
+    },
+    "depth_decoder": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "intermediate_size": 8192,
+    },
+    "codec": {
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "codebook_size": 2048,
+        "num_quantizers": 32,
+        "upsampling_ratios": [8, 6, 5, 4],
+        "sampling_rate": 24000,
+    },
 }
-
-
 
 
 # -- the model --------------------------------------------------------------------------------------------------------
@@ -87,10 +109,14 @@ def build_engine(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool
     """CSM with random weights at the real shapes (or tiny ones, for tests), and a processor that needs no download."""
     from transformers import CsmConfig, CsmForConditionalGeneration, CsmProcessor, EncodecFeatureExtractor
 
-    tokenizer = _tiny_tokenizer(vocab_size=400)
+    tokenizer = tiny_tokenizer(vocab_size=400)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in TINY_SPECIAL_TOKENS}
-    special = {"bos_token_id": ids["<|begin_of_text|>"], "pad_token_id": ids["<|pad|>"],
-               "audio_token_id": ids["<|AUDIO|>"], "audio_eos_token_id": ids["<|audio_eos|>"]}
+    special = {
+        "bos_token_id": ids["<|begin_of_text|>"],
+        "pad_token_id": ids["<|pad|>"],
+        "audio_token_id": ids["<|AUDIO|>"],
+        "audio_eos_token_id": ids["<|audio_eos|>"],
+    }
     if tiny:
         config = tiny_config(text_vocab_size=len(tokenizer))
         for key, value in special.items():
@@ -109,7 +135,8 @@ def build_engine(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool
     randomize_codec(model)
     processor = CsmProcessor(
         feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
     )
     return CsmEngine(model, processor, schedule=schedule)
 
@@ -136,8 +163,11 @@ def model_summary(engine: CsmEngine) -> dict:
         if param.data_ptr() in seen:
             continue
         seen.add(param.data_ptr())
-        part = "codec" if name.startswith("codec_model.") else (
-            "depth_decoder" if name.startswith("depth_decoder.") else "backbone")
+        part = (
+            "codec"
+            if name.startswith("codec_model.")
+            else ("depth_decoder" if name.startswith("depth_decoder.") else "backbone")
+        )
         parts[part] += param.numel()
     total = sum(parts.values())
     config = model.config
@@ -199,9 +229,17 @@ def single_stream(engine: CsmEngine, text: str, frames: int, seed: int) -> dict:
     total = arrivals[-1]
     audio = sum(durations)
     stalls, _ = playback_stalls(arrivals, durations)
-    return {"ttfa_ms": arrivals[0] * 1000, "total_s": total, "audio_s": audio, "frames": frames,
-            "frames_per_s": frames / total, "rtf": total / audio, "first_chunk_audio_ms": durations[0] * 1000,
-            "chunks": len(arrivals), "stalls": stalls}
+    return {
+        "ttfa_ms": arrivals[0] * 1000,
+        "total_s": total,
+        "audio_s": audio,
+        "frames": frames,
+        "frames_per_s": frames / total,
+        "rtf": total / audio,
+        "first_chunk_audio_ms": durations[0] * 1000,
+        "chunks": len(arrivals),
+        "stalls": stalls,
+    }
 
 
 def frame_breakdown(engine: CsmEngine, text: str, frames: int) -> dict:
@@ -219,6 +257,7 @@ def frame_breakdown(engine: CsmEngine, text: str, frames: int) -> dict:
             sync(device)
             timings.setdefault(name, []).append(time.perf_counter() - t)
             return result
+
         return wrapper
 
     for name in ("start", "frame_codes", "backbone_step", "take_chunk"):
@@ -271,8 +310,9 @@ class RecordingSink:
         return time.perf_counter() > self.deadline
 
 
-def concurrent_streams(engine: CsmEngine, texts: list[str], streams: int, frames: int, deadline: float,
-                       max_active: int | None = None) -> dict:
+def concurrent_streams(
+    engine: CsmEngine, texts: list[str], streams: int, frames: int, deadline: float, max_active: int | None = None
+) -> dict:
     device = engine.device
     if device.type == "cuda":
         sync(device)
@@ -308,8 +348,12 @@ def concurrent_streams(engine: CsmEngine, texts: list[str], streams: int, frames
         "audio_s": audio,
         "audio_s_per_s": audio / wall,
         "frames_per_s": audio * 1000 / FRAME_MS / wall,
-        "ttfa_ms": {"p50": percentile(ttfa, 50), "p90": percentile(ttfa, 90), "p99": percentile(ttfa, 99),
-                    "max": max(ttfa) if ttfa else None},
+        "ttfa_ms": {
+            "p50": percentile(ttfa, 50),
+            "p90": percentile(ttfa, 90),
+            "p99": percentile(ttfa, 99),
+            "max": max(ttfa) if ttfa else None,
+        },
         "rtf": {"p50": percentile(rtfs, 50), "worst": max(rtfs) if rtfs else None},
         "stalls": sum(n for n, _ in stalls),
         "stalled_streams": sum(1 for n, _ in stalls if n),
@@ -325,7 +369,7 @@ def concurrent_streams(engine: CsmEngine, texts: list[str], streams: int, frames
     return row
 
 
-# -- output -------------------------------------------------------------------------------------------------------------
+# -- output ------------------------------------------------------------------------------------------------------------
 def fmt(value, spec: str = ".1f", missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
@@ -333,42 +377,61 @@ def fmt(value, spec: str = ".1f", missing: str = "-") -> str:
 def print_report(result: dict) -> None:
     env, model, single = result["environment"], result["model"], result.get("single_stream")
     params = model["parameters"]
-    print(f"\nCSM-1B shapes{' (TINY, not the real size)' if result['config']['tiny'] else ''}, random weights, "
-          f"{model['dtype']} on {env['device_name']} -- torch {env['torch']}, transformers {env['transformers']}, "
-          f"{result['date']}")
-    print(f"parameters: backbone {params['backbone'] / 1e9:.3f} B, depth decoder {params['depth_decoder'] / 1e9:.3f} B, "
-          f"codec {params['codec'] / 1e9:.3f} B, total {params['total'] / 1e9:.3f} B "
-          f"({model['weights_bytes'] / 2**30:.2f} GiB of weights); model built in {result['build_s']:.1f} s")
+    print(
+        f"\nCSM-1B shapes{' (TINY, not the real size)' if result['config']['tiny'] else ''}, random weights, "
+        f"{model['dtype']} on {env['device_name']} -- torch {env['torch']}, transformers {env['transformers']}, "
+        f"{result['date']}"
+    )
+    print(
+        f"parameters: backbone {params['backbone'] / 1e9:.3f} B, depth decoder {params['depth_decoder'] / 1e9:.3f} B, "
+        f"codec {params['codec'] / 1e9:.3f} B, total {params['total'] / 1e9:.3f} B "
+        f"({model['weights_bytes'] / 2**30:.2f} GiB of weights); model built in {result['build_s']:.1f} s"
+    )
     kv = result["kv_cache"]
-    print(f"KV cache per stream: {kv['backbone_bytes_per_position'] / 1024:.0f} KiB per position; "
-          f"{kv['backbone_bytes_measured'] / 2**20:.1f} MiB at {kv['positions_measured']} positions (prompt + frames); "
-          f"{kv['backbone_bytes_full_context'] / 2**20:.1f} MiB at the full {kv['full_context_positions']}-position "
-          f"context; codec decoder cache {fmt(kv['codec_bytes_measured'] and kv['codec_bytes_measured'] / 2**20, '.2f')} MiB")
+    print(
+        f"KV cache per stream: {kv['backbone_bytes_per_position'] / 1024:.0f} KiB per position; "
+        f"{kv['backbone_bytes_measured'] / 2**20:.1f} MiB at {kv['positions_measured']} positions (prompt + frames); "
+        f"{kv['backbone_bytes_full_context'] / 2**20:.1f} MiB at the full {kv['full_context_positions']}-position "
+        f"context; codec decoder cache "
+        f"{fmt(kv['codec_bytes_measured'] and kv['codec_bytes_measured'] / 2**20, '.2f')} MiB"
+    )
     if single:
-        print(f"\none stream, {single['frames']} frames ({single['frames'] * FRAME_MS / 1000:.1f} s of audio), "
-              f"median of {single['runs']} run(s), first chunk {single['first_chunk_audio_ms']:.0f} ms of audio")
-        print(f"  time to first audio {single['ttfa_ms']:.0f} ms | {single['frames_per_s']:.2f} frames/s | "
-              f"RTF {single['rtf']:.3f} ({'faster' if single['rtf'] < 1 else 'slower'} than real time; "
-              f"real time needs {1000 / FRAME_MS:.1f} frames/s)")
+        print(
+            f"\none stream, {single['frames']} frames ({single['frames'] * FRAME_MS / 1000:.1f} s of audio), "
+            f"median of {single['runs']} run(s), first chunk {single['first_chunk_audio_ms']:.0f} ms of audio"
+        )
+        print(
+            f"  time to first audio {single['ttfa_ms']:.0f} ms | {single['frames_per_s']:.2f} frames/s | "
+            f"RTF {single['rtf']:.3f} ({'faster' if single['rtf'] < 1 else 'slower'} than real time; "
+            f"real time needs {1000 / FRAME_MS:.1f} frames/s)"
+        )
         b = single.get("breakdown")
         if b:
-            print(f"  per frame: codes (backbone head + 31 depth-decoder steps) {b['frame_codes_ms_per_frame']:.1f} ms, "
-                  f"backbone step {b['backbone_step_ms_per_frame']:.1f} ms, codec decode "
-                  f"{b['codec_decode_ms_per_frame']:.1f} ms; prefill {b['prefill_ms']:.0f} ms")
+            print(
+                f"  per frame: codes (backbone head + 31 depth-decoder steps) {b['frame_codes_ms_per_frame']:.1f} ms, "
+                f"backbone step {b['backbone_step_ms_per_frame']:.1f} ms, codec decode "
+                f"{b['codec_decode_ms_per_frame']:.1f} ms; prefill {b['prefill_ms']:.0f} ms"
+            )
     rows = result["concurrency"]
     if rows:
-        print(f"\nconcurrent streams through StreamScheduler, {rows[0]['frames_per_stream']} frames each, "
-              "all submitted at once (seeded, fixed length)")
-        header = (f"{'streams':>7} {'audio s/s':>9} {'frames/s':>9} {'TTFA p50':>9} {'TTFA p99':>9} "
-                  f"{'worst RTF':>9} {'stalls':>6} {'errors':>6} {'mem/stream':>10} {'real time':>9}")
+        print(
+            f"\nconcurrent streams through StreamScheduler, {rows[0]['frames_per_stream']} frames each, "
+            "all submitted at once (seeded, fixed length)"
+        )
+        header = (
+            f"{'streams':>7} {'audio s/s':>9} {'frames/s':>9} {'TTFA p50':>9} {'TTFA p99':>9} "
+            f"{'worst RTF':>9} {'stalls':>6} {'errors':>6} {'mem/stream':>10} {'real time':>9}"
+        )
         print(header)
         for r in rows:
             mem = r.get("peak_extra_memory_bytes_per_stream")
-            print(f"{r['streams']:>7} {r['audio_s_per_s']:>9.2f} {r['frames_per_s']:>9.1f} "
-                  f"{fmt(r['ttfa_ms']['p50'], '.0f'):>9} {fmt(r['ttfa_ms']['p99'], '.0f'):>9} "
-                  f"{fmt(r['rtf']['worst'], '.3f'):>9} {r['stalls']:>6} {r['errors']:>6} "
-                  f"{fmt(mem and mem / 2**20, '.0f', '-') + (' MiB' if mem else ''):>10} "
-                  f"{'yes' if r['real_time'] else 'no':>9}")
+            print(
+                f"{r['streams']:>7} {r['audio_s_per_s']:>9.2f} {r['frames_per_s']:>9.1f} "
+                f"{fmt(r['ttfa_ms']['p50'], '.0f'):>9} {fmt(r['ttfa_ms']['p99'], '.0f'):>9} "
+                f"{fmt(r['rtf']['worst'], '.3f'):>9} {r['stalls']:>6} {r['errors']:>6} "
+                f"{fmt(mem and mem / 2**20, '.0f', '-') + (' MiB' if mem else ''):>10} "
+                f"{'yes' if r['real_time'] else 'no':>9}"
+            )
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"total {result['total_s']:.0f} s (budget {result['config']['budget_s']:.0f} s)")
@@ -378,23 +441,38 @@ def print_report(result: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
-    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                        help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
     parser.add_argument("--frames", type=int, help="frames per stream in the concurrency sweep (default 64; quick 24)")
     parser.add_argument("--single-frames", type=int, help="frames of the one-stream runs (default 125; quick 40)")
     parser.add_argument("--runs", type=int, help="one-stream runs, median reported (default 3; quick 1)")
-    parser.add_argument("--concurrency", help=f"comma-separated stream counts (default {DEFAULT_CONCURRENCY}; quick "
-                                              f"{QUICK['concurrency']})")
-    parser.add_argument("--max-active", type=int, help="scheduler's max active streams (default: all streams of a level)")
-    parser.add_argument("--first-chunk-frames", type=int, default=ChunkSchedule().first_frames,
-                        help="frames in the first audio chunk (default: the engine's default schedule)")
+    parser.add_argument(
+        "--concurrency",
+        help=f"comma-separated stream counts (default {DEFAULT_CONCURRENCY}; quick {QUICK['concurrency']})",
+    )
+    parser.add_argument(
+        "--max-active", type=int, help="scheduler's max active streams (default: all streams of a level)"
+    )
+    parser.add_argument(
+        "--first-chunk-frames",
+        type=int,
+        default=ChunkSchedule().first_frames,
+        help="frames in the first audio chunk (default: the engine's default schedule)",
+    )
     parser.add_argument("--budget-s", type=float, help="whole-run time budget in seconds (default 330; quick 170)")
     parser.add_argument("--quick", action="store_true", help="fewer frames, runs and concurrency levels")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing of one stream")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes instead of the real size (tests only)")
-    parser.add_argument("--cpu-threads", type=int,
-                        help="torch intra-op threads (CPU runs; default torch's choice). 1 keeps a busy shared CPU "
-                             "stable: 2-thread ops ran 5-50x slower there")
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        help="torch intra-op threads (CPU runs; default torch's choice). 1 keeps a busy shared CPU "
+        "stable: 2-thread ops ran 5-50x slower there",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -440,8 +518,9 @@ def main(argv=None) -> dict:
     texts = load_texts()
 
     built = time.monotonic()
-    schedule = ChunkSchedule(first_frames=args.first_chunk_frames,
-                             max_frames=max(ChunkSchedule().max_frames, args.first_chunk_frames))
+    schedule = ChunkSchedule(
+        first_frames=args.first_chunk_frames, max_frames=max(ChunkSchedule().max_frames, args.first_chunk_frames)
+    )
     engine = build_engine(device, dtype, args.seed, args.tiny, schedule)
     sync(device)
     build_s = time.monotonic() - built
@@ -451,22 +530,46 @@ def main(argv=None) -> dict:
     env = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
-        "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
     }
     result = {
-        "benchmark": "bench_gpu", "date": datetime.date.today().isoformat(), "environment": env,
-        "config": {"tiny": args.tiny, "frames": args.frames, "single_frames": args.single_frames, "runs": args.runs,
-                   "concurrency": args.concurrency, "max_active": args.max_active, "budget_s": args.budget_s,
-                   "chunk_schedule": {"first_frames": schedule.first_frames, "growth": schedule.growth,
-                                      "max_frames": schedule.max_frames},
-                   "texts": str(TEXTS_FILE.relative_to(ROOT)), "seeded": True, "ignore_eos": True, "quick": args.quick,
-                   "cpu_threads": args.cpu_threads},
-        "model": model_summary(engine), "build_s": build_s, "notes": notes, "concurrency": [],
+        "benchmark": "bench_gpu",
+        "date": datetime.date.today().isoformat(),
+        "environment": env,
+        "config": {
+            "tiny": args.tiny,
+            "frames": args.frames,
+            "single_frames": args.single_frames,
+            "runs": args.runs,
+            "concurrency": args.concurrency,
+            "max_active": args.max_active,
+            "budget_s": args.budget_s,
+            "chunk_schedule": {
+                "first_frames": schedule.first_frames,
+                "growth": schedule.growth,
+                "max_frames": schedule.max_frames,
+            },
+            "texts": str(TEXTS_FILE.relative_to(ROOT)),
+            "seeded": True,
+            "ignore_eos": True,
+            "quick": args.quick,
+            "cpu_threads": args.cpu_threads,
+        },
+        "model": model_summary(engine),
+        "build_s": build_s,
+        "notes": notes,
+        "concurrency": [],
     }
-    print(f"built {'tiny' if args.tiny else 'real-size'} CSM on {device} ({dtype}) in {build_s:.1f} s; "
-          f"{remaining():.0f} s of the {args.budget_s:.0f} s budget left", flush=True)
+    print(
+        f"built {'tiny' if args.tiny else 'real-size'} CSM on {device} ({dtype}) in {build_s:.1f} s; "
+        f"{remaining():.0f} s of the {args.budget_s:.0f} s budget left",
+        flush=True,
+    )
 
     # Warm-up: kernels, allocator, the batched path.
     in_thread(single_stream, engine, texts[1], 3, 0)
@@ -479,12 +582,21 @@ def main(argv=None) -> dict:
             notes.append(f"one-stream runs stopped after {len(runs)} of {args.runs}: time budget")
             break
         runs.append(in_thread(single_stream, engine, texts[(i + 1) % len(texts)], args.single_frames, i))
-        print(f"one stream, run {i + 1}: TTFA {runs[-1]['ttfa_ms']:.0f} ms, {runs[-1]['frames_per_s']:.2f} frames/s",
-              flush=True)
-    single = {key: statistics.median(r[key] for r in runs)
-              for key in ("ttfa_ms", "total_s", "audio_s", "frames_per_s", "rtf", "first_chunk_audio_ms")}
-    single.update(frames=args.single_frames, runs=len(runs), stalls=sum(r["stalls"] for r in runs),
-                  ttfa_ms_all=[r["ttfa_ms"] for r in runs], frames_per_s_all=[r["frames_per_s"] for r in runs])
+        print(
+            f"one stream, run {i + 1}: TTFA {runs[-1]['ttfa_ms']:.0f} ms, {runs[-1]['frames_per_s']:.2f} frames/s",
+            flush=True,
+        )
+    single = {
+        key: statistics.median(r[key] for r in runs)
+        for key in ("ttfa_ms", "total_s", "audio_s", "frames_per_s", "rtf", "first_chunk_audio_ms")
+    }
+    single.update(
+        frames=args.single_frames,
+        runs=len(runs),
+        stalls=sum(r["stalls"] for r in runs),
+        ttfa_ms_all=[r["ttfa_ms"] for r in runs],
+        frames_per_s_all=[r["frames_per_s"] for r in runs],
+    )
     if not args.no_breakdown:
         frames = min(args.single_frames, 25)
         if remaining() > frames / single["frames_per_s"] * 3:
@@ -508,22 +620,28 @@ def main(argv=None) -> dict:
                 break
         print(f"{level} concurrent streams ...", flush=True)
         # Failures inside the scheduler (out of memory included) come back as stream errors in the row.
-        row = concurrent_streams(engine, texts, level, args.frames, deadline=time.perf_counter() + left,
-                                 max_active=args.max_active)
+        row = concurrent_streams(
+            engine, texts, level, args.frames, deadline=time.perf_counter() + left, max_active=args.max_active
+        )
         result["concurrency"].append(row)
         previous = row
         if row["completed"] < level:
-            notes.append(f"concurrency {level}: {level - row['completed']} stream(s) did not finish "
-                         f"({'; '.join(row['error_samples']) or 'time budget'}); higher levels skipped")
+            notes.append(
+                f"concurrency {level}: {level - row['completed']} stream(s) did not finish "
+                f"({'; '.join(row['error_samples']) or 'time budget'}); higher levels skipped"
+            )
             break
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     # KV cache per stream.
-    positions_measured = next((r["positions_per_stream"] for r in result["concurrency"] if r["positions_per_stream"]),
-                              None)
-    kv_measured = next((r["kv_cache_bytes_per_stream"] for r in result["concurrency"] if r["kv_cache_bytes_per_stream"]),
-                       None)
+    positions_measured = next(
+        (r["positions_per_stream"] for r in result["concurrency"] if r["positions_per_stream"]), None
+    )
+    kv_measured = next(
+        (r["kv_cache_bytes_per_stream"] for r in result["concurrency"] if r["kv_cache_bytes_per_stream"]), None
+    )
+
     def one_chunk():
         stream = engine.start(fixed_request(texts[1], 2, seed=0))
         engine.step(stream)
@@ -539,7 +657,7 @@ def main(argv=None) -> dict:
         "backbone_bytes_full_context": engine.kv_bytes_per_position * engine.max_positions,
         "codec_bytes_measured": cache_bytes(stream.codec.cache),
         "note": "backbone KV grows by one position per 80 ms frame; the codec decoder's cache is bounded by its "
-                "sliding window; the depth decoder's cache lives only during one frame",
+        "sliding window; the depth decoder's cache lives only during one frame",
     }
     result["total_s"] = time.monotonic() - START
     print_report(result)

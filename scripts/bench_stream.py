@@ -27,7 +27,7 @@ checkpoints give comparable numbers. The proxy refuses `ignore_eos` (a benchmark
 max_audio_length_ms from 1000 ms; random weights practically never emit the all-zero EOS frame, so the length is
 still fixed there.
 
-Without --grpc-url it starts its own Triton (tests/conftest.start_triton, CPU profile, --model-dir /
+Without --grpc-url it starts its own Triton (csm_tts/tooling/local_triton.py, CPU profile, --model-dir /
 --watermark-dir); without --proxy-url it starts `python -m proxy` (PROXY_PORT, TRITON_GRPC_URLS, TRITON_MODEL =
 --proxy-model) when the ws or generate target is asked for. Output: a table and ratios on stdout; --json PATH writes
 a JSON list with one object per (target, concurrency[, watermark]).
@@ -57,20 +57,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from csm_tts.stream_stats import percentile, playback_stalls  # noqa: E402
+from csm_tts import FRAME_MS, SAMPLE_RATE  # noqa: E402
+from csm_tts.tooling.local_triton import free_port, start_local_triton  # noqa: E402
+from csm_tts.tooling.stream_stats import percentile, playback_stalls  # noqa: E402
 
-SAMPLE_RATE = 24_000
-FRAME_MS = 80
 TARGETS = ("tts", "csm_1b", "ws", "generate")
 GRPC_TARGETS = ("tts", "csm_1b")
 PROXY_TARGETS = ("ws", "generate")
 PROXY_MIN_AUDIO_MS = 1000  # proxy/api.py: max_audio_length_ms 1000-90000
-WS_FRAME_HEADER = struct.Struct("<IIII")  # proxy/websocket.py: seq, chunk_id, index, samples
+WS_FRAME_HEADER = struct.Struct("<IIII")  # proxy/endpoints/websocket.py: seq, chunk_id, index, samples
 TEXTS_FILE = ROOT / "benchmarks" / "texts.json"
 DEFAULT_MODEL_DIR = ROOT / "checkpoints" / "csm-tiny"
 DEFAULT_WATERMARK_DIR = ROOT / "checkpoints" / "silentcipher-tiny"
-
-
 
 
 @dataclass
@@ -82,7 +80,7 @@ class RequestResult:
 
     def audible(self) -> tuple[list[float], list[float]]:
         """Arrivals and durations of the chunks that carry audio (an empty last chunk only closes the stream)."""
-        pairs = [(a, d) for a, d in zip(self.arrivals, self.durations) if d > 0]
+        pairs = [(a, d) for a, d in zip(self.arrivals, self.durations, strict=True) if d > 0]
         return [a for a, _ in pairs], [d for _, d in pairs]
 
 
@@ -95,7 +93,7 @@ def summarize(target: str, concurrency: int, results: list[RequestResult], wall_
         if not arrivals:
             continue
         ttfa.append(arrivals[0] * 1000)
-        gaps += [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:])]
+        gaps += [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
         duration = sum(durations)
         audio += duration
         rtfs.append(r.arrivals[-1] / duration)
@@ -145,7 +143,10 @@ class Plan:
         return params
 
     def proxy_body(self, index: int, watermark: bool | None) -> dict:
-        body: dict = {"text": self.text(index), "max_audio_length_ms": max(self.max_audio_length_ms, PROXY_MIN_AUDIO_MS)}
+        body: dict = {
+            "text": self.text(index),
+            "max_audio_length_ms": max(self.max_audio_length_ms, PROXY_MIN_AUDIO_MS),
+        }
         if self.fixed_frames:
             body.update(seed=index, max_audio_length_ms=max(self.fixed_frames * FRAME_MS, PROXY_MIN_AUDIO_MS))
         if watermark is not None:
@@ -162,8 +163,9 @@ class GrpcClient:
         self.model = model
         self.client = grpcclient.InferenceServerClient(url)
 
-    async def exchange(self, plan: Plan, index: int, watermark: bool | None, result: RequestResult,
-                       sent: float) -> None:
+    async def exchange(
+        self, plan: Plan, index: int, watermark: bool | None, result: RequestResult, sent: float
+    ) -> None:
         from tritonclient.grpc import InferInput
 
         text = InferInput("text", [1], "BYTES")
@@ -203,7 +205,7 @@ class WebSocketClient:
         self.session = None
         self.ws = None
 
-    async def open(self) -> "WebSocketClient":
+    async def open(self) -> WebSocketClient:
         import aiohttp
 
         self.session = aiohttp.ClientSession()
@@ -216,8 +218,9 @@ class WebSocketClient:
             raise
         return self
 
-    async def exchange(self, plan: Plan, index: int, watermark: bool | None, result: RequestResult,
-                       sent: float) -> None:
+    async def exchange(
+        self, plan: Plan, index: int, watermark: bool | None, result: RequestResult, sent: float
+    ) -> None:
         import aiohttp
 
         await self.ws.send_str(json.dumps(plan.proxy_body(index, watermark)))
@@ -253,14 +256,15 @@ class GenerateClient:
         self.proxy_url = proxy_url.rstrip("/")
         self.session = None
 
-    async def open(self) -> "GenerateClient":
+    async def open(self) -> GenerateClient:
         import aiohttp
 
         self.session = aiohttp.ClientSession()
         return self
 
-    async def exchange(self, plan: Plan, index: int, watermark: bool | None, result: RequestResult,
-                       sent: float) -> None:
+    async def exchange(
+        self, plan: Plan, index: int, watermark: bool | None, result: RequestResult, sent: float
+    ) -> None:
         async with self.session.post(f"{self.proxy_url}/generate", json=plan.proxy_body(index, watermark)) as r:
             body = await r.json(content_type=None)
         now = time.perf_counter()
@@ -289,7 +293,7 @@ async def measure(client, plan: Plan, index: int, watermark: bool | None, timeou
     return result
 
 
-async def open_client(target: str, stack: "Stack"):
+async def open_client(target: str, stack: Stack):
     if target in GRPC_TARGETS:
         return GrpcClient(stack.grpc_url, target)
     if target == "ws":
@@ -297,8 +301,16 @@ async def open_client(target: str, stack: "Stack"):
     return await GenerateClient(stack.proxy_url).open()
 
 
-async def run_level(target: str, concurrency: int, requests: int, plan: Plan, stack: "Stack",
-                    watermark: bool | None, timeout_s: float, first: int = 0) -> tuple[list[RequestResult], float]:
+async def run_level(
+    target: str,
+    concurrency: int,
+    requests: int,
+    plan: Plan,
+    stack: Stack,
+    watermark: bool | None,
+    timeout_s: float,
+    first: int = 0,
+) -> tuple[list[RequestResult], float]:
     """Requests first .. first+requests-1 from `concurrency` clients, one request at a time each (closed loop)."""
     clients = []
     try:
@@ -337,9 +349,6 @@ class Stack:
         self.tmp: Path | None = None
 
     def start_triton(self, model_dir: Path, watermark_dir: Path, cpu_threads: int | None = None) -> None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import start_triton
-
         self.tmp = self.tmp or Path(tempfile.mkdtemp(prefix="bench-stream-"))
         print(f"starting Triton ({model_dir.name}) ...", file=sys.stderr, flush=True)
         # The watermarker's production idle timeout (the test fixture's 3 s evicts streams whose chunks are slow
@@ -347,26 +356,38 @@ class Stack:
         env = {"CSM_WATERMARK_IDLE_TIMEOUT_S": "30"}
         if cpu_threads:
             env.update(OMP_NUM_THREADS=str(cpu_threads), MKL_NUM_THREADS=str(cpu_threads))
-        self.triton = start_triton(self.tmp / "model_repository", Path(model_dir), Path(watermark_dir), **env)
+        self.triton = start_local_triton(self.tmp / "model_repository", Path(model_dir), Path(watermark_dir), env)
         self.grpc_url = self.triton.grpc_url
 
     def start_proxy(self, model: str, timeout_s: float = 60.0) -> None:
-        from csm_tts.local_triton import free_port
-
         self.tmp = self.tmp or Path(tempfile.mkdtemp(prefix="bench-stream-"))
         port = free_port()
-        env = {**os.environ, "PROXY_HOST": "127.0.0.1", "PROXY_PORT": str(port), "TRITON_GRPC_URLS": self.grpc_url,
-               "TRITON_MODEL": model, "PROXY_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "PROXY_HOST": "127.0.0.1",
+            "PROXY_PORT": str(port),
+            "TRITON_GRPC_URLS": self.grpc_url,
+            "TRITON_MODEL": model,
+            "PROXY_LOG_LEVEL": "WARNING",
+        }
         self.proxy_log = self.tmp / "proxy.log"
         print(f"starting the proxy (model {model}) ...", file=sys.stderr, flush=True)
         with open(self.proxy_log, "wb") as log:
-            self.proxy = subprocess.Popen([sys.executable, "-m", "proxy"], cwd=ROOT, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+            self.proxy = subprocess.Popen(
+                [sys.executable, "-m", "proxy"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.proxy_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proxy.poll() is not None:
-                raise SystemExit(f"the proxy exited with {self.proxy.returncode}:\n{self.proxy_log.read_text()[-3000:]}")
+                raise SystemExit(
+                    f"the proxy exited with {self.proxy.returncode}:\n{self.proxy_log.read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.proxy_url}/", timeout=1):
                     return
@@ -412,25 +433,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--target", default=",".join(TARGETS), help=f"comma-separated subset of {', '.join(TARGETS)}")
     parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated concurrency levels (default 1,2,4,8)")
     parser.add_argument("--requests", type=int, help="requests per level (default 3 x concurrency, at least 8)")
-    parser.add_argument("--fixed-frames", type=int, help="seeded fixed-length mode: exactly N 80 ms frames (ignore_eos)")
-    parser.add_argument("--max-audio-length-ms", type=int, default=10_000,
-                        help="length limit without --fixed-frames (default 10000)")
-    parser.add_argument("--watermark", default="default",
-                        help="watermark option of tts/ws/generate requests: default (server's), on, off, or on,off "
-                             "for both in one run")
+    parser.add_argument(
+        "--fixed-frames", type=int, help="seeded fixed-length mode: exactly N 80 ms frames (ignore_eos)"
+    )
+    parser.add_argument(
+        "--max-audio-length-ms", type=int, default=10_000, help="length limit without --fixed-frames (default 10000)"
+    )
+    parser.add_argument(
+        "--watermark",
+        default="default",
+        help="watermark option of tts/ws/generate requests: default (server's), on, off, or on,off for both in one run",
+    )
     parser.add_argument("--grpc-url", help="a running Triton (host:port); default: start one")
     parser.add_argument("--proxy-url", help="a running proxy (http://host:port); default: start one for ws/generate")
     parser.add_argument("--proxy-model", default="tts", help="TRITON_MODEL of a proxy started here (default tts)")
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="CSM checkpoint of a Triton started here")
-    parser.add_argument("--watermark-dir", type=Path, default=DEFAULT_WATERMARK_DIR,
-                        help="watermark checkpoint of a Triton started here")
-    parser.add_argument("--cpu-threads", type=int,
-                        help="OMP_NUM_THREADS of a Triton started here; 1 keeps a shared CPU box stable (torch's "
-                             "2-thread ops ran 5-50x slower on a busy 2-core machine); default: torch's own choice")
+    parser.add_argument(
+        "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="CSM checkpoint of a Triton started here"
+    )
+    parser.add_argument(
+        "--watermark-dir",
+        type=Path,
+        default=DEFAULT_WATERMARK_DIR,
+        help="watermark checkpoint of a Triton started here",
+    )
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        help="OMP_NUM_THREADS of a Triton started here; 1 keeps a shared CPU box stable (torch's "
+        "2-thread ops ran 5-50x slower on a busy 2-core machine); default: torch's own choice",
+    )
     parser.add_argument("--texts", type=Path, default=TEXTS_FILE, help="JSON file with a 'texts' list")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="split each level's requests into R rounds that visit every target in turn (ratios "
-                             "between targets then see the same machine load); default 1")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="split each level's requests into R rounds that visit every target in turn (ratios "
+        "between targets then see the same machine load); default 1",
+    )
     parser.add_argument("--timeout-s", type=float, default=120.0, help="per request (default 120)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the one untimed request per target")
     parser.add_argument("--json", type=Path, help="write the results (a JSON list) here")
@@ -484,9 +523,15 @@ async def run(args: argparse.Namespace, stack: Stack) -> list[dict]:
     if any(t in PROXY_TARGETS for t in targets) and stack.proxy_url is None:
         notes.append("targets ws/generate skipped: no proxy (proxy/ is missing and no --proxy-url)")
         targets = [t for t in targets if t not in PROXY_TARGETS]
-    if args.fixed_frames and args.fixed_frames * FRAME_MS < PROXY_MIN_AUDIO_MS and any(t in PROXY_TARGETS for t in targets):
-        notes.append(f"the proxy needs max_audio_length_ms >= {PROXY_MIN_AUDIO_MS}: ws/generate requests generate "
-                     f"{PROXY_MIN_AUDIO_MS // FRAME_MS} frames, not {args.fixed_frames}")
+    if (
+        args.fixed_frames
+        and args.fixed_frames * FRAME_MS < PROXY_MIN_AUDIO_MS
+        and any(t in PROXY_TARGETS for t in targets)
+    ):
+        notes.append(
+            f"the proxy needs max_audio_length_ms >= {PROXY_MIN_AUDIO_MS}: ws/generate requests generate "
+            f"{PROXY_MIN_AUDIO_MS // FRAME_MS} frames, not {args.fixed_frames}"
+        )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
@@ -510,21 +555,34 @@ async def run(args: argparse.Namespace, stack: Stack) -> list[dict]:
         for r in range(rounds):
             for target, watermark in runs:
                 count = bounds[r + 1] - bounds[r]
-                print(f"{target} (watermark {watermark_label(watermark)}): {count} requests at concurrency {level}"
-                      f"{f', round {r + 1}/{rounds}' if rounds > 1 else ''} ...", file=sys.stderr, flush=True)
-                results, wall = await run_level(target, level, count, plan, stack, watermark, args.timeout_s,
-                                                first=bounds[r])
+                print(
+                    f"{target} (watermark {watermark_label(watermark)}): {count} requests at concurrency {level}"
+                    f"{f', round {r + 1}/{rounds}' if rounds > 1 else ''} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                results, wall = await run_level(
+                    target, level, count, plan, stack, watermark, args.timeout_s, first=bounds[r]
+                )
                 done, total = collected[(target, watermark)]
                 collected[(target, watermark)] = (done + results, total + wall)
         for (target, watermark), (results, wall) in collected.items():
             url = stack.grpc_url if target in GRPC_TARGETS else stack.proxy_url
-            rows.append(summarize(target, level, results, wall, {
-                "watermark": None if target == "csm_1b" else watermark_label(watermark),
-                "fixed_frames": args.fixed_frames,
-                "rounds": rounds,
-                "url": url,
-                "date": datetime.date.today().isoformat(),
-            }))
+            rows.append(
+                summarize(
+                    target,
+                    level,
+                    results,
+                    wall,
+                    {
+                        "watermark": None if target == "csm_1b" else watermark_label(watermark),
+                        "fixed_frames": args.fixed_frames,
+                        "rounds": rounds,
+                        "url": url,
+                        "date": datetime.date.today().isoformat(),
+                    },
+                )
+            )
     return rows
 
 
@@ -533,14 +591,18 @@ def fmt(value, spec=".0f") -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'target':<9} {'wm':<7} {'conc':>4} {'reqs':>4} {'err':>3}  {'TTFA ms p50/p90/p99':>20}  "
-          f"{'gap ms p50/p90/p99':>18}  {'stalls':>6} {'RTF p50':>7} {'audio s/s':>9}")
+    print(
+        f"{'target':<9} {'wm':<7} {'conc':>4} {'reqs':>4} {'err':>3}  {'TTFA ms p50/p90/p99':>20}  "
+        f"{'gap ms p50/p90/p99':>18}  {'stalls':>6} {'RTF p50':>7} {'audio s/s':>9}"
+    )
     for r in rows:
         t, g = r["ttfa_ms"], r["gap_ms"]
-        print(f"{r['target']:<9} {r['watermark'] or '-':<7} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3}  "
-              f"{fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['p99']):>20}  "
-              f"{fmt(g['p50']) + '/' + fmt(g['p90']) + '/' + fmt(g['p99']):>18}  {r['stalls']:>6} "
-              f"{fmt(r['rtf']['p50'], '.3f'):>7} {fmt(r['audio_s_per_s'], '.2f'):>9}")
+        print(
+            f"{r['target']:<9} {r['watermark'] or '-':<7} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3}  "
+            f"{fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['p99']):>20}  "
+            f"{fmt(g['p50']) + '/' + fmt(g['p90']) + '/' + fmt(g['p99']):>18}  {r['stalls']:>6} "
+            f"{fmt(r['rtf']['p50'], '.3f'):>7} {fmt(r['audio_s_per_s'], '.2f'):>9}"
+        )
         for sample in r["error_samples"]:
             print(f"          error: {sample}")
 
@@ -569,15 +631,19 @@ def ratios(rows: list[dict], proxy_model: str) -> list[str]:
                         continue
                     wm = f" (watermark {ra['watermark']})" if ra["watermark"] and a != "csm_1b" else ""
                     wm_b = f" (watermark {rb['watermark']})" if rb["watermark"] else ""
-                    lines.append(f"{a}{wm} / {b}{wm_b} at concurrency {level}: TTFA p50 x{ta / tb:.2f}, "
-                                 f"audio s/s x{(qa or 0) / qb:.2f}")
+                    lines.append(
+                        f"{a}{wm} / {b}{wm_b} at concurrency {level}: TTFA p50 x{ta / tb:.2f}, "
+                        f"audio s/s x{(qa or 0) / qb:.2f}"
+                    )
     wm_rows = {(r["target"], r["concurrency"], r["watermark"]): r for r in rows}
     for (target, level, wm), r in sorted(wm_rows.items(), key=str):
         off = wm_rows.get((target, level, "off"))
         if wm == "on" and off and off["ttfa_ms"]["p50"] and off["audio_s_per_s"] and r["ttfa_ms"]["p50"]:
-            lines.append(f"{target} watermark on / off at concurrency {level}: TTFA p50 "
-                         f"x{r['ttfa_ms']['p50'] / off['ttfa_ms']['p50']:.2f}, audio s/s "
-                         f"x{r['audio_s_per_s'] / off['audio_s_per_s']:.2f}")
+            lines.append(
+                f"{target} watermark on / off at concurrency {level}: TTFA p50 "
+                f"x{r['ttfa_ms']['p50'] / off['ttfa_ms']['p50']:.2f}, audio s/s "
+                f"x{r['audio_s_per_s'] / off['audio_s_per_s']:.2f}"
+            )
     return lines
 
 
@@ -586,19 +652,26 @@ def main(argv=None) -> list[dict]:
     stack = Stack(args.grpc_url, args.proxy_url)
     try:
         needs_grpc = any(t in GRPC_TARGETS for t in args.targets) or (
-            args.proxy_url is None and any(t in PROXY_TARGETS for t in args.targets))
+            args.proxy_url is None and any(t in PROXY_TARGETS for t in args.targets)
+        )
         if needs_grpc and stack.grpc_url is None:
             stack.start_triton(args.model_dir, args.watermark_dir, args.cpu_threads)
-        if any(t in PROXY_TARGETS for t in args.targets) and stack.proxy_url is None:
-            if (ROOT / "proxy" / "__main__.py").exists():
-                stack.start_proxy(args.proxy_model)
-                status, health = stack.proxy_health()
-                if status != 200:
-                    print(f"warning: proxy /health answers {status}: {health.get('error')}", file=sys.stderr)
+        if (
+            any(t in PROXY_TARGETS for t in args.targets)
+            and stack.proxy_url is None
+            and (ROOT / "proxy" / "__main__.py").exists()
+        ):
+            stack.start_proxy(args.proxy_model)
+            status, health = stack.proxy_health()
+            if status != 200:
+                print(f"warning: proxy /health answers {status}: {health.get('error')}", file=sys.stderr)
         rows = asyncio.run(run(args, stack))
         if stack.proxy is not None and stack.proxy.poll() is not None:
-            print(f"warning: the proxy started here exited during the run (code {stack.proxy.returncode}); "
-                  f"its log: {stack.proxy_log}", file=sys.stderr)
+            print(
+                f"warning: the proxy started here exited during the run (code {stack.proxy.returncode}); "
+                f"its log: {stack.proxy_log}",
+                file=sys.stderr,
+            )
     finally:
         stack.close()
     print_table(rows)

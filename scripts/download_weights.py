@@ -54,7 +54,7 @@ class Weights:
         return f"https://huggingface.co/{self.repo_id}"
 
 
-# Required CSM files: what csm_tts.checkpoint.REQUIRED_FILES checks before loading, plus the weights themselves
+# Required CSM files: what csm_tts.speech.checkpoint.REQUIRED_FILES checks before loading, plus the weights themselves
 # (tests/test_download_weights.py keeps the two lists in step).
 CSM = Weights(
     key="csm",
@@ -70,8 +70,9 @@ WATERMARK = Weights(
     repo_id="sony/silentcipher",
     subdir="silentcipher",
     gated=False,
-    allow_patterns=tuple(f"{SILENTCIPHER_FOLDER}/{name}" for name in ("hparams.yaml", "enc_c.ckpt", "dec_c.ckpt",
-                                                                       "dec_m_0.ckpt")),
+    allow_patterns=tuple(
+        f"{SILENTCIPHER_FOLDER}/{name}" for name in ("hparams.yaml", "enc_c.ckpt", "dec_c.ckpt", "dec_m_0.ckpt")
+    ),
     required=("hparams.yaml", "enc_c.ckpt", "dec_c.ckpt", "dec_m_0.ckpt"),
     hub_folder=SILENTCIPHER_FOLDER,
 )
@@ -124,12 +125,17 @@ def download(weights: Weights, dest: Path, token: str | None, revision: str | No
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
-            GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
             RevisionNotFoundError,
         )
     except ImportError as e:
-        raise DownloadError(f"huggingface_hub is not installed ({e}): pip install -c constraints.txt huggingface_hub",
-                            EXIT_USAGE) from None
+        raise DownloadError(
+            f"huggingface_hub is not installed ({e}): pip install -c constraints.txt huggingface_hub", EXIT_USAGE
+        ) from None
 
     target = dest / weights.subdir
     hub_log = _HubWarnings()
@@ -140,43 +146,61 @@ def download(weights: Weights, dest: Path, token: str | None, revision: str | No
         try:
             with hub_log:
                 snapshot_download(
-                    weights.repo_id, revision=revision, local_dir=staging, allow_patterns=list(weights.allow_patterns),
-                    token=token or None, etag_timeout=timeout_s,
+                    weights.repo_id,
+                    revision=revision,
+                    local_dir=staging,
+                    allow_patterns=list(weights.allow_patterns),
+                    token=token or None,
+                    etag_timeout=timeout_s,
                 )
         except GatedRepoError:
             raise DownloadError(
-                f"access to {weights.repo_id} was refused: it is a gated repository. Sign in at {weights.page} with the "
-                "account that owns HF_TOKEN, accept the licence there, and try again", EXIT_ACCESS_REFUSED) from None
+                f"access to {weights.repo_id} was refused: it is a gated repository. "
+                f"Sign in at {weights.page} with the "
+                "account that owns HF_TOKEN, accept the licence there, and try again",
+                EXIT_ACCESS_REFUSED,
+            ) from None
         except RevisionNotFoundError:
             raise DownloadError(f"{weights.repo_id} has no revision {revision!r}", EXIT_ACCESS_REFUSED) from None
         except RepositoryNotFoundError:
             raise DownloadError(
                 f"{weights.repo_id} was not found or the token was refused (HTTP 401/404): check HF_TOKEN and that "
-                f"{weights.page} exists", EXIT_ACCESS_REFUSED) from None
+                f"{weights.page} exists",
+                EXIT_ACCESS_REFUSED,
+            ) from None
         except OfflineModeIsEnabled:
-            raise DownloadError("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download",
-                                EXIT_HUB_UNREACHABLE) from None
+            raise DownloadError(
+                "HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download", EXIT_HUB_UNREACHABLE
+            ) from None
         except LocalEntryNotFoundError as e:
             # snapshot_download's answer when the hub cannot be reached and nothing is cached.
             cause = e.__cause__ or e.__context__
             if isinstance(cause, OfflineModeIsEnabled):
-                raise DownloadError("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download",
-                                    EXIT_HUB_UNREACHABLE) from None
+                raise DownloadError(
+                    "HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download", EXIT_HUB_UNREACHABLE
+                ) from None
             raise DownloadError(
                 f"cannot reach the hub at {hub_endpoint()} to download {weights.repo_id}"
                 f"{f' ({type(cause).__name__}: {cause})' if cause else ''}: check the network, a proxy (HTTPS_PROXY), "
-                "or HF_ENDPOINT", EXIT_HUB_UNREACHABLE) from None
+                "or HF_ENDPOINT",
+                EXIT_HUB_UNREACHABLE,
+            ) from None
         except HfHubHTTPError as e:
-            raise DownloadError(f"the hub failed while downloading {weights.repo_id}: {e}", EXIT_HUB_UNREACHABLE) from None
+            raise DownloadError(
+                f"the hub failed while downloading {weights.repo_id}: {e}", EXIT_HUB_UNREACHABLE
+            ) from None
         except OSError as e:  # connection errors raised outside the snapshot fallback, or a full disk
-            raise DownloadError(f"downloading {weights.repo_id} failed: {type(e).__name__}: {e}",
-                                EXIT_HUB_UNREACHABLE) from None
+            raise DownloadError(
+                f"downloading {weights.repo_id} failed: {type(e).__name__}: {e}", EXIT_HUB_UNREACHABLE
+            ) from None
         except Exception as e:  # the HTTP client's own errors (e.g. the connection dropped during a file)
             if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "httpcore2"):
                 raise
-            raise DownloadError(f"the connection to {hub_endpoint()} failed while downloading {weights.repo_id}: "
-                                f"{type(e).__name__}: {e}. Run the same command again to resume",
-                                EXIT_HUB_UNREACHABLE) from None
+            raise DownloadError(
+                f"the connection to {hub_endpoint()} failed while downloading {weights.repo_id}: "
+                f"{type(e).__name__}: {e}. Run the same command again to resume",
+                EXIT_HUB_UNREACHABLE,
+            ) from None
         if weights.hub_folder:
             target.mkdir(parents=True, exist_ok=True)
             for name in weights.required:
@@ -191,11 +215,15 @@ def download(weights: Weights, dest: Path, token: str | None, revision: str | No
         # With files already in local_dir, snapshot_download returns them (with a warning) instead of failing.
         raise DownloadError(
             f"cannot reach the hub at {hub_endpoint()} to finish {weights.repo_id} in {target} "
-            f"(missing {', '.join(missing)}): {hub_log.unreachable}", EXIT_HUB_UNREACHABLE)
+            f"(missing {', '.join(missing)}): {hub_log.unreachable}",
+            EXIT_HUB_UNREACHABLE,
+        )
     if missing:
         raise DownloadError(
             f"{weights.repo_id} downloaded incompletely into {target}: missing {', '.join(missing)}. Run the same "
-            "command again (finished files are kept); if it persists, the repository layout changed", EXIT_INCOMPLETE)
+            "command again (finished files are kept); if it persists, the repository layout changed",
+            EXIT_INCOMPLETE,
+        )
     return target
 
 
@@ -240,8 +268,10 @@ def run(args: argparse.Namespace) -> int:
             state = "complete" if not missing else "INCOMPLETE, missing " + ", ".join(missing)
             print(f"{weights.repo_id} in {dest / weights.subdir}: {state}")
         if any(problems.values()):
-            print(f"download them with: python scripts/download_weights.py --what {args.what} --dest {dest}",
-                  file=sys.stderr)
+            print(
+                f"download them with: python scripts/download_weights.py --what {args.what} --dest {dest}",
+                file=sys.stderr,
+            )
             return EXIT_INCOMPLETE
         return EXIT_OK
 
@@ -251,7 +281,9 @@ def run(args: argparse.Namespace) -> int:
             raise DownloadError(
                 f"{weights.repo_id} is a gated repository and no Hugging Face token was found. Accept the licence at "
                 f"{weights.page}, create a read token at https://huggingface.co/settings/tokens, and set HF_TOKEN "
-                "(in .env for docker compose, in the csm-tts-hf-token Secret for Kubernetes)", EXIT_NO_TOKEN)
+                "(in .env for docker compose, in the csm-tts-hf-token Secret for Kubernetes)",
+                EXIT_NO_TOKEN,
+            )
     writable_dest(dest)
     for weights in selected:
         target = dest / weights.subdir
@@ -263,8 +295,11 @@ def run(args: argparse.Namespace) -> int:
         download(weights, dest, token, revision, args.timeout)
         print(f"{weights.repo_id}: complete in {target}")
     variables = {CSM: "CSM_MODEL_DIR", WATERMARK: "CSM_WATERMARK_MODEL_DIR"}
-    print("Mount the folder at /models for the Triton image; for the local stack: "
-          + " ".join(f"{variables[w]}={(dest / w.subdir).resolve()}" for w in selected) + " make serve")
+    print(
+        "Mount the folder at /models for the Triton image; for the local stack: "
+        + " ".join(f"{variables[w]}={(dest / w.subdir).resolve()}" for w in selected)
+        + " make serve"
+    )
     return EXIT_OK
 
 
@@ -272,18 +307,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Download sesame/csm-1b (gated: needs HF_TOKEN) and sony/silentcipher for the Triton models.",
         epilog="Exit codes: 0 ok, 2 bad arguments, 3 no token, 4 access refused, 5 hub unreachable, "
-               "6 incomplete, 7 destination not writable.",
+        "6 incomplete, 7 destination not writable.",
     )
     parser.add_argument("--what", choices=sorted(WHAT), default="all", help="which weights (default: all)")
-    parser.add_argument("--dest", type=Path, required=True,
-                        help="directory that Triton mounts at /models (csm-1b/ and silentcipher/ go below it)")
+    parser.add_argument(
+        "--dest",
+        type=Path,
+        required=True,
+        help="directory that Triton mounts at /models (csm-1b/ and silentcipher/ go below it)",
+    )
     parser.add_argument("--check", action="store_true", help="only verify that the files are complete (no network)")
     parser.add_argument("--force", action="store_true", help="download again even when the files are complete")
     parser.add_argument("--csm-revision", default=None, help="branch, tag or commit of sesame/csm-1b (default: main)")
-    parser.add_argument("--watermark-revision", default=None,
-                        help="branch, tag or commit of sony/silentcipher (default: main)")
-    parser.add_argument("--timeout", type=float, default=10.0,
-                        help="seconds to wait for the hub's first answer per file (default: 10)")
+    parser.add_argument(
+        "--watermark-revision", default=None, help="branch, tag or commit of sony/silentcipher (default: main)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the hub's first answer per file (default: 10)"
+    )
     args = parser.parse_args(argv)
     if not args.timeout > 0:
         parser.error("--timeout must be positive")

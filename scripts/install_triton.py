@@ -40,7 +40,17 @@ def download_wheel(version: str, cache: Path) -> Path:
     found = sorted(cache.glob(f"nvidia_pytriton-{version}-*.whl"))
     if not found:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), f"nvidia-pytriton=={version}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                str(cache),
+                f"nvidia-pytriton=={version}",
+            ],
             check=True,
         )
         found = sorted(cache.glob(f"nvidia_pytriton-{version}-*.whl"))
@@ -58,9 +68,9 @@ def extract(wheel: Path, dest: Path) -> None:
                 if info.is_dir():
                     continue
                 if info.filename.startswith(SERVER_PREFIX):
-                    rel = info.filename[len(SERVER_PREFIX):]
+                    rel = info.filename[len(SERVER_PREFIX) :]
                 elif info.filename.startswith(LIBS_PREFIX):
-                    rel = "lib/" + info.filename[len(LIBS_PREFIX):]
+                    rel = "lib/" + info.filename[len(LIBS_PREFIX) :]
                 else:
                     continue
                 target = staging / rel

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from csm_tts.checkpoint import make_tiny_checkpoint  # noqa: E402
+from csm_tts.tooling.tiny_checkpoints import make_tiny_checkpoint  # noqa: E402
 
 
 def main() -> None:

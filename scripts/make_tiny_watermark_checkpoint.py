@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from csm_tts.watermark import write_random_checkpoint  # noqa: E402
+from csm_tts.watermark.weights import write_random_checkpoint  # noqa: E402
 
 
 def make_tiny_watermark_checkpoint(out_dir: Path, seed: int = 0) -> Path:

@@ -5,7 +5,7 @@
     python scripts/perf_analyzer.py --perf-analyzer /usr/local/bin/perf_analyzer ...   # e.g. the NGC SDK image's
 
 The binary: perf_analyzer 2.51.0 ships inside the `tritonclient==2.51.0` wheel (installed as `.venv/bin/perf_analyzer`;
-later wheels need glibc 2.38, see shared/FINDINGS.md). It needs `libb64.so.0d` and `libcudart.so.12`, which the
+later wheels need glibc 2.38, see docs/development.md). It needs `libb64.so.0d` and `libcudart.so.12`, which the
 nvidia-pytriton wheel carries under hashed names (.triton/lib/libb64-*.so.0d, libcudart-*.so.12.*): this script links
 them under their real names into the ignored folder .triton/perf_analyzer_libs and puts it on LD_LIBRARY_PATH. When
 the binary is missing it installs the pinned tritonclient (constraints.txt) with pip.
@@ -43,7 +43,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-FRAME_MS = 80
+sys.path.insert(0, str(ROOT))
+
+from csm_tts import FRAME_MS  # noqa: E402
+from csm_tts.tooling.local_triton import start_local_triton  # noqa: E402
+
 LIB_DIR = ROOT / ".triton" / "perf_analyzer_libs"
 INPUT_DATA = ROOT / "benchmarks" / "perf_analyzer_input.json"
 # Real name -> glob of the hashed copy the nvidia-pytriton wheel ships.
@@ -99,8 +103,10 @@ def library_env(binary: Path) -> dict:
         pattern = LIBRARIES.get(name)
         candidates = sorted(p for d in library_dirs() for p in d.glob(pattern)) if pattern else []
         if not candidates:
-            raise SystemExit(f"{binary} needs {name}, and no copy was found in {', '.join(map(str, library_dirs()))} "
-                             "(run `make setup`, which extracts Triton's libraries into .triton/lib)")
+            raise SystemExit(
+                f"{binary} needs {name}, and no copy was found in {', '.join(map(str, library_dirs()))} "
+                "(run `make setup`, which extracts Triton's libraries into .triton/lib)"
+            )
         link = LIB_DIR / name
         if link.is_symlink() or link.exists():
             link.unlink()
@@ -112,15 +118,34 @@ def library_env(binary: Path) -> dict:
     return env
 
 
-def command(binary: Path, args, model: str, url: str, level: int, requests: int, report: Path, profile: Path) -> list[str]:
+def command(
+    binary: Path, args, model: str, url: str, level: int, requests: int, report: Path, profile: Path
+) -> list[str]:
     return [
-        str(binary), "-m", model, "-u", url, "-i", "grpc", "--streaming",
-        "--input-data", str(args.input_data),
-        "--request-parameter", f"max_audio_length_ms:{args.frames * FRAME_MS}:int",
-        "--request-parameter", "seed:0:int",
-        "--request-parameter", "ignore_eos:true:bool",
-        "--concurrency-range", str(level), "--request-count", str(requests),
-        "-f", str(report), "--profile-export-file", str(profile),
+        str(binary),
+        "-m",
+        model,
+        "-u",
+        url,
+        "-i",
+        "grpc",
+        "--streaming",
+        "--input-data",
+        str(args.input_data),
+        "--request-parameter",
+        f"max_audio_length_ms:{args.frames * FRAME_MS}:int",
+        "--request-parameter",
+        "seed:0:int",
+        "--request-parameter",
+        "ignore_eos:true:bool",
+        "--concurrency-range",
+        str(level),
+        "--request-count",
+        str(requests),
+        "-f",
+        str(report),
+        "--profile-export-file",
+        str(profile),
         *args.extra,
     ]
 
@@ -144,8 +169,12 @@ def read_profile(path: Path) -> dict:
             first.append((stamps[0] - request["timestamp"]) / 1e6)
             whole.append((stamps[-1] - request["timestamp"]) / 1e6)
             responses.append(len(stamps))
-    return {"first_response_ms": percentiles(first), "whole_stream_ms": percentiles(whole),
-            "responses_per_request": float(np.median(responses)) if responses else None, "requests": len(first)}
+    return {
+        "first_response_ms": percentiles(first),
+        "whole_stream_ms": percentiles(whole),
+        "responses_per_request": float(np.median(responses)) if responses else None,
+        "requests": len(first),
+    }
 
 
 def read_report(path: Path) -> dict:
@@ -165,13 +194,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", default="csm_1b,tts", help="comma-separated (default csm_1b,tts)")
     parser.add_argument("--concurrency", default="1,2,4", help="comma-separated levels (default 1,2,4)")
     parser.add_argument("--requests", type=int, help="requests per level (default 3 x concurrency, at least 6)")
-    parser.add_argument("--frames", type=int, default=25, help="fixed length of each request in 80 ms frames (default 25)")
+    parser.add_argument(
+        "--frames", type=int, default=25, help="fixed length of each request in 80 ms frames (default 25)"
+    )
     parser.add_argument("--input-data", type=Path, default=INPUT_DATA)
     parser.add_argument("--perf-analyzer", help="the binary to use (default: the venv's, installed if missing)")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "checkpoints" / "csm-tiny")
     parser.add_argument("--watermark-dir", type=Path, default=ROOT / "checkpoints" / "silentcipher-tiny")
-    parser.add_argument("--cpu-threads", type=int,
-                        help="OMP_NUM_THREADS of a Triton started here (1 keeps a busy shared CPU stable)")
+    parser.add_argument(
+        "--cpu-threads", type=int, help="OMP_NUM_THREADS of a Triton started here (1 keeps a busy shared CPU stable)"
+    )
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per perf_analyzer run")
     parser.add_argument("--keep", type=Path, help="keep perf_analyzer's CSV and profile exports in this folder")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -198,13 +230,14 @@ def main(argv=None) -> list[dict]:
     rows = []
     try:
         if url is None:
-            sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-            from conftest import start_triton
-
             print("starting Triton ...", file=sys.stderr, flush=True)
             threads = {"OMP_NUM_THREADS": str(args.cpu_threads)} if args.cpu_threads else {}
-            server = start_triton(workdir / "model_repository", args.model_dir, args.watermark_dir,
-                                  CSM_WATERMARK_IDLE_TIMEOUT_S="30", **threads)
+            server = start_local_triton(
+                workdir / "model_repository",
+                args.model_dir,
+                args.watermark_dir,
+                {"CSM_WATERMARK_IDLE_TIMEOUT_S": "30", **threads},
+            )
             url = server.grpc_url
         for level in args.levels:
             for model in args.model_list:
@@ -213,15 +246,21 @@ def main(argv=None) -> list[dict]:
                 cmd = command(binary, args, model, url, level, requests, report, profile)
                 print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s)
-                row = {"model": model, "concurrency": level, "requests": requests, "frames": args.frames,
-                       "returncode": done.returncode}
+                row = {
+                    "model": model,
+                    "concurrency": level,
+                    "requests": requests,
+                    "frames": args.frames,
+                    "returncode": done.returncode,
+                }
                 if done.returncode != 0 or not report.exists():
                     row["error"] = (done.stdout + done.stderr).strip().splitlines()[-3:]
                     print(f"perf_analyzer failed for {model} at {level}:\n{done.stdout}{done.stderr}", file=sys.stderr)
                 else:
                     row.update(perf_analyzer=read_report(report), from_profile=read_profile(profile))
                     row["perf_analyzer_says"] = next(
-                        (line.strip() for line in done.stdout.splitlines() if "decoupled" in line.lower()), None)
+                        (line.strip() for line in done.stdout.splitlines() if "decoupled" in line.lower()), None
+                    )
                 rows.append(row)
                 if not args.keep:
                     profile.unlink(missing_ok=True)  # it holds every response's audio
@@ -238,18 +277,22 @@ def main(argv=None) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     f = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
-    print(f"{'model':<8} {'conc':>4} {'reqs':>4} {'infer/s':>8} | {'perf_analyzer latency p50/p99 ms':>32} | "
-          f"{'first response p50/p99 ms':>25} | {'whole stream p50/p99 ms':>23} | {'resp/req':>8}")
+    print(
+        f"{'model':<8} {'conc':>4} {'reqs':>4} {'infer/s':>8} | {'perf_analyzer latency p50/p99 ms':>32} | "
+        f"{'first response p50/p99 ms':>25} | {'whole stream p50/p99 ms':>23} | {'resp/req':>8}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['model']:<8} {r['concurrency']:>4} {r['requests']:>4}  failed: {' '.join(r['error'])[:120]}")
             continue
         pa, pr = r["perf_analyzer"], r["from_profile"]
-        print(f"{r['model']:<8} {r['concurrency']:>4} {r['requests']:>4} {pa['infer_per_s']:>8.2f} | "
-              f"{f(pa['latency_ms']['p50']) + ' / ' + f(pa['latency_ms']['p99']):>32} | "
-              f"{f(pr['first_response_ms']['p50']) + ' / ' + f(pr['first_response_ms']['p99']):>25} | "
-              f"{f(pr['whole_stream_ms']['p50']) + ' / ' + f(pr['whole_stream_ms']['p99']):>23} | "
-              f"{pr['responses_per_request'] or 0:>8.0f}")
+        print(
+            f"{r['model']:<8} {r['concurrency']:>4} {r['requests']:>4} {pa['infer_per_s']:>8.2f} | "
+            f"{f(pa['latency_ms']['p50']) + ' / ' + f(pa['latency_ms']['p99']):>32} | "
+            f"{f(pr['first_response_ms']['p50']) + ' / ' + f(pr['first_response_ms']['p99']):>25} | "
+            f"{f(pr['whole_stream_ms']['p50']) + ' / ' + f(pr['whole_stream_ms']['p99']):>23} | "
+            f"{pr['responses_per_request'] or 0:>8.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from csm_tts.model_repository import PROFILES, render  # noqa: E402
+from csm_tts.tooling.model_repository import PROFILES, render  # noqa: E402
 
 
 def main() -> None:

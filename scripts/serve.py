@@ -17,15 +17,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from csm_tts.local_triton import TritonServer, TritonStartError  # noqa: E402
-from csm_tts.model_repository import render  # noqa: E402
+from csm_tts.tooling.local_triton import TritonServer, TritonStartError  # noqa: E402
+from csm_tts.tooling.model_repository import render  # noqa: E402
 
 
 def main() -> int:
     env = os.environ
     csm_dir = env.get("CSM_MODEL_DIR") or str(ROOT / "checkpoints" / "csm-tiny")
     watermark_dir = env.get("CSM_WATERMARK_MODEL_DIR") or str(ROOT / "checkpoints" / "silentcipher-tiny")
-    repo = render(ROOT / "build" / "model_repository", "cpu", {"csm_model_dir": csm_dir, "watermark_model_dir": watermark_dir})
+    repo = render(
+        ROOT / "build" / "model_repository", "cpu", {"csm_model_dir": csm_dir, "watermark_model_dir": watermark_dir}
+    )
     server = TritonServer(
         repo,
         http_port=int(env.get("TRITON_HTTP_PORT", 8003)),
@@ -39,14 +41,23 @@ def main() -> int:
     except TritonStartError as e:
         print(e, file=sys.stderr)
         return 1
-    print(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics http://127.0.0.1:{server.metrics_port}/metrics")
+    print(
+        f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics http://127.0.0.1:{server.metrics_port}/metrics"
+    )
 
     proxy = None
     if (ROOT / "proxy" / "__main__.py").exists():
-        proxy_env = {**env, "TRITON_GRPC_URLS": env.get("TRITON_GRPC_URLS", server.grpc_url),
-                     "PROXY_HOST": env.get("PROXY_HOST", "127.0.0.1"), "PROXY_PORT": env.get("PROXY_PORT", "8000")}
+        proxy_env = {
+            **env,
+            "TRITON_GRPC_URLS": env.get("TRITON_GRPC_URLS", server.grpc_url),
+            "PROXY_HOST": env.get("PROXY_HOST", "127.0.0.1"),
+            "PROXY_PORT": env.get("PROXY_PORT", "8000"),
+        }
         proxy = subprocess.Popen([sys.executable, "-m", "proxy"], cwd=ROOT, env=proxy_env)
-        print(f"proxy: http://{proxy_env['PROXY_HOST']}:{proxy_env['PROXY_PORT']} (GET /health, POST /generate, WS /stream)")
+        print(
+            f"proxy: http://{proxy_env['PROXY_HOST']}:{proxy_env['PROXY_PORT']} "
+            "(GET /health, POST /generate, WS /stream)"
+        )
     print("Ctrl-C to stop.", flush=True)
 
     stop = False

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from csm_tts.local_triton import TritonServer, free_port
-from csm_tts.model_repository import render
+from csm_tts.tooling.local_triton import TritonServer, start_local_triton
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CSM = ROOT / "checkpoints" / "csm-tiny"
@@ -37,27 +36,20 @@ def tiny_watermark_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def engine(tiny_csm_dir):
-    from csm_tts.engine import CsmEngine
+    from csm_tts.speech.engine import CsmEngine
 
     return CsmEngine.from_dir(tiny_csm_dir)
 
 
 def start_triton(repo_dir: Path, csm_dir: Path, watermark_dir: Path, **env) -> TritonServer:
-    render(repo_dir, "cpu", {"csm_model_dir": str(csm_dir), "watermark_model_dir": str(watermark_dir)})
-    server = TritonServer(
-        repo_dir,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_path=repo_dir.parent / "triton.log",
-        env={
-            "CSM_WATERMARK_KEY": "",
-            "CSM_WATERMARK_ENABLED": "true",
-            "CSM_WATERMARK_IDLE_TIMEOUT_S": WATERMARK_IDLE_TIMEOUT_S,
-            **env,
-        },
-    )
-    return server.start(timeout=240)
+    """The suite's Triton: the public watermark key, watermarking on, an idle timeout a loaded CI box never hits."""
+    env = {
+        "CSM_WATERMARK_KEY": "",
+        "CSM_WATERMARK_ENABLED": "true",
+        "CSM_WATERMARK_IDLE_TIMEOUT_S": WATERMARK_IDLE_TIMEOUT_S,
+        **env,
+    }
+    return start_local_triton(repo_dir, csm_dir, watermark_dir, env)
 
 
 @pytest.fixture(scope="session")

@@ -42,8 +42,20 @@ BARE_PACKAGES = ("torch", "transformers", "numpy")
 
 # -- arguments --------------------------------------------------------------------------------------------------------
 def test_bench_stream_arguments():
-    args = bench_stream.parse_args(["--target", "tts,ws", "--concurrency", "1,4", "--fixed-frames", "25",
-                                    "--watermark", "on,off", "--json", "out.json"])
+    args = bench_stream.parse_args(
+        [
+            "--target",
+            "tts,ws",
+            "--concurrency",
+            "1,4",
+            "--fixed-frames",
+            "25",
+            "--watermark",
+            "on,off",
+            "--json",
+            "out.json",
+        ]
+    )
     assert args.targets == ["tts", "ws"]
     assert args.levels == [1, 4]
     assert args.fixed_frames == 25
@@ -55,10 +67,17 @@ def test_bench_stream_arguments():
     assert defaults.watermarks == [None] and defaults.fixed_frames is None
 
 
-@pytest.mark.parametrize("argv", [
-    ["--target", "tts,nope"], ["--concurrency", "0"], ["--concurrency", "a"], ["--requests", "0"],
-    ["--fixed-frames", "0"], ["--watermark", "maybe"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--target", "tts,nope"],
+        ["--concurrency", "0"],
+        ["--concurrency", "a"],
+        ["--requests", "0"],
+        ["--fixed-frames", "0"],
+        ["--watermark", "maybe"],
+    ],
+)
 def test_bench_stream_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit):
         bench_stream.parse_args(argv)
@@ -71,7 +90,12 @@ def test_bench_stream_request_plan():
     assert plan.grpc_parameters(3, None) == {"max_audio_length_ms": 320, "seed": 3, "ignore_eos": True}
     assert plan.grpc_parameters(0, False)["watermark"] is False
     body = plan.proxy_body(5, True)
-    assert body == {"text": "b", "max_audio_length_ms": 1000, "seed": 5, "watermark": True}  # the proxy refuses ignore_eos
+    assert body == {
+        "text": "b",
+        "max_audio_length_ms": 1000,
+        "seed": 5,
+        "watermark": True,
+    }  # the proxy refuses ignore_eos
     free = bench_stream.Plan(["a"], fixed_frames=None, max_audio_length_ms=2000)
     assert free.grpc_parameters(0, None) == {"max_audio_length_ms": 2000}
 
@@ -90,23 +114,48 @@ def test_bench_gpu_arguments():
 
 
 def test_perf_analyzer_arguments_and_command(tmp_path):
-    args = perf_analyzer.parse_args(["--models", "tts", "--concurrency", "1,4", "--frames", "10", "--",
-                                     "--max-threads", "8"])
+    args = perf_analyzer.parse_args(
+        ["--models", "tts", "--concurrency", "1,4", "--frames", "10", "--", "--max-threads", "8"]
+    )
     assert args.model_list == ["tts"] and args.levels == [1, 4] and args.extra == ["--max-threads", "8"]
     cmd = perf_analyzer.command(Path("pa"), args, "tts", "h:1", 4, 12, tmp_path / "r.csv", tmp_path / "p.json")
     joined = " ".join(cmd)
-    for part in ("-m tts", "-u h:1", "-i grpc", "--streaming", "--concurrency-range 4", "--request-count 12",
-                 "max_audio_length_ms:800:int", "seed:0:int", "ignore_eos:true:bool", "--max-threads 8",
-                 f"--input-data {perf_analyzer.INPUT_DATA}"):
+    for part in (
+        "-m tts",
+        "-u h:1",
+        "-i grpc",
+        "--streaming",
+        "--concurrency-range 4",
+        "--request-count 12",
+        "max_audio_length_ms:800:int",
+        "seed:0:int",
+        "ignore_eos:true:bool",
+        "--max-threads 8",
+        f"--input-data {perf_analyzer.INPUT_DATA}",
+    ):
         assert part in joined
 
 
 def test_perf_analyzer_profile_reading(tmp_path):
     profile = tmp_path / "p.json"
-    profile.write_text(json.dumps({"experiments": [{"experiment": {"mode": "concurrency", "value": 1}, "requests": [
-        {"timestamp": 0, "response_timestamps": [100_000_000, 900_000_000]},
-        {"timestamp": 1_000_000_000, "response_timestamps": [1_200_000_000, 1_500_000_000, 2_000_000_000]},
-    ]}]}))
+    profile.write_text(
+        json.dumps(
+            {
+                "experiments": [
+                    {
+                        "experiment": {"mode": "concurrency", "value": 1},
+                        "requests": [
+                            {"timestamp": 0, "response_timestamps": [100_000_000, 900_000_000]},
+                            {
+                                "timestamp": 1_000_000_000,
+                                "response_timestamps": [1_200_000_000, 1_500_000_000, 2_000_000_000],
+                            },
+                        ],
+                    }
+                ]
+            }
+        )
+    )
     result = perf_analyzer.read_profile(profile)
     assert result["first_response_ms"]["p50"] == pytest.approx(150.0)
     assert result["whole_stream_ms"]["p50"] == pytest.approx(950.0)
@@ -125,11 +174,11 @@ def test_playback_stalls():
 
 
 def test_bench_scripts_share_the_stall_rule():
-    """Both benchmarks count stalls with the one function in csm_tts/stream_stats.py."""
-    from csm_tts import stream_stats
+    """Both benchmarks count stalls with the one function in csm_tts/tooling/stream_stats.py."""
+    from csm_tts.tooling import stream_stats
 
     assert bench_stream.playback_stalls is stream_stats.playback_stalls
-    assert "from csm_tts.stream_stats import percentile, playback_stalls" in GPU_SCRIPT.read_text()
+    assert "from csm_tts.tooling.stream_stats import percentile, playback_stalls" in GPU_SCRIPT.read_text()
 
 
 def test_committed_inputs_agree():
@@ -180,15 +229,34 @@ def test_bench_gpu_runs_from_a_bare_python(tmp_path):
     assert (site / "torch").exists() and (site / "transformers").exists() and (site / "numpy").exists()
     assert not (site / "tritonclient").exists() and not (site / "soxr").exists() and not (site / "scipy").exists()
     out = tmp_path / "gpu.json"
-    argv = ["--device", "cpu", "--tiny", "--frames", "2", "--single-frames", "3", "--runs", "1", "--concurrency", "2",
-            "--no-breakdown", "--cpu-threads", "1", "--json", str(out)]
+    argv = [
+        "--device",
+        "cpu",
+        "--tiny",
+        "--frames",
+        "2",
+        "--single-frames",
+        "3",
+        "--runs",
+        "1",
+        "--concurrency",
+        "2",
+        "--no-breakdown",
+        "--cpu-threads",
+        "1",
+        "--json",
+        str(out),
+    ]
     bootstrap = (
         "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
         "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     done = subprocess.run(
         [sys.executable, "-I", "-S", "-c", bootstrap, str(site), str(GPU_SCRIPT), *argv],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -211,12 +279,29 @@ def test_bench_stream_json_schema(grpc_url, tmp_path, capsys):
     targets = ["csm_1b"] + (["tts"] if (ROOT / "model_repository" / "tts").is_dir() else [])
     out = tmp_path / "stream.json"
     # Watermark off: the CPU watermark costs seconds per request; the schema is the same either way.
-    bench_stream.main(["--grpc-url", grpc_url, "--target", ",".join(targets), "--concurrency", "1", "--requests", "2",
-                       "--fixed-frames", "3", "--watermark", "off", "--no-warmup", "--json", str(out)])
+    bench_stream.main(
+        [
+            "--grpc-url",
+            grpc_url,
+            "--target",
+            ",".join(targets),
+            "--concurrency",
+            "1",
+            "--requests",
+            "2",
+            "--fixed-frames",
+            "3",
+            "--watermark",
+            "off",
+            "--no-warmup",
+            "--json",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())
     assert isinstance(rows, list) and [r["target"] for r in rows] == targets
     for row in rows:
-        assert ROW_KEYS <= set(row)
+        assert set(row) >= ROW_KEYS
         assert (row["concurrency"], row["requests"], row["errors"]) == (1, 2, 0), row["error_samples"]
         for key in ("ttfa_ms", "gap_ms"):
             assert set(row[key]) == {"p50", "p90", "p99"}

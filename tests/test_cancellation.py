@@ -1,6 +1,6 @@
 """The side channel that lets the watermarker stop csm_1b when a tts client cancels."""
 
-from csm_tts.cancellation import signal_cancel, take_cancel
+from csm_tts.triton.cancellation import signal_cancel, take_cancel
 
 
 def test_a_signalled_stream_is_taken_once(tmp_path, monkeypatch):

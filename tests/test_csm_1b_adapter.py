@@ -6,17 +6,18 @@ import importlib.util
 import json
 from pathlib import Path
 
+import fake_pb_utils as pb
 import numpy as np
 import pytest
-
-import fake_pb_utils as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_model_module():
     pb.install()
-    spec = importlib.util.spec_from_file_location("csm_1b_model", ROOT / "model_repository" / "csm_1b" / "1" / "model.py")
+    spec = importlib.util.spec_from_file_location(
+        "csm_1b_model", ROOT / "model_repository" / "csm_1b" / "1" / "model.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -24,10 +25,12 @@ def load_model_module():
 
 def model_config(model_dir: Path, decoupled: bool = True, **parameters) -> str:
     params = {"model_dir": str(model_dir), "max_active_streams": "2", "max_queued_streams": "1", **parameters}
-    return json.dumps({
-        "model_transaction_policy": {"decoupled": decoupled},
-        "parameters": {k: {"string_value": v} for k, v in params.items()},
-    })
+    return json.dumps(
+        {
+            "model_transaction_policy": {"decoupled": decoupled},
+            "parameters": {k: {"string_value": v} for k, v in params.items()},
+        }
+    )
 
 
 @pytest.fixture
@@ -35,13 +38,17 @@ def model(tiny_csm_dir, monkeypatch):
     monkeypatch.delenv("CSM_WATERMARK_KEY", raising=False)
     module = load_model_module()
     instance = module.TritonPythonModel()
-    instance.initialize({"model_config": model_config(tiny_csm_dir), "model_instance_kind": "CPU", "model_instance_device_id": "0"})
+    instance.initialize(
+        {"model_config": model_config(tiny_csm_dir), "model_instance_kind": "CPU", "model_instance_device_id": "0"}
+    )
     yield instance
     instance.finalize()
 
 
 def request(text="Hello.", **parameters):
-    return pb.InferenceRequest({"text": np.array([text.encode()], dtype=np.object_)}, {"max_audio_length_ms": 320, **parameters})
+    return pb.InferenceRequest(
+        {"text": np.array([text.encode()], dtype=np.object_)}, {"max_audio_length_ms": 320, **parameters}
+    )
 
 
 def test_success_streams_chunks_and_one_final_flag(model):
@@ -66,8 +73,14 @@ def test_bad_input_is_one_invalid_arg_response_with_the_final_flag(model, parame
 def test_full_server_answers_unavailable(model):
     requests = [request(max_audio_length_ms=2000, seed=i) for i in range(6)]
     model.execute(requests)
-    refused = [r for r in requests if r.sender.sent and r.sender.sent[0][0] is not None
-               and r.sender.sent[0][0].has_error() and r.sender.sent[0][0].error().code() == "UNAVAILABLE"]
+    refused = [
+        r
+        for r in requests
+        if r.sender.sent
+        and r.sender.sent[0][0] is not None
+        and r.sender.sent[0][0].has_error()
+        and r.sender.sent[0][0].error().code() == "UNAVAILABLE"
+    ]
     assert refused, "with 2 active and 1 queued, some of 6 requests must be refused"
     for r in requests:
         assert r.sender.final.wait(60) and r.sender.final_flags == 1
@@ -88,7 +101,11 @@ def test_model_refuses_to_load_when_not_decoupled(tiny_csm_dir):
     module = load_model_module()
     with pytest.raises(pb.TritonModelException, match="decoupled"):
         module.TritonPythonModel().initialize(
-            {"model_config": model_config(tiny_csm_dir, decoupled=False), "model_instance_kind": "CPU", "model_instance_device_id": "0"}
+            {
+                "model_config": model_config(tiny_csm_dir, decoupled=False),
+                "model_instance_kind": "CPU",
+                "model_instance_device_id": "0",
+            }
         )
 
 

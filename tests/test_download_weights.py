@@ -45,8 +45,9 @@ def closed_port() -> int:
 def hub_env(tmp_path, monkeypatch):
     """An environment in which the hub is unreachable and no token is saved."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HOME=str(tmp_path / "hf-home"),
-               HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1"
+    )
     for name in [k for k in os.environ if k.startswith(("HF_", "HUGGING"))]:
         monkeypatch.delenv(name)
     for name, value in env.items():
@@ -57,8 +58,9 @@ def hub_env(tmp_path, monkeypatch):
 
 def run(args, env, timeout=60):
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
     proc.elapsed = time.monotonic() - started
     return proc
 
@@ -86,11 +88,14 @@ def test_help_documents_the_exit_codes(hub_env):
     assert "--what" in proc.stdout and "--dest" in proc.stdout and "Exit codes" in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "--dest"),
-    (["--dest", "x", "--what", "everything"], "invalid choice"),
-    (["--dest", "x", "--timeout", "0"], "--timeout must be positive"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--dest"),
+        (["--dest", "x", "--what", "everything"], "invalid choice"),
+        (["--dest", "x", "--timeout", "0"], "--timeout must be positive"),
+    ],
+)
 def test_bad_arguments_exit_2(hub_env, args, message):
     proc = run(args, hub_env)
     assert proc.returncode == dw.EXIT_USAGE == 2
@@ -176,8 +181,9 @@ def test_check_reports_missing_and_complete_weights(hub_env, tmp_path):
 
 def test_sharded_checkpoint_needs_every_shard(tmp_path):
     directory = write_csm(tmp_path / "csm-1b", shards=("model-00001-of-00002.safetensors",))
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
     assert dw.missing_files(dw.CSM, directory) == ["model-00002-of-00002.safetensors"]
     (directory / "model-00002-of-00002.safetensors").write_bytes(b"")
     assert dw.missing_files(dw.CSM, directory) == []
@@ -192,8 +198,9 @@ def fake_hub(monkeypatch, hub_env):
     state = {"files": {}, "calls": [], "error": None}
 
     def snapshot_download(repo_id, *, local_dir, allow_patterns, token=None, revision=None, **kwargs):
-        state["calls"].append({"repo_id": repo_id, "allow_patterns": allow_patterns, "token": token,
-                               "revision": revision})
+        state["calls"].append(
+            {"repo_id": repo_id, "allow_patterns": allow_patterns, "token": token, "revision": revision}
+        )
         if state["error"] is not None:
             raise state["error"]
         import fnmatch
@@ -214,7 +221,8 @@ def test_silentcipher_model_folder_is_moved_up_and_nothing_else_kept(fake_hub, t
     folder = dw.SILENTCIPHER_FOLDER
     fake_hub["files"]["sony/silentcipher"] = {
         **{f"{folder}/{name}": b"w" for name in dw.WATERMARK.required},
-        f"{folder}/extra.txt": b"not needed", "16_khz/97561_iteration/enc_c.ckpt": b"other model",
+        f"{folder}/extra.txt": b"not needed",
+        "16_khz/97561_iteration/enc_c.ckpt": b"other model",
     }
     assert dw.main(["--what", "watermark", "--dest", str(tmp_path)]) == 0
     assert sorted(p.name for p in (tmp_path / "silentcipher").iterdir()) == sorted(dw.WATERMARK.required)
@@ -224,8 +232,12 @@ def test_silentcipher_model_folder_is_moved_up_and_nothing_else_kept(fake_hub, t
 
 def test_csm_download_fetches_only_the_hf_format_files(fake_hub, tmp_path):
     fake_hub["files"]["sesame/csm-1b"] = {
-        **{name: b"{}" for name in dw.CSM.required}, "model.safetensors": b"w", "tokenizer.json": b"{}",
-        "chat_template.jinja": b"t", "ckpt.pt": b"original format, 6 GB", "README.md": b"r",
+        **{name: b"{}" for name in dw.CSM.required},
+        "model.safetensors": b"w",
+        "tokenizer.json": b"{}",
+        "chat_template.jinja": b"t",
+        "ckpt.pt": b"original format, 6 GB",
+        "README.md": b"r",
     }
     assert dw.main(["--what", "csm", "--dest", str(tmp_path), "--csm-revision", "abc123"]) == 0
     names = {p.name for p in (tmp_path / "csm-1b").iterdir()}
@@ -249,10 +261,13 @@ def http_error(cls, status: int):
     return cls(f"{status} error", response=response)
 
 
-@pytest.mark.parametrize("error_name, message", [
-    ("GatedRepoError", "accept the licence"),
-    ("RepositoryNotFoundError", "not found or the token was refused"),
-])
+@pytest.mark.parametrize(
+    "error_name, message",
+    [
+        ("GatedRepoError", "accept the licence"),
+        ("RepositoryNotFoundError", "not found or the token was refused"),
+    ],
+)
 def test_refused_access_exits_4(fake_hub, tmp_path, capsys, error_name, message):
     from huggingface_hub import errors
 
@@ -281,19 +296,22 @@ def test_hub_server_error_exits_5(fake_hub, tmp_path, capsys):
 def module_constant(path: Path, name: str):
     """A literal module-level constant, read without importing the module (which would import torch)."""
     tree = ast.parse(path.read_text())
-    return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                and any(getattr(t, "id", None) == name for t in node.targets))
+    return next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets)
+    )
 
 
 def test_required_files_cover_what_the_loaders_read():
-    assert set(module_constant(ROOT / "csm_tts" / "checkpoint.py", "REQUIRED_FILES")) <= set(dw.CSM.required)
-    watermark = ROOT / "csm_tts" / "watermark.py"
-    if watermark.exists():  # the watermark stage loads exactly these files from CSM_WATERMARK_MODEL_DIR
-        assert set(module_constant(watermark, "CHECKPOINT_FILES")) == set(dw.WATERMARK.required)
+    assert set(module_constant(ROOT / "csm_tts" / "speech" / "checkpoint.py", "REQUIRED_FILES")) <= set(dw.CSM.required)
+    # The watermark stage loads exactly these files from CSM_WATERMARK_MODEL_DIR.
+    weights = ROOT / "csm_tts" / "watermark" / "weights.py"
+    assert set(module_constant(weights, "CHECKPOINT_FILES")) == set(dw.WATERMARK.required)
 
 
 def test_layout_matches_the_gpu_profile_paths():
-    from csm_tts.model_repository import DEFAULT_PATHS
+    from csm_tts.tooling.model_repository import DEFAULT_PATHS
 
     gpu = DEFAULT_PATHS["gpu"]
     assert gpu["csm_model_dir"] == f"/models/{dw.CSM.subdir}"

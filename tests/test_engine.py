@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from csm_tts import SAMPLES_PER_FRAME
-from csm_tts.chunk_schedule import ChunkSchedule
-from csm_tts.codec_stream import StreamingCodecDecoder, decode_all
-from csm_tts.engine import CsmEngine, ContextSegment, GenerationRequest, InvalidRequest, sample_codes
+from csm_tts.speech.chunk_schedule import ChunkSchedule
+from csm_tts.speech.codec_stream import StreamingCodecDecoder, decode_all
+from csm_tts.speech.engine import ContextSegment, CsmEngine, GenerationRequest, InvalidRequest, sample_codes
 
 TEXT = "Hello from Sesame."
 
@@ -29,8 +29,12 @@ def test_greedy_codes_equal_transformers_generate(engine):
     inputs = engine.processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
     special = list(range(engine.codebook_size, engine.model.config.vocab_size))  # the engine never samples these
     reference = engine.model.generate(
-        **inputs, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=12,
-        suppress_tokens=special, depth_decoder_suppress_tokens=special,
+        **inputs,
+        do_sample=False,
+        depth_decoder_do_sample=False,
+        max_new_tokens=12,
+        suppress_tokens=special,
+        depth_decoder_suppress_tokens=special,
     )
     assert mine.shape == (12, 32)
     assert torch.equal(reference[0], mine)
@@ -38,7 +42,9 @@ def test_greedy_codes_equal_transformers_generate(engine):
 
 def test_greedy_with_context_equals_generate(engine):
     rng = np.random.default_rng(0)
-    context = (ContextSegment(speaker=0, text="Hi there.", audio=(rng.standard_normal(24000) * 0.1).astype(np.float32)),)
+    context = (
+        ContextSegment(speaker=0, text="Hi there.", audio=(rng.standard_normal(24000) * 0.1).astype(np.float32)),
+    )
     request = GenerationRequest(text=TEXT, temperature=0, max_audio_length_ms=6 * 80, context=context)
     stream = run_to_end(engine, request)
     conversation = [
@@ -48,8 +54,12 @@ def test_greedy_with_context_equals_generate(engine):
     inputs = engine.processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
     special = list(range(engine.codebook_size, engine.model.config.vocab_size))
     reference = engine.model.generate(
-        **inputs, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=6,
-        suppress_tokens=special, depth_decoder_suppress_tokens=special,
+        **inputs,
+        do_sample=False,
+        depth_decoder_do_sample=False,
+        max_new_tokens=6,
+        suppress_tokens=special,
+        depth_decoder_suppress_tokens=special,
     )
     assert torch.equal(reference[0], torch.stack(stream.codes))
     # 1 s of context audio = 13 codec frames in the prompt, on top of both turns' text.
@@ -64,7 +74,9 @@ def test_context_changes_the_output(engine):
     with_context = GenerationRequest(
         text=TEXT, temperature=0, max_audio_length_ms=4 * 80, context=(ContextSegment(1, "Earlier words.", audio),)
     )
-    assert not torch.equal(torch.stack(run_to_end(engine, base).codes), torch.stack(run_to_end(engine, with_context).codes))
+    assert not torch.equal(
+        torch.stack(run_to_end(engine, base).codes), torch.stack(run_to_end(engine, with_context).codes)
+    )
 
 
 @pytest.mark.parametrize(
@@ -96,7 +108,7 @@ def test_codec_streaming_covers_the_sliding_window(engine):
     assert codec.config.sliding_window < 60 * 2
     codes = torch.randint(0, engine.codebook_size, (60, 32), generator=torch.Generator().manual_seed(0))
     decoder = StreamingCodecDecoder(codec)
-    streamed = np.concatenate([decoder.decode(codes[i:i + 5]) for i in range(0, 60, 5)])
+    streamed = np.concatenate([decoder.decode(codes[i : i + 5]) for i in range(0, 60, 5)])
     assert np.abs(streamed - decode_all(codec, codes)).max() <= 1e-4
 
 
@@ -120,7 +132,9 @@ def test_eos_frame_stops_the_stream(tiny_csm_dir):
 
 def test_same_seed_same_audio_different_seed_different_audio(engine):
     def audio(seed):
-        return np.concatenate([c.audio for c in engine.generate(GenerationRequest(text=TEXT, seed=seed, max_audio_length_ms=800))])
+        return np.concatenate(
+            [c.audio for c in engine.generate(GenerationRequest(text=TEXT, seed=seed, max_audio_length_ms=800))]
+        )
 
     assert np.array_equal(audio(11), audio(11))
     assert not np.array_equal(audio(11), audio(12))

@@ -18,10 +18,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 import websockets
-
 from conftest import FAST_FAIL_S
-from csm_tts.local_triton import TritonServer, free_port
-from csm_tts.model_repository import render
+
+from csm_tts.tooling.local_triton import TritonServer, free_port
+from csm_tts.tooling.model_repository import render
 from proxy.app import create_app, start_server
 from proxy.settings import Settings
 
@@ -43,8 +43,11 @@ def crash(server: TritonServer) -> None:
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and os.getpgid(int(proc.name)) == group:
-                regions += [a.decode() for a in (proc / "cmdline").read_bytes().split(b"\0")
-                            if a.startswith(b"triton_python_backend_shm_region_")]
+                regions += [
+                    a.decode()
+                    for a in (proc / "cmdline").read_bytes().split(b"\0")
+                    if a.startswith(b"triton_python_backend_shm_region_")
+                ]
         except (OSError, ProcessLookupError):
             continue
     os.killpg(group, signal.SIGKILL)
@@ -58,15 +61,18 @@ async def test_triton_stopped_then_restarted(tmp_path, tiny_csm_dir):
     for model in repo.iterdir():
         if model.name != "csm_1b":
             shutil.rmtree(model)
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_path=tmp_path / "triton.log")
+    server = TritonServer(
+        repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_path=tmp_path / "triton.log"
+    )
     await asyncio.to_thread(server.start, 240)
     app = create_app(Settings(triton_grpc_urls=(server.grpc_url,), triton_model="csm_1b", health_interval_s=0.5))
     runner = await start_server(app, "127.0.0.1", 0)
     port = runner.addresses[0][1]
     try:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session, \
-                websockets.connect(f"ws://127.0.0.1:{port}/stream?mode=stream") as ws:
+        async with (
+            aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session,
+            websockets.connect(f"ws://127.0.0.1:{port}/stream?mode=stream") as ws,
+        ):
             # A stream that fails in the middle (Triton crashes): the client is told, and the socket stays open.
             await ws.send(json.dumps({"text": "Interrupted half way.", "max_audio_length_ms": 60_000}))
             assert json.loads(await ws.recv())["type"] == "audio"

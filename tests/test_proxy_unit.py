@@ -12,11 +12,17 @@ import numpy as np
 import pytest
 import soundfile
 from aiohttp import WSMsgType
-
 from conftest import FAST_FAIL_S
-from csm_tts.local_triton import free_port
+
+from csm_tts.tooling.local_triton import free_port
 from proxy.api import (
-    ApiError, GenerateOptions, StreamConfig, ValidationError, parse_chunk_options, parse_generate, parse_stream_config,
+    ApiError,
+    GenerateOptions,
+    StreamConfig,
+    ValidationError,
+    parse_chunk_options,
+    parse_generate,
+    parse_stream_config,
     parse_text_list,
 )
 from proxy.app import create_app
@@ -35,11 +41,19 @@ def test_settings_defaults():
 
 
 def test_settings_from_env():
-    s = Settings.from_env({
-        "PROXY_HOST": "0.0.0.0", "PROXY_PORT": "9000", "TRITON_GRPC_URLS": "a:8001, grpc://b:9001,",
-        "TRITON_MODEL": "csm_1b", "PROXY_MAX_BODY_BYTES": "2048", "PROXY_CORS_ORIGINS": "http://x.test,http://y.test",
-        "CSM_WATERMARK_ENABLED": "false", "CSM_WATERMARK_KEY": "1,2,3,4,5", "PROXY_WS_SEND_TIMEOUT_S": "2.5",
-    })
+    s = Settings.from_env(
+        {
+            "PROXY_HOST": "0.0.0.0",
+            "PROXY_PORT": "9000",
+            "TRITON_GRPC_URLS": "a:8001, grpc://b:9001,",
+            "TRITON_MODEL": "csm_1b",
+            "PROXY_MAX_BODY_BYTES": "2048",
+            "PROXY_CORS_ORIGINS": "http://x.test,http://y.test",
+            "CSM_WATERMARK_ENABLED": "false",
+            "CSM_WATERMARK_KEY": "1,2,3,4,5",
+            "PROXY_WS_SEND_TIMEOUT_S": "2.5",
+        }
+    )
     assert s.host == "0.0.0.0" and s.port == 9000 and s.triton_grpc_urls == ("a:8001", "b:9001")
     assert s.triton_model == "csm_1b" and s.max_body_bytes == 2048
     assert s.cors_origins == ("http://x.test", "http://y.test")
@@ -49,16 +63,19 @@ def test_settings_from_env():
     assert Settings.from_env({"CSM_WATERMARK_KEY": "212,211,146,56,201"}).watermark_key_source == "public"
 
 
-@pytest.mark.parametrize("env, names", [
-    ({"PROXY_PORT": "80000"}, "PROXY_PORT"),
-    ({"PROXY_PORT": "abc"}, "PROXY_PORT"),
-    ({"TRITON_GRPC_URLS": "no-port"}, "TRITON_GRPC_URLS"),
-    ({"TRITON_GRPC_URLS": " , "}, "TRITON_GRPC_URLS"),
-    ({"PROXY_MAX_BODY_BYTES": "-1"}, "PROXY_MAX_BODY_BYTES"),
-    ({"PROXY_CONTEXT_ENABLED": "maybe"}, "PROXY_CONTEXT_ENABLED"),
-    ({"CSM_WATERMARK_KEY": "1,2,3"}, "watermark"),
-    ({"CSM_WATERMARK_ENABLED": "perhaps"}, "CSM_WATERMARK_ENABLED"),
-])
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        ({"PROXY_PORT": "80000"}, "PROXY_PORT"),
+        ({"PROXY_PORT": "abc"}, "PROXY_PORT"),
+        ({"TRITON_GRPC_URLS": "no-port"}, "TRITON_GRPC_URLS"),
+        ({"TRITON_GRPC_URLS": " , "}, "TRITON_GRPC_URLS"),
+        ({"PROXY_MAX_BODY_BYTES": "-1"}, "PROXY_MAX_BODY_BYTES"),
+        ({"PROXY_CONTEXT_ENABLED": "maybe"}, "PROXY_CONTEXT_ENABLED"),
+        ({"CSM_WATERMARK_KEY": "1,2,3"}, "watermark"),
+        ({"CSM_WATERMARK_ENABLED": "perhaps"}, "CSM_WATERMARK_ENABLED"),
+    ],
+)
 def test_settings_errors_name_the_variable(env, names):
     with pytest.raises(SettingsError, match=names):
         Settings.from_env(env)
@@ -69,12 +86,31 @@ def test_generate_defaults_and_parameters():
     options = parse_generate({"text": "Hi."})
     assert options == GenerateOptions(text="Hi.", speaker_id=0, max_audio_length_ms=30000, temperature=0.9, topk=50)
     assert options.triton_parameters() == {
-        "speaker_id": 0, "temperature": 0.9, "topk": 50, "max_audio_length_ms": 30000}
-    full = parse_generate({"text": "Hi.", "speaker_id": 2, "max_audio_length_ms": 1000.0, "temperature": 1,
-                           "topk": 100, "watermark": False, "watermark_key": [1, 2, 3, 4, 255], "seed": 7})
+        "speaker_id": 0,
+        "temperature": 0.9,
+        "topk": 50,
+        "max_audio_length_ms": 30000,
+    }
+    full = parse_generate(
+        {
+            "text": "Hi.",
+            "speaker_id": 2,
+            "max_audio_length_ms": 1000.0,
+            "temperature": 1,
+            "topk": 100,
+            "watermark": False,
+            "watermark_key": [1, 2, 3, 4, 255],
+            "seed": 7,
+        }
+    )
     assert full.triton_parameters(watermark_default=True) == {
-        "speaker_id": 2, "temperature": 1.0, "topk": 100, "max_audio_length_ms": 1000, "seed": 7,
-        "watermark": False, "watermark_key": "1,2,3,4,255",
+        "speaker_id": 2,
+        "temperature": 1.0,
+        "topk": 100,
+        "max_audio_length_ms": 1000,
+        "seed": 7,
+        "watermark": False,
+        "watermark_key": "1,2,3,4,255",
     }
     # No watermark option: the proxy's configured default is sent, or nothing (Triton's default) when unset.
     assert parse_generate({"text": "Hi."}).triton_parameters(watermark_default=False)["watermark"] is False
@@ -100,7 +136,7 @@ BAD_BODIES = [
     ({"text": "Hi", "topk": 0}, "topk"),
     ({"text": "Hi", "topk": 101}, "topk"),
     ({"text": "Hi", "watermark": "yes"}, "watermark: must be true, false or null"),
-    ({"text": "Hi", "watermark_key": [1, 2, 3]}, "watermark_key: must be a list of exactly 5"),
+    ({"text": "Hi", "watermark_key": [1, 2, 3]}, "watermark_key: must be exactly 5"),
     ({"text": "Hi", "watermark_key": [1, 2, 3, 4, 256]}, "watermark_key"),
     ({"text": "Hi", "watermark_key": [1, 2, 3, 4, True]}, "watermark_key"),
     ({"text": "Hi", "watermark_key": "a,b,c,d,e"}, "watermark_key"),
@@ -136,15 +172,17 @@ def test_chunk_list_and_query():
             parse_text_list(body, 10)
         assert info.value.status == status
     assert parse_chunk_options({"speaker_id": "3", "watermark": "false", "max_audio_length_ms": "1000"}) == {
-        "speaker_id": 3, "watermark": False, "max_audio_length_ms": 1000}
+        "speaker_id": 3,
+        "watermark": False,
+        "max_audio_length_ms": 1000,
+    }
     for query in ({"speaker_id": "x"}, {"watermark": "maybe"}, {"voice": "1"}):
         with pytest.raises(ValidationError):
             parse_chunk_options(query)
 
 
 def test_stream_config():
-    config = parse_stream_config({"mode": "stream", "binary": True, "format": "f32le", "speaker_id": 3},
-                                 StreamConfig())
+    config = parse_stream_config({"mode": "stream", "binary": True, "format": "f32le", "speaker_id": 3}, StreamConfig())
     assert (config.mode, config.binary, config.sample_format, config.context) == ("stream", True, "f32le", True)
     assert config.options == {"speaker_id": 3}
     assert parse_stream_config({"context": False}, config).options == {"speaker_id": 3}
@@ -205,13 +243,16 @@ def test_text_cost_is_generous_for_multibyte_text():
 
 
 # -- Triton error mapping ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("message, kind, status", [
-    ("INVALID_ARG: speaker_id must be an integer from 0 to 31, got 40", UpstreamRejected, 422),
-    ("in ensemble 'tts', INVALID_ARG: topk must be ...", UpstreamRejected, 422),
-    ("UNAVAILABLE: server is full (8 active streams, 32 queued); retry later", UpstreamUnavailable, 503),
-    ("Request for unknown model: 'tts' is not found", UpstreamUnavailable, 503),
-    ("INTERNAL: request failed: boom", UpstreamError, 502),
-])
+@pytest.mark.parametrize(
+    "message, kind, status",
+    [
+        ("INVALID_ARG: speaker_id must be an integer from 0 to 31, got 40", UpstreamRejected, 422),
+        ("in ensemble 'tts', INVALID_ARG: topk must be ...", UpstreamRejected, 422),
+        ("UNAVAILABLE: server is full (8 active streams, 32 queued); retry later", UpstreamUnavailable, 503),
+        ("Request for unknown model: 'tts' is not found", UpstreamUnavailable, 503),
+        ("INTERNAL: request failed: boom", UpstreamError, 502),
+    ],
+)
 def test_classify(message, kind, status):
     error = classify(message)
     assert type(error) is kind and error.status == status
@@ -223,8 +264,12 @@ def test_classify(message, kind, status):
 @pytest.fixture
 async def down_client(aiohttp_client):
     """The real app, pointed at a port where nothing listens."""
-    settings = Settings(triton_grpc_urls=(f"127.0.0.1:{free_port()}",), max_body_bytes=4096,
-                        cors_origins=("http://allowed.test",), health_timeout_s=0.3)
+    settings = Settings(
+        triton_grpc_urls=(f"127.0.0.1:{free_port()}",),
+        max_body_bytes=4096,
+        cors_origins=("http://allowed.test",),
+        health_timeout_s=0.3,
+    )
     return await aiohttp_client(create_app(settings))
 
 
@@ -232,8 +277,14 @@ async def test_index(down_client):
     response = await down_client.get("/")
     body = await response.json()
     assert response.status == 200 and body["name"] == "csm-tts-proxy" and body["version"] == "0.1.0"
-    assert set(body["endpoints"]) == {"GET /", "GET /health", "POST /generate", "POST /generate/wav", "WS /stream",
-                                      "POST /stream/chunks"}
+    assert set(body["endpoints"]) == {
+        "GET /",
+        "GET /health",
+        "POST /generate",
+        "POST /generate/wav",
+        "WS /stream",
+        "POST /stream/chunks",
+    }
 
 
 async def test_triton_down_is_503_fast(down_client):
@@ -252,15 +303,18 @@ async def test_triton_down_is_503_fast(down_client):
     assert body["watermark"] == {"enabled": True, "key_source": "public", "weights_present": False}
 
 
-@pytest.mark.parametrize("kwargs, status, message", [
-    ({"data": b"{not json"}, 400, "Invalid JSON"),
-    ({"data": b""}, 400, "empty"),
-    ({"data": b"[" * 100_000 + b"]" * 100_000}, 413, "too large"),
-    ({"json": ["a list"]}, 400, "JSON object"),
-    ({"json": {"text": "Hi", "temperature": 9}}, 422, "temperature"),
-    ({"json": {"txt": "Hi"}}, 422, "unknown field(s): txt"),
-    ({"data": b"x" * 5000}, 413, "too large"),
-])
+@pytest.mark.parametrize(
+    "kwargs, status, message",
+    [
+        ({"data": b"{not json"}, 400, "Invalid JSON"),
+        ({"data": b""}, 400, "empty"),
+        ({"data": b"[" * 100_000 + b"]" * 100_000}, 413, "too large"),
+        ({"json": ["a list"]}, 400, "JSON object"),
+        ({"json": {"text": "Hi", "temperature": 9}}, 422, "temperature"),
+        ({"json": {"txt": "Hi"}}, 422, "unknown field(s): txt"),
+        ({"data": b"x" * 5000}, 413, "too large"),
+    ],
+)
 async def test_bad_requests_get_json_errors(down_client, kwargs, status, message):
     response = await down_client.post("/generate", **kwargs)
     assert response.status == status
@@ -286,13 +340,19 @@ async def test_unknown_paths_and_methods_are_json(down_client):
 
 
 async def test_cors(down_client):
-    preflight = await down_client.options("/generate", headers={
-        "Origin": "http://allowed.test", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type"})
+    preflight = await down_client.options(
+        "/generate",
+        headers={
+            "Origin": "http://allowed.test",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert preflight.status == 204 and preflight.headers["Access-Control-Allow-Origin"] == "http://allowed.test"
     assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
-    refused = await down_client.options("/generate", headers={
-        "Origin": "http://evil.test", "Access-Control-Request-Method": "POST"})
+    refused = await down_client.options(
+        "/generate", headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"}
+    )
     assert refused.status == 403 and "Access-Control-Allow-Origin" not in refused.headers
     response = await down_client.get("/", headers={"Origin": "http://allowed.test"})
     assert response.headers["Access-Control-Allow-Origin"] == "http://allowed.test"
@@ -352,9 +412,12 @@ class FakeTritonForContext:
 
             async def __anext__(self):
                 if len(context) > pool.max_segments:
-                    raise UpstreamRejected("the prompt takes 3000 positions (text and context) and max_audio_length_ms "
-                                           "1000 needs 12 more; the model's context holds 2048: shorten the text")
+                    raise UpstreamRejected(
+                        "the prompt takes 3000 positions (text and context) and max_audio_length_ms "
+                        "1000 needs 12 more; the model's context holds 2048: shorten the text"
+                    )
                 from proxy.triton_client import AudioChunk
+
                 return AudioChunk(np.ones(1920, np.float32), 0, True, False, None)
 
         return Stream()
@@ -384,8 +447,9 @@ async def test_pick_prefers_ready_and_least_loaded_replicas():
         a, b, c = pool.replicas
         a.health = ReplicaHealth(live=True, ready=True, models=ready, checked_at=time.monotonic())
         b.health = ReplicaHealth(live=True, ready=True, models=ready, checked_at=time.monotonic())
-        c.health = ReplicaHealth(live=True, ready=True, models={"tts": {"state": "LOADING"}},
-                                 checked_at=time.monotonic())
+        c.health = ReplicaHealth(
+            live=True, ready=True, models={"tts": {"state": "LOADING"}}, checked_at=time.monotonic()
+        )
         assert {r.url for r in [await pool.pick() for _ in range(4)]} == {"a:1", "b:2"}  # ties alternate; c not ready
         a.active_streams = 3
         assert [await pool.pick() for _ in range(3)] == [b, b, b]

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from csm_tts.engine import GenerationRequest
-from csm_tts.request_parsing import parse_parameters, parse_request
-from csm_tts.engine import InvalidRequest
-from csm_tts.scheduler import ServerFull, StreamScheduler
+from csm_tts.speech.engine import GenerationRequest, InvalidRequest
+from csm_tts.speech.request_parsing import parse_parameters, parse_request
+from csm_tts.speech.scheduler import ServerFull, StreamScheduler
 
 
 class RecordingSink:
@@ -66,9 +65,9 @@ def test_batched_greedy_streams_equal_their_solo_runs(scheduler, engine):
         for text, speaker in (("Hello.", 0), ("How are you doing today?", 1), ("Fine, thank you very much.", 2))
     ]
     sinks = [RecordingSink() for _ in requests]
-    for request, sink in zip(requests, sinks):
+    for request, sink in zip(requests, sinks, strict=True):
         scheduler.submit(request, sink)
-    for request, sink in zip(requests, sinks):
+    for request, sink in zip(requests, sinks, strict=True):
         assert sink.done.wait(60)
         solo = np.concatenate([c.audio for c in engine.generate(request)])
         assert np.array_equal(sink.audio, solo)
@@ -82,7 +81,7 @@ def test_sampling_randomness_does_not_depend_on_the_batch(engine):
     batched = [engine.start(r) for r in requests]
     while not all(s.finished for s in batched):
         engine.step_many(batched)
-    for request, stream in zip(requests, batched):
+    for request, stream in zip(requests, batched, strict=True):
         solo = engine.start(request)
         while not solo.finished:
             engine.step(solo)
@@ -127,12 +126,23 @@ def test_prompt_too_long_is_reported_as_invalid_input(scheduler):
 
 
 def test_parse_request_accepts_strings_and_numbers():
-    request = parse_request(b"Hi", parse_parameters('{"speaker_id": "2", "temperature": 0.5, "topk": "7", "seed": 9, "ignore_eos": "true"}'))
-    assert (request.text, request.speaker_id, request.temperature, request.topk, request.seed, request.ignore_eos) == ("Hi", 2, 0.5, 7, 9, True)
+    request = parse_request(
+        b"Hi", parse_parameters('{"speaker_id": "2", "temperature": 0.5, "topk": "7", "seed": 9, "ignore_eos": "true"}')
+    )
+    assert (request.text, request.speaker_id, request.temperature, request.topk, request.seed, request.ignore_eos) == (
+        "Hi",
+        2,
+        0.5,
+        7,
+        9,
+        True,
+    )
     assert parse_request("Hi", {}).max_audio_length_ms == 30_000
 
 
-@pytest.mark.parametrize("raw", ['{"topk": "many"}', '{"temperature": "nan"}', '{"ignore_eos": 3}', '{"speaker_id": true}', "[1]", "{"])
+@pytest.mark.parametrize(
+    "raw", ['{"topk": "many"}', '{"temperature": "nan"}', '{"ignore_eos": 3}', '{"speaker_id": true}', "[1]", "{"]
+)
 def test_parse_request_rejects_bad_parameters(raw):
     with pytest.raises(InvalidRequest):
         parse_request(b"Hi", parse_parameters(raw))

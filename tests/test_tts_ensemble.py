@@ -7,12 +7,12 @@ import re
 
 import numpy as np
 import pytest
+from conftest import TINY_CSM, TINY_WATERMARK, WATERMARK_IDLE_TIMEOUT_S, start_triton
 
-from conftest import WATERMARK_IDLE_TIMEOUT_S, TINY_CSM, TINY_WATERMARK, start_triton
-from csm_tts.local_triton import TritonStartError
-from csm_tts.watermark import sdr_db
-from csm_tts.watermark_options import key_id
-from triton_streams import stream
+from csm_tts.tooling.local_triton import TritonStartError
+from csm_tts.tooling.triton_streams import stream
+from csm_tts.watermark.detection import sdr_db
+from csm_tts.watermark.options import key_id
 
 pytestmark = pytest.mark.live
 TEXT = "Hello from Sesame."
@@ -20,8 +20,10 @@ BASE = {"seed": 11, "max_audio_length_ms": 2000}
 
 
 def summary(result) -> list[tuple]:
-    return [(int(c["chunk_index"][0]), bool(c["is_last"][0]), bool(c["watermarked"][0]), c["watermark_key_id"][0])
-            for c in result.chunks]
+    return [
+        (int(c["chunk_index"][0]), bool(c["is_last"][0]), bool(c["watermarked"][0]), c["watermark_key_id"][0])
+        for c in result.chunks
+    ]
 
 
 async def test_watermark_off_passes_csm_1b_output_unchanged_chunk_by_chunk(grpc_url):
@@ -42,15 +44,18 @@ async def test_watermark_on_keeps_the_length_and_changes_the_audio_a_little(grpc
     n = len(marked.chunks)
     assert summary(marked) == [(i, i == n - 1, True, b"public") for i in range(n)]
     sdr = sdr_db(raw.audio, marked.audio)
-    print(f"tts watermark SDR {sdr:.1f} dB over {raw.audio.size / 24000:.2f} s; first chunk "
-          f"{marked.chunks[0]['audio'].size} of {raw.chunks[0]['audio'].size} samples")
+    print(
+        f"tts watermark SDR {sdr:.1f} dB over {raw.audio.size / 24000:.2f} s; first chunk "
+        f"{marked.chunks[0]['audio'].size} of {raw.chunks[0]['audio'].size} samples"
+    )
     assert 25 < sdr < 50
     # The first response already carries audio (the watermark holds back about two STFT hops, not a chunk).
     assert marked.chunks[0]["audio"].size > 0
 
     private = await stream(grpc_url, "tts", TEXT, {**BASE, "watermark_key": "17,42,99,250,3"})
-    assert private.error is None and {c["watermark_key_id"][0] for c in private.chunks} == \
-        {key_id((17, 42, 99, 250, 3)).encode()}
+    assert private.error is None and {c["watermark_key_id"][0] for c in private.chunks} == {
+        key_id((17, 42, 99, 250, 3)).encode()
+    }
     assert private.audio.size == raw.audio.size and not np.array_equal(private.audio, marked.audio)
 
 
@@ -65,7 +70,7 @@ async def test_concurrent_streams_equal_their_solo_runs(grpc_url):
     requests = [(t, {**p, "max_audio_length_ms": 1200}) for t, p in requests]
     solo = [await stream(grpc_url, "tts", t, p) for t, p in requests]
     together = await asyncio.gather(*(stream(grpc_url, "tts", t, p) for t, p in requests))
-    for alone, mixed in zip(solo, together):
+    for alone, mixed in zip(solo, together, strict=True):
         assert alone.error is None and mixed.error is None
         assert summary(alone)[-1][1] and np.array_equal(alone.audio, mixed.audio)
 
@@ -88,8 +93,9 @@ async def test_cancelled_stream_frees_its_watermark_state(grpc_url, triton_serve
     start = len(triton_server.log_text())
     result = await stream(grpc_url, "tts", TEXT, {"seed": 3, "max_audio_length_ms": 8000}, stop_after_chunks=2)
     assert result.error is None and len(result.chunks) == 2
-    freed = await wait_for_log(triton_server, r"\[watermarker\] (cancelled|evicted) stream (\w+)", start,
-                               float(WATERMARK_IDLE_TIMEOUT_S) + 15)
+    freed = await wait_for_log(
+        triton_server, r"\[watermarker\] (cancelled|evicted) stream (\w+)", start, float(WATERMARK_IDLE_TIMEOUT_S) + 15
+    )
     assert freed, "the watermarker did not drop the cancelled stream's state"
     assert (await stream(grpc_url, "tts", TEXT, {"max_audio_length_ms": 160})).error is None  # still serving
 
@@ -157,9 +163,11 @@ def test_server_settings(tmp_path_factory):
     reasons = re.findall(r"invalid server watermark setting: ([^\\\n]*)", message)
     assert reasons and not any("999" in reason for reason in reasons)
 
-    server = start_triton(repo, TINY_CSM, TINY_WATERMARK, CSM_WATERMARK_KEY="17,42,99,250,3",
-                          CSM_WATERMARK_ENABLED="false")
+    server = start_triton(
+        repo, TINY_CSM, TINY_WATERMARK, CSM_WATERMARK_KEY="17,42,99,250,3", CSM_WATERMARK_ENABLED="false"
+    )
     try:
+
         async def run():
             default = await stream(server.grpc_url, "tts", TEXT, {"max_audio_length_ms": 400})
             on = await stream(server.grpc_url, "tts", TEXT, {"max_audio_length_ms": 400, "watermark": True})

@@ -7,6 +7,7 @@ real weights and is marked `real_weights`.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -18,18 +19,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from csm_tts import watermark
-from csm_tts.watermark import (
-    SAMPLE_RATE,
-    StreamingWatermarker,
+from csm_tts import SAMPLE_RATE
+from csm_tts.watermark.detection import decode, key_from_symbols, message_symbols, sdr_db
+from csm_tts.watermark.reference import encode_clip, encode_stream
+from csm_tts.watermark.streaming import StreamingWatermarker
+from csm_tts.watermark.weights import (
+    AVERAGE_ENERGY_VCTK,
     WatermarkWeightsMissing,
-    decode,
-    encode_clip,
-    encode_stream,
-    key_from_symbols,
     load_watermark_model,
-    message_symbols,
-    sdr_db,
+    write_random_checkpoint,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,10 +76,10 @@ def speech_like(seconds: float, seed: int = 0, rate: int = SAMPLE_RATE) -> np.nd
     voiced = sum(np.sin(k * phase) / k for k in range(1, 25))
     envelope = np.clip(np.sin(2 * np.pi * 1.3 * t), 0, None) ** 0.5
     x = 0.15 * voiced * envelope + 0.01 * rng.standard_normal(n)
-    burst = x[int(0.1 * rate): int(0.25 * rate)]
+    burst = x[int(0.1 * rate) : int(0.25 * rate)]
     burst += 0.1 * rng.standard_normal(burst.size)
     x[: int(0.05 * rate)] = 0  # leading digital silence
-    x[int(0.45 * n): int(0.5 * n)] *= 0.01  # a pause
+    x[int(0.45 * n) : int(0.5 * n)] *= 0.01  # a pause
     return x.astype(np.float32)
 
 
@@ -191,7 +189,7 @@ def test_reference_with_clip_statistics_is_silentcipher_encode_wav(model, weight
     # The detector too: our per-frame symbols are the library's dec_m argmax.
     import torch
 
-    y = x * np.sqrt(watermark.AVERAGE_ENERGY_VCTK / np.mean(x.astype(np.float64) ** 2))
+    y = x * np.sqrt(AVERAGE_ENERGY_VCTK / np.mean(x.astype(np.float64) ** 2))
     with torch.no_grad():
         carrier, _ = library.stft.transform(torch.from_numpy(y.astype(np.float32))[None])
         scores = library.dec_m[0](carrier[:, None])
@@ -242,15 +240,15 @@ def test_streams_on_threads_do_not_interfere(model):
         t.start()
     for t in threads:
         t.join()
-    for got, expected in zip(results, solo):
+    for got, expected in zip(results, solo, strict=True):
         assert np.abs(got - expected).max() <= TOLERANCE
 
 
 def test_key_from_symbols():
     bits = "".join(f"{v:08b}" for v in KEY)
-    symbols = [int(bits[i:i + 2], 2) + 1 for i in range(0, 40, 2)] + [0]
+    symbols = [int(bits[i : i + 2], 2) + 1 for i in range(0, 40, 2)] + [0]
     # Three periods read from frame 7 on (the decoder rotates to the end symbol) with one wrong symbol.
-    frames = np.array((symbols * 4)[7: 7 + 63])
+    frames = np.array((symbols * 4)[7 : 7 + 63])
     frames[10] = 4
     key, confidence = key_from_symbols(frames, 21, 5)
     assert key == KEY and 0.98 < confidence < 1
@@ -265,7 +263,7 @@ def test_checkpoint_is_deterministic_and_in_silentcipher_layout(weights_dir, tmp
     assert names == {"hparams.yaml", "enc_c.ckpt", "dec_c.ckpt", "dec_m_0.ckpt", ".complete"}
     state = torch.load(weights_dir / "enc_c.ckpt", weights_only=True)
     assert all(k.startswith("module.") for k in state)  # as the released DataParallel checkpoints
-    watermark.write_random_checkpoint(tmp_path, seed=0)
+    write_random_checkpoint(tmp_path, seed=0)
     again = torch.load(tmp_path / "enc_c.ckpt", weights_only=True)
     assert all(torch.equal(state[k], again[k]) for k in state)
 
@@ -294,7 +292,7 @@ def test_hub_is_never_contacted(weights_dir, tmp_path, monkeypatch):
     assert calls == []
     # Loading never imports silentcipher's server.py (its get_model falls back to the hub) nor its STFT singleton.
     code = (
-        "import sys; from csm_tts.watermark import load_watermark_model; "
+        "import sys; from csm_tts.watermark.weights import load_watermark_model; "
         f"load_watermark_model({str(weights_dir)!r}); "
         "bad = [m for m in ('silentcipher.server', 'silentcipher.stft', 'huggingface_hub', 'pydub') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
@@ -325,10 +323,11 @@ REAL_WEIGHTS = os.environ.get("CSM_WATERMARK_MODEL_DIR", "")
 
 @pytest.mark.real_weights
 @pytest.mark.skipif(
-    not REAL_WEIGHTS or not (Path(REAL_WEIGHTS) / "hparams.yaml").exists()
+    not REAL_WEIGHTS
+    or not (Path(REAL_WEIGHTS) / "hparams.yaml").exists()
     and not (Path(REAL_WEIGHTS) / "44_1_khz" / "73999_iteration" / "hparams.yaml").exists(),
     reason="needs the real silentcipher weights: set CSM_WATERMARK_MODEL_DIR to a copy of sony/silentcipher "
-           "(not available on development machines)",
+    "(not available on development machines)",
 )
 @pytest.mark.parametrize("lookahead", [0, 6])
 def test_real_weights_stream_is_detected(tmp_path, capsys, lookahead):
@@ -362,18 +361,21 @@ class FakeClock:
 def chunked(x: np.ndarray, sizes: list[int]) -> list[tuple[np.ndarray, int]]:
     """(chunk, sample_offset) pairs."""
     bounds = np.cumsum([0] + sizes)
-    return [(x[a:b], int(a)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(x[a:b], int(a)) for a, b in itertools.pairwise(bounds)]
 
 
 def test_streams_apply_chunks_in_order_and_forget_finished_streams(model):
-    from csm_tts.watermark import WatermarkStreams
+    from csm_tts.watermark.streams import WatermarkStreams
 
     x = speech_like(0.6, seed=9)
     parts = chunked(x, [3840, 7680, x.size - 11520])
     streams = WatermarkStreams(model)
     results = [streams.process("a", KEY, "k-test", c, i, offset, i == 2) for i, (c, offset) in enumerate(parts)]
-    assert [(r.chunk_index, r.is_last, r.watermarked, r.key_id) for r in results] == \
-        [(0, False, True, "k-test"), (1, False, True, "k-test"), (2, True, True, "k-test")]
+    assert [(r.chunk_index, r.is_last, r.watermarked, r.key_id) for r in results] == [
+        (0, False, True, "k-test"),
+        (1, False, True, "k-test"),
+        (2, True, True, "k-test"),
+    ]
     out = np.concatenate([r.audio for r in results])
     assert np.abs(out - encode_stream(model, [c for c, _ in parts], KEY)).max() <= TOLERANCE
     assert "a" not in streams and len(streams) == 0
@@ -390,7 +392,7 @@ def test_streams_apply_chunks_in_order_and_forget_finished_streams(model):
 
 
 def test_streams_without_watermark_pass_audio_unchanged(model):
-    from csm_tts.watermark import WatermarkStreams
+    from csm_tts.watermark.streams import WatermarkStreams
 
     x = speech_like(0.3, seed=10)
     streams = WatermarkStreams(model)
@@ -401,7 +403,7 @@ def test_streams_without_watermark_pass_audio_unchanged(model):
 
 
 def test_streams_reject_chunks_that_do_not_fit(model):
-    from csm_tts.watermark import StreamError, StreamGone, TooManyStreams, WatermarkStreams
+    from csm_tts.watermark.streams import StreamError, StreamGone, TooManyStreams, WatermarkStreams
 
     x = np.zeros(1920, np.float32)
     streams = WatermarkStreams(model, max_streams=2)
@@ -424,7 +426,7 @@ def test_streams_reject_chunks_that_do_not_fit(model):
 
 
 def test_idle_streams_are_evicted(model):
-    from csm_tts.watermark import StreamGone, WatermarkStreams
+    from csm_tts.watermark.streams import StreamGone, WatermarkStreams
 
     clock = FakeClock()
     streams = WatermarkStreams(model, idle_timeout_s=30, clock=clock)

@@ -1,30 +1,21 @@
-"""Triton adapter for the CSM-1B streaming engine (decoupled). Logic lives in csm_tts.engine / csm_tts.scheduler."""
+"""Triton adapter for the CSM-1B streaming engine (decoupled). Logic: csm_tts.speech (engine, scheduler)."""
 
 import json
-import os
 import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from csm_tts.cancellation import take_cancel
-from csm_tts.chunk_schedule import ChunkSchedule
-from csm_tts.engine import CsmEngine, InvalidRequest
-from csm_tts.request_parsing import CONTEXT_INPUTS, parse_parameters, parse_request
-from csm_tts.scheduler import ServerFull, StreamScheduler
-from csm_tts.watermark_options import InvalidWatermarkOption, WatermarkSettings, resolve
+from csm_tts.speech.chunk_schedule import ChunkSchedule
+from csm_tts.speech.engine import CsmEngine, InvalidRequest
+from csm_tts.speech.request_parsing import CONTEXT_INPUTS, parse_parameters, parse_request
+from csm_tts.speech.scheduler import ServerFull, StreamScheduler
+from csm_tts.triton.cancellation import take_cancel
+from csm_tts.triton.config import config_parameter
+from csm_tts.triton.errors import error_response
+from csm_tts.watermark.options import InvalidWatermarkOption, WatermarkSettings, resolve
 
 PREFIX = "[csm_1b]"
-
-
-def config_parameter(model_config: dict, key: str, env: str | None = None, default: str | None = None) -> str | None:
-    """A config parameter; missing, empty or unfilled `${...}` values count as unset (then env, then default)."""
-    value = model_config.get("parameters", {}).get(key, {}).get("string_value", "")
-    if value and not value.startswith("${"):
-        return value
-    if env and os.environ.get(env):
-        return os.environ[env]
-    return default
 
 
 class TritonSink:
@@ -55,11 +46,9 @@ class TritonSink:
         return self.sender.is_cancelled() or take_cancel(self.stream_id)
 
 
-def send_error(sender, message, code_name):
-    """The error response, then the final flag. gRPC streams carry only the message, not the code, so the message
-    starts with the code's name ("INVALID_ARG: ...") for clients such as the proxy to map it."""
-    error = pb_utils.TritonError(f"{code_name}: {message}", getattr(pb_utils.TritonError, code_name))
-    sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+def send_error(sender, message, code):
+    """The error response, then the final flag: every request ends with exactly one final response."""
+    sender.send(error_response(pb_utils, message, code), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 class TritonPythonModel:
@@ -67,10 +56,7 @@ class TritonPythonModel:
         self.model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(self.model_config):
             raise pb_utils.TritonModelException(f"{PREFIX} must be decoupled: set model_transaction_policy.decoupled")
-        if args["model_instance_kind"] == "GPU":
-            device = f"cuda:{args['model_instance_device_id']}"
-        else:
-            device = "cpu"
+        device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         model_dir = config_parameter(self.model_config, "model_dir", env="CSM_MODEL_DIR")
         if model_dir is None:
             raise pb_utils.TritonModelException(f"{PREFIX} no checkpoint: set the model_dir parameter or CSM_MODEL_DIR")

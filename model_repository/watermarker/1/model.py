@@ -1,34 +1,20 @@
 """Triton adapter for the streaming silentcipher watermark (one response per chunk). Logic: csm_tts.watermark."""
 
 import json
-import os
 import threading
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
-from csm_tts.cancellation import signal_cancel
-
-from csm_tts.watermark import StreamError, StreamGone, TooManyStreams, WatermarkStreams, load_watermark_model
-from csm_tts.watermark_options import InvalidWatermarkOption, WatermarkSettings, resolve
+from csm_tts.triton.cancellation import signal_cancel
+from csm_tts.triton.config import config_parameter
+from csm_tts.triton.errors import error_response
+from csm_tts.watermark.options import InvalidWatermarkOption, WatermarkSettings, resolve
+from csm_tts.watermark.streams import StreamError, StreamGone, TooManyStreams, WatermarkStreams
+from csm_tts.watermark.weights import load_watermark_model
 
 PREFIX = "[watermarker]"
-
-
-def config_parameter(model_config: dict, key: str, env: str | None = None, default: str | None = None) -> str | None:
-    """A config parameter; missing, empty or unfilled `${...}` values count as unset (then env, then default)."""
-    value = model_config.get("parameters", {}).get(key, {}).get("string_value", "")
-    if value and not value.startswith("${"):
-        return value
-    if env and os.environ.get(env, "").strip():
-        return os.environ[env].strip()
-    return default
-
-
-def error_response(message: str, code_name: str):
-    """gRPC streams carry only the message, so it starts with the code's name (as csm_1b's errors do)."""
-    error = pb_utils.TritonError(f"{code_name}: {message}", getattr(pb_utils.TritonError, code_name))
-    return pb_utils.InferenceResponse(error=error)
 
 
 def scalar(request, name):
@@ -47,12 +33,14 @@ class TritonPythonModel:
         model_dir = config_parameter(self.model_config, "model_dir", env="CSM_WATERMARK_MODEL_DIR")
         if model_dir is None:
             raise pb_utils.TritonModelException(
-                f"{PREFIX} no weights: set the model_dir parameter or CSM_WATERMARK_MODEL_DIR")
+                f"{PREFIX} no weights: set the model_dir parameter or CSM_WATERMARK_MODEL_DIR"
+            )
         try:
             lookahead = int(config_parameter(self.model_config, "lookahead_frames", default="0"))
             message_sdr = float(config_parameter(self.model_config, "message_sdr", default="36"))
-            idle_timeout = float(config_parameter(self.model_config, "idle_timeout_s",
-                                                  env="CSM_WATERMARK_IDLE_TIMEOUT_S", default="30"))
+            idle_timeout = float(
+                config_parameter(self.model_config, "idle_timeout_s", env="CSM_WATERMARK_IDLE_TIMEOUT_S", default="30")
+            )
             max_streams = int(config_parameter(self.model_config, "max_streams", default="256"))
             threads = config_parameter(self.model_config, "cpu_threads")
             if idle_timeout <= 0 or max_streams <= 0:
@@ -64,24 +52,29 @@ class TritonPythonModel:
         else:
             device = "cpu"
             if threads:
-                import torch
-
                 torch.set_num_threads(int(threads))
         try:
             model = load_watermark_model(model_dir, device=device)
-            self.streams = WatermarkStreams(model, lookahead_frames=lookahead, message_sdr=message_sdr,
-                                            idle_timeout_s=idle_timeout, max_streams=max_streams)
+            self.streams = WatermarkStreams(
+                model,
+                lookahead_frames=lookahead,
+                message_sdr=message_sdr,
+                idle_timeout_s=idle_timeout,
+                max_streams=max_streams,
+            )
         except (FileNotFoundError, ValueError) as e:
             raise pb_utils.TritonModelException(f"{PREFIX} {e}") from None
         self._warm_up()
         if self.settings.key_is_public:
             pb_utils.Logger.log_warn(
                 f"{PREFIX} CSM_WATERMARK_KEY is not set: watermarking with Sesame's PUBLIC key (not secret; anyone "
-                "can verify it). Set CSM_WATERMARK_KEY to 5 private integers 0-255 for a private mark.")
+                "can verify it). Set CSM_WATERMARK_KEY to 5 private integers 0-255 for a private mark."
+            )
         pb_utils.Logger.log_info(
             f"{PREFIX} loaded {model.model_dir} on {device}; default {'on' if self.settings.enabled else 'off'}, "
             f"key id {'public' if self.settings.key_is_public else 'private'}; lookahead {lookahead} frames, "
-            f"message_sdr {message_sdr}, idle timeout {idle_timeout:g} s")
+            f"message_sdr {message_sdr}, idle timeout {idle_timeout:g} s"
+        )
         self._stop = threading.Event()
         self._evictor = threading.Thread(target=self._evict_loop, name="watermark-evictor", daemon=True)
         self._evictor.start()
@@ -95,8 +88,9 @@ class TritonPythonModel:
         interval = min(1.0, self.streams.idle_timeout_s / 4)
         while not self._stop.wait(interval):
             for gone in self.streams.evict_idle():
-                pb_utils.Logger.log_info(f"{PREFIX} evicted stream {gone.stream_id} after {gone.chunks} chunks "
-                                         f"(idle {gone.idle_s:.1f} s)")
+                pb_utils.Logger.log_info(
+                    f"{PREFIX} evicted stream {gone.stream_id} after {gone.chunks} chunks (idle {gone.idle_s:.1f} s)"
+                )
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -106,10 +100,10 @@ class TritonPythonModel:
             if request.is_cancelled():
                 stream_id = scalar(request, "stream_id")
                 stream_id = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
-                signal_cancel(stream_id)  # so that csm_1b stops generating (csm_tts/cancellation.py)
+                signal_cancel(stream_id)  # so that csm_1b stops generating (csm_tts/triton/cancellation.py)
                 if self.streams.drop(stream_id):
                     pb_utils.Logger.log_info(f"{PREFIX} cancelled stream {stream_id}: dropped its watermark state")
-                return error_response("the request was cancelled", "CANCELLED")
+                return error_response(pb_utils, "the request was cancelled", "CANCELLED")
             raw = request.parameters()
             parameters = json.loads(raw) if raw else {}
             choice = resolve(parameters, self.settings)
@@ -125,19 +119,21 @@ class TritonPythonModel:
                 bool(scalar(request, "is_last")),
             )
         except (InvalidWatermarkOption, StreamError, json.JSONDecodeError) as e:
-            return error_response(str(e), "INVALID_ARG")
+            return error_response(pb_utils, str(e), "INVALID_ARG")
         except (TooManyStreams, StreamGone) as e:
-            return error_response(str(e), "UNAVAILABLE")
+            return error_response(pb_utils, str(e), "UNAVAILABLE")
         except Exception as e:  # report, never raise out of execute
             pb_utils.Logger.log_error(f"{PREFIX} chunk failed: {e}")
-            return error_response(f"watermarking failed: {e}", "INTERNAL")
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("audio", result.audio.astype(np.float32)),
-            pb_utils.Tensor("chunk_index", np.array([result.chunk_index], dtype=np.int32)),
-            pb_utils.Tensor("is_last", np.array([result.is_last], dtype=bool)),
-            pb_utils.Tensor("watermarked", np.array([result.watermarked], dtype=bool)),
-            pb_utils.Tensor("watermark_key_id", np.array([result.key_id.encode()], dtype=np.object_)),
-        ])
+            return error_response(pb_utils, f"watermarking failed: {e}", "INTERNAL")
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("audio", result.audio.astype(np.float32)),
+                pb_utils.Tensor("chunk_index", np.array([result.chunk_index], dtype=np.int32)),
+                pb_utils.Tensor("is_last", np.array([result.is_last], dtype=bool)),
+                pb_utils.Tensor("watermarked", np.array([result.watermarked], dtype=bool)),
+                pb_utils.Tensor("watermark_key_id", np.array([result.key_id.encode()], dtype=np.object_)),
+            ]
+        )
 
     def finalize(self):
         self._stop.set()

@@ -9,6 +9,7 @@ stream by one frame per round, and sends a chunk whenever a stream's chunk sched
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -16,9 +17,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Protocol
 
-from csm_tts.engine import AudioChunk, CsmEngine, GenerationRequest, InvalidRequest, Stream
+from csm_tts.speech.engine import AudioChunk, CsmEngine, GenerationRequest, InvalidRequest, Stream
 
-log = logging.getLogger("csm_tts.scheduler")
+log = logging.getLogger("csm_tts.speech.scheduler")
 
 
 class ServerFull(RuntimeError):
@@ -30,7 +31,9 @@ class StreamSink(Protocol):
 
     def send_chunk(self, stream: Stream, chunk: AudioChunk) -> None: ...
 
-    def send_error(self, message: str, code: str) -> None: ...  # code: INVALID_ARG, INTERNAL or CANCELLED; ends the request
+    def send_error(
+        self, message: str, code: str
+    ) -> None: ...  # code: INVALID_ARG, INTERNAL or CANCELLED; ends the request
 
     def is_cancelled(self) -> bool: ...
 
@@ -157,7 +160,5 @@ class StreamScheduler:
 
     def _end_cancelled(self, job: _Job) -> None:
         """A cancelled request still gets its one final response (nobody may be listening any more)."""
-        try:
+        with contextlib.suppress(Exception):
             job.sink.send_error("the request was cancelled", "CANCELLED")
-        except Exception:
-            pass

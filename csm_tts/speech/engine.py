@@ -19,8 +19,9 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from csm_tts import FRAME_MS, SAMPLE_RATE
-from csm_tts.chunk_schedule import ChunkSchedule
-from csm_tts.codec_stream import StreamingCodecDecoder
+from csm_tts.speech.checkpoint import load_csm
+from csm_tts.speech.chunk_schedule import ChunkSchedule
+from csm_tts.speech.codec_stream import StreamingCodecDecoder
 
 
 class InvalidRequest(ValueError):
@@ -110,7 +111,10 @@ def validate_request(request: GenerationRequest, limits: Limits, codebook_size: 
         raise InvalidRequest(f"temperature must be between 0 (greedy) and 2, got {request.temperature!r}")
     if not isinstance(request.topk, int) or not 1 <= request.topk <= codebook_size:
         raise InvalidRequest(f"topk must be an integer from 1 to {codebook_size}, got {request.topk!r}")
-    if not isinstance(request.max_audio_length_ms, int) or not FRAME_MS <= request.max_audio_length_ms <= limits.max_audio_length_ms:
+    if (
+        not isinstance(request.max_audio_length_ms, int)
+        or not FRAME_MS <= request.max_audio_length_ms <= limits.max_audio_length_ms
+    ):
         raise InvalidRequest(
             f"max_audio_length_ms must be an integer from {FRAME_MS} to {limits.max_audio_length_ms}, "
             f"got {request.max_audio_length_ms!r}"
@@ -158,11 +162,11 @@ def sample_codes(
 
 
 class CsmEngine:
-    def __init__(self, model, processor, schedule: ChunkSchedule = ChunkSchedule(), limits: Limits = Limits()):
+    def __init__(self, model, processor, schedule: ChunkSchedule | None = None, limits: Limits | None = None):
         self.model = model
         self.processor = processor
-        self.schedule = schedule
-        self.limits = limits
+        self.schedule = schedule or ChunkSchedule()
+        self.limits = limits or Limits()
         self.device = next(model.parameters()).device
         config = model.config
         self.num_codebooks = config.num_codebooks
@@ -178,9 +182,7 @@ class CsmEngine:
         )
 
     @classmethod
-    def from_dir(cls, model_dir, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> "CsmEngine":
-        from csm_tts.checkpoint import load_csm
-
+    def from_dir(cls, model_dir, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> CsmEngine:
         model, processor = load_csm(model_dir, device=device, dtype=dtype)
         return cls(model, processor, **kwargs)
 
@@ -248,8 +250,12 @@ class CsmEngine:
         topks = torch.tensor([s.request.topk for s in streams], device=device)
         # One draw per codebook per frame from each stream's own generator (greedy streams have none).
         uniforms = torch.stack(
-            [torch.rand(self.num_codebooks, generator=s.generator) if s.generator else torch.zeros(self.num_codebooks)
-             for s in streams]
+            [
+                torch.rand(self.num_codebooks, generator=s.generator)
+                if s.generator
+                else torch.zeros(self.num_codebooks)
+                for s in streams
+            ]
         ).to(device)
 
         def sample(logits, codebook):
@@ -305,21 +311,23 @@ class CsmEngine:
         for layer_index, layer in enumerate(batch_cache.layers):
             own = [s.cache.layers[layer_index] for s in streams]
             pad = [(0, 0, longest - n, 0) for n in lengths]  # left-pad the sequence dimension
-            keys = torch.cat([torch.nn.functional.pad(o.keys, p) for o, p in zip(own, pad)])
-            values = torch.cat([torch.nn.functional.pad(o.values, p) for o, p in zip(own, pad)])
+            keys = torch.cat([torch.nn.functional.pad(o.keys, p) for o, p in zip(own, pad, strict=True)])
+            values = torch.cat([torch.nn.functional.pad(o.values, p) for o, p in zip(own, pad, strict=True)])
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
         mask = torch.zeros(len(streams), longest + 1, dtype=torch.long, device=self.device)
         for row, n in enumerate(lengths):
-            mask[row, longest - n:] = 1
+            mask[row, longest - n :] = 1
         positions = torch.tensor(lengths, device=self.device)[:, None]
         out = self.model.backbone_model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=batch_cache, use_cache=True
         )
         for row, stream in enumerate(streams):
-            stream.hidden = out.last_hidden_state[row:row + 1, -1]
+            stream.hidden = out.last_hidden_state[row : row + 1, -1]
             for layer_index, layer in enumerate(batch_cache.layers):
-                stream.cache.layers[layer_index].update(layer.keys[row:row + 1, :, -1:], layer.values[row:row + 1, :, -1:])
+                stream.cache.layers[layer_index].update(
+                    layer.keys[row : row + 1, :, -1:], layer.values[row : row + 1, :, -1:]
+                )
 
     @torch.inference_mode()
     def step_many(self, streams: list[Stream]) -> None:
@@ -329,7 +337,7 @@ class CsmEngine:
             return
         frames = self.frame_codes(streams)
         continuing = []
-        for stream, frame in zip(streams, frames):
+        for stream, frame in zip(streams, frames, strict=True):
             # transformers' EOS rule: codebooks 0..30 all equal to the EOS id (an all-zero frame).
             if not stream.request.ignore_eos and bool((frame[:-1] == self.eos_id).all()):
                 stream.finish_reason = "eos"

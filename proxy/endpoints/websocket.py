@@ -1,4 +1,4 @@
-"""WS /stream: one session per socket (docs/api.md describes every message).
+"""WS /stream: an LLM's text chunks in, audio out; one session per socket (docs/api.md describes every message).
 
 Two tasks per socket. The reader (`async for msg in ws`) only parses and queues; the worker handles the queue in
 order, one text chunk at a time, so every client message gets its reply in order, and a client that hangs up is
@@ -17,25 +17,84 @@ import base64
 import itertools
 import json
 import logging
+import socket
 import struct
 import time
 
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from csm_tts import SAMPLE_RATE
 from proxy.api import (
-    ApiError, GenerateOptions, StreamConfig, parse_generate, parse_stream_config,
+    CONFIG_KEYS,
+    NO_TEXT,
+    OPTION_NAMES,
+    ApiError,
+    GenerateOptions,
+    StreamConfig,
+    parse_generate,
+    parse_query,
+    parse_stream_config,
 )
-from proxy.audio import SAMPLE_RATE, pcm_bytes, run_sized, wav_base64
+from proxy.audio import pcm_bytes, run_sized, wav_base64
 from proxy.context import ContextBudget, Conversation
+from proxy.cors import origin_allowed
+from proxy.settings import Settings
 from proxy.synthesis import Generation
 from proxy.triton_client import TritonPool, UpstreamError
+from proxy.web import SETTINGS, TRITON, WEBSOCKETS
 
 log = logging.getLogger("proxy.websocket")
 
 # Binary audio frame header (stream mode, binary=true): seq, chunk_id, index, samples as little-endian uint32.
 FRAME_HEADER = struct.Struct("<IIII")
-NO_TEXT = "No text provided"
+
+
+async def stream_ws(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    origin = request.headers.get("Origin", "")
+    if origin and settings.cors_origins and not origin_allowed(settings, origin):
+        raise ApiError(403, f"Origin {origin!r} is not allowed (PROXY_CORS_ORIGINS)")
+    # Query: the session's config and default generation options, as a first {"config": {...}} message would set.
+    config = parse_stream_config(
+        parse_query(request.query, (*CONFIG_KEYS, *OPTION_NAMES)), StreamConfig(context=settings.context_enabled)
+    )
+    # No permessage-deflate: PCM and base64 audio barely compress, and deflating costs latency and CPU.
+    ws = web.WebSocketResponse(
+        heartbeat=settings.ws_heartbeat_s,
+        max_msg_size=settings.max_body_bytes,
+        writer_limit=settings.ws_write_buffer_bytes,
+        compress=False,
+    )
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "WS /stream needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
+    if len(app[WEBSOCKETS]) >= settings.max_websockets:
+        raise ApiError(
+            503,
+            f"Too many WebSocket connections (limit {settings.max_websockets}); retry later",
+            headers={"Retry-After": "1"},
+        )
+    await ws.prepare(request)
+    bound_socket_buffers(request, settings)
+    app[WEBSOCKETS].add(ws)
+    try:
+        await StreamSession(ws, request, config, settings, app[TRITON]).run()
+    finally:
+        app[WEBSOCKETS].discard(ws)
+    return ws
+
+
+def bound_socket_buffers(request: web.Request, settings: Settings) -> None:
+    """Flow control: the proxy holds at most ~ws_write_buffer_bytes (plus one message) for a client before its sends
+    wait; optionally the kernel's send buffer is capped as well."""
+    transport = request.transport
+    if transport is None:
+        return
+    transport.set_write_buffer_limits(high=settings.ws_write_buffer_bytes)
+    sock = transport.get_extra_info("socket")
+    if settings.ws_socket_sndbuf and sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.ws_socket_sndbuf)
 
 
 class SlowClient(Exception):
@@ -47,8 +106,9 @@ class ClientGone(Exception):
 
 
 class StreamSession:
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, config: StreamConfig, settings,
-                 pool: TritonPool):
+    def __init__(
+        self, ws: web.WebSocketResponse, request: web.Request, config: StreamConfig, settings, pool: TritonPool
+    ):
         self.ws = ws
         self.request = request
         self.config = config
@@ -59,10 +119,7 @@ class StreamSession:
         self.send_lock = asyncio.Lock()
         self.seq = 0
         self.chunk_ids = itertools.count()
-        self.conversation = Conversation(ContextBudget(
-            positions=settings.context_positions, tokens_per_byte=settings.context_tokens_per_byte,
-            max_audio_s=settings.context_max_audio_s, max_segments=settings.context_max_segments,
-        ))
+        self.conversation = Conversation(ContextBudget.from_settings(settings))
         self.current: asyncio.Task | None = None
         self.finishing = False
 
@@ -135,11 +192,13 @@ class StreamSession:
             # Refused at once (not queued): the client sends faster than audio can be generated. Pending counts the
             # chunk being generated and the queued ones.
             text = data.get("text")
-            await self.send_reply({
-                "error": f"Too many pending text chunks (limit {self.settings.ws_max_pending}): "
-                         "wait for audio before sending more",
-                **({"text": text} if isinstance(text, str) else {}),
-            })
+            await self.send_reply(
+                {
+                    "error": f"Too many pending text chunks (limit {self.settings.ws_max_pending}): "
+                    "wait for audio before sending more",
+                    **({"text": text} if isinstance(text, str) else {}),
+                }
+            )
             return
         self.pending_texts += 1
         await self.queue.put(("text", data))
@@ -187,8 +246,10 @@ class StreamSession:
                 except ApiError as e:
                     await self.send_reply({"error": e.message})
                 else:
-                    await self.send_reply({"status": "configured", "config": self.config.public(),
-                                           "sample_rate": SAMPLE_RATE}, kind="config")
+                    await self.send_reply(
+                        {"status": "configured", "config": self.config.public(), "sample_rate": SAMPLE_RATE},
+                        kind="config",
+                    )
             elif kind == "text":
                 try:
                     await self.run_text(payload)
@@ -248,19 +309,32 @@ class StreamSession:
         if conversation is not None:
             conversation.add(options.speaker_id, options.text, audio)
         if streaming:
-            await self.send_reply({
-                "chunk_id": chunk_id, "text": options.text, "final": True, "audio_messages": sent_messages,
-                "samples": int(audio.size), "sample_rate": SAMPLE_RATE,
-                "duration_ms": audio.size * 1000.0 / SAMPLE_RATE, "processing_time_ms": processing_ms,
-                "first_audio_ms": first_audio_ms, "first_audio_proxy_ms": first_proxy_ms,
-                "watermarked": generation.watermarked,
-            }, kind="end")
+            await self.send_reply(
+                {
+                    "chunk_id": chunk_id,
+                    "text": options.text,
+                    "final": True,
+                    "audio_messages": sent_messages,
+                    "samples": int(audio.size),
+                    "sample_rate": SAMPLE_RATE,
+                    "duration_ms": audio.size * 1000.0 / SAMPLE_RATE,
+                    "processing_time_ms": processing_ms,
+                    "first_audio_ms": first_audio_ms,
+                    "first_audio_proxy_ms": first_proxy_ms,
+                    "watermarked": generation.watermarked,
+                },
+                kind="end",
+            )
         else:
             encoded = await run_sized(wav_base64, audio, int(self.settings.wav_offload_seconds * SAMPLE_RATE))
-            await self.send_reply({
-                "audio_base64": encoded, "sample_rate": SAMPLE_RATE,
-                "processing_time_ms": (time.perf_counter() - started) * 1000.0, "text": options.text,
-            })
+            await self.send_reply(
+                {
+                    "audio_base64": encoded,
+                    "sample_rate": SAMPLE_RATE,
+                    "processing_time_ms": (time.perf_counter() - started) * 1000.0,
+                    "text": options.text,
+                }
+            )
 
     # -- sending -----------------------------------------------------------------------------------------------------
     async def send_audio(self, audio, chunk_id: int, index: int) -> None:
@@ -271,10 +345,20 @@ class StreamSession:
             if self.config.binary:
                 await self._send(FRAME_HEADER.pack(seq, chunk_id, index, audio.size) + payload)
             else:
-                await self._send(json.dumps({
-                    "type": "audio", "seq": seq, "chunk_id": chunk_id, "index": index, "samples": int(audio.size),
-                    "sample_rate": SAMPLE_RATE, "format": fmt, "audio_base64": base64.b64encode(payload).decode(),
-                }))
+                await self._send(
+                    json.dumps(
+                        {
+                            "type": "audio",
+                            "seq": seq,
+                            "chunk_id": chunk_id,
+                            "index": index,
+                            "samples": int(audio.size),
+                            "sample_rate": SAMPLE_RATE,
+                            "format": fmt,
+                            "audio_base64": base64.b64encode(payload).decode(),
+                        }
+                    )
+                )
 
     async def send_reply(self, body: dict, kind: str | None = None) -> None:
         """A JSON message; in stream mode it also carries `type` (error, end, config, ...) and `seq`."""

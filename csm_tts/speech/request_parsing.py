@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from csm_tts.engine import ContextSegment, GenerationRequest, InvalidRequest
+from csm_tts.parsing import parse_bool
+from csm_tts.speech.engine import ContextSegment, GenerationRequest, InvalidRequest
 
 # name -> (type, default); defaults match the proxy's documented API defaults.
 GENERATION_PARAMETERS: dict[str, tuple[type, object]] = {
@@ -44,11 +45,7 @@ def coerce(name: str, value: object, kind: type) -> object:
     """Accept the value as its type, or as a string spelling it; reject everything else with a clear message."""
     try:
         if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-                return value.strip().lower() in ("true", "1")
-            raise ValueError
+            return parse_bool(value, name)
         if kind is int:
             if isinstance(value, bool):
                 raise ValueError
@@ -103,8 +100,8 @@ def parse_context(inputs: Mapping[str, np.ndarray | None]) -> tuple[ContextSegme
         )
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     return tuple(
-        ContextSegment(speaker=int(s), text=t, audio=audio[bounds[i]:bounds[i + 1]])
-        for i, (t, s) in enumerate(zip(texts, speakers))
+        ContextSegment(speaker=int(s), text=t, audio=audio[bounds[i] : bounds[i + 1]])
+        for i, (t, s) in enumerate(zip(texts, speakers, strict=True))
     )
 
 
@@ -113,6 +110,4 @@ def parse_request(text: bytes | str, parameters: Mapping, context_inputs: Mappin
     for name, (kind, default) in GENERATION_PARAMETERS.items():
         value = parameters.get(name)
         options[name] = default if value is None else coerce(name, value, kind)
-    return GenerationRequest(
-        text=decode_text(text), context=parse_context(context_inputs or {}), **options
-    )
+    return GenerationRequest(text=decode_text(text), context=parse_context(context_inputs or {}), **options)

@@ -14,10 +14,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from csm_tts.parsing import parse_bool
+
 PUBLIC_KEY: tuple[int, ...] = (212, 211, 146, 56, 201)
 KEY_LENGTH = 5
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
+KEY_FORMAT = f"exactly {KEY_LENGTH} integers from 0 to 255 (a list, or comma-separated)"
 _BYTE = re.compile(r"[0-9]{1,3}")
 
 
@@ -27,7 +28,7 @@ class InvalidWatermarkOption(ValueError):
 
 def parse_key(value: object, name: str = "watermark_key") -> tuple[int, ...]:
     """A key from "a,b,c,d,e" or a list/tuple of ints: exactly 5 integers 0-255. The error never echoes the value."""
-    expected = f"{name} must be exactly {KEY_LENGTH} comma-separated integers from 0 to 255"
+    expected = f"{name} must be {KEY_FORMAT}"
     if isinstance(value, str):
         parts = [p.strip() for p in value.split(",")]
         if not all(_BYTE.fullmatch(p) for p in parts):
@@ -49,16 +50,12 @@ def key_id(key: tuple[int, ...]) -> str:
     return "k-" + hashlib.sha256(bytes(key)).hexdigest()[:8]
 
 
-def parse_bool(name: str, value: object) -> bool:
-    """true/false as a JSON bool, 0/1, or a string (true/false, 1/0, yes/no, on/off; any case)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-    raise InvalidWatermarkOption(f"{name} must be true or false, got {shown}")
+def parse_flag(value: object, name: str) -> bool:
+    """`csm_tts.parsing.parse_bool`, failing with InvalidWatermarkOption."""
+    try:
+        return parse_bool(value, name)
+    except ValueError as e:
+        raise InvalidWatermarkOption(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -70,12 +67,12 @@ class WatermarkSettings:
     key_is_public: bool
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "WatermarkSettings":
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> WatermarkSettings:
         """Raises ValueError with a clear message (never the key itself) on an invalid setting."""
         raw_enabled = env.get("CSM_WATERMARK_ENABLED", "").strip()
         raw_key = env.get("CSM_WATERMARK_KEY", "").strip()
         try:
-            enabled = parse_bool("CSM_WATERMARK_ENABLED", raw_enabled) if raw_enabled else True
+            enabled = parse_flag(raw_enabled, "CSM_WATERMARK_ENABLED") if raw_enabled else True
             key = parse_key(raw_key, name="CSM_WATERMARK_KEY") if raw_key else PUBLIC_KEY
         except InvalidWatermarkOption as e:
             raise ValueError(f"invalid server watermark setting: {e}") from None
@@ -99,7 +96,7 @@ def resolve(parameters: Mapping[str, object], settings: WatermarkSettings) -> Wa
     """
     enabled = settings.enabled
     if parameters.get("watermark") is not None:
-        enabled = parse_bool("watermark", parameters["watermark"])
+        enabled = parse_flag(parameters["watermark"], "watermark")
     key = settings.key
     raw_key = parameters.get("watermark_key")
     if raw_key is not None and raw_key != "":

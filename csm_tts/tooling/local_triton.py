@@ -1,7 +1,7 @@
 """Start and stop the real `tritonserver` installed by scripts/install_triton.py, on loopback ports.
 
 Used by `make serve`, the test suite and the benchmarks. Two facts make the binary from the PyPI wheel work here
-(shared/FINDINGS.md): the bundled libraries need LD_LIBRARY_PATH (the binary's relative RPATH no longer resolves once
+(docs/development.md): the bundled libraries need LD_LIBRARY_PATH (the binary's relative RPATH no longer resolves once
 copied), and the Python backend stub ignores PYTHONPATH, so the venv's `bin/` goes first on PATH, which is how the
 stub finds the venv's site-packages (torch, transformers, this package).
 """
@@ -20,7 +20,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from csm_tts.tooling.model_repository import render
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 DEFAULT_TRITON_DIR = ROOT / ".triton"
 
 
@@ -84,18 +86,17 @@ class TritonServer:
         env.update(self.env)
         return env
 
-    def start(self, timeout: float = 120.0) -> "TritonServer":
+    def start(self, timeout: float = 120.0) -> TritonServer:
         binary = self.triton_dir / "bin" / "tritonserver"
         if not binary.exists():
             raise TritonStartError(f"{binary} is missing: run `python scripts/install_triton.py` (or `make setup`)")
         if self.log_path is None:
             self.log_path = ROOT / "build" / f"triton-{self.http_port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
-        )
-        log.close()
+        with open(self.log_path, "wb") as log:  # the server keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -130,8 +131,25 @@ class TritonServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_local_triton(
+    repo_dir: Path, csm_dir: Path, watermark_dir: Path, env: dict[str, str] | None = None, timeout: float = 240
+) -> TritonServer:
+    """Render the CPU model repository into `repo_dir` for these checkpoints and start Triton on free loopback
+    ports (log: `repo_dir/../triton.log`). The tests and the benchmarks start their servers this way."""
+    render(repo_dir, "cpu", {"csm_model_dir": str(csm_dir), "watermark_model_dir": str(watermark_dir)})
+    server = TritonServer(
+        repo_dir,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_path=Path(repo_dir).parent / "triton.log",
+        env=dict(env or {}),
+    )
+    return server.start(timeout=timeout)

@@ -35,7 +35,11 @@ def make_inputs(text: str, context=None) -> list[InferInput]:
             "context_audio_lengths": np.array([len(a) for _, _, a in context], dtype=np.int64),
         }
         for name, array in arrays.items():
-            dtype = "BYTES" if array.dtype == np.object_ else {"int32": "INT32", "int64": "INT64", "float32": "FP32"}[str(array.dtype)]
+            dtype = (
+                "BYTES"
+                if array.dtype == np.object_
+                else {"int32": "INT32", "int64": "INT64", "float32": "FP32"}[str(array.dtype)]
+            )
             tensor = InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -43,8 +47,14 @@ def make_inputs(text: str, context=None) -> list[InferInput]:
 
 
 async def stream(
-    url: str, model: str, text: str, parameters: dict | None = None, context=None, inputs=None,
-    stop_after_chunks: int | None = None, outputs: tuple[str, ...] | None = None,
+    url: str,
+    model: str,
+    text: str,
+    parameters: dict | None = None,
+    context=None,
+    inputs=None,
+    stop_after_chunks: int | None = None,
+    outputs: tuple[str, ...] | None = None,
 ) -> StreamResult:
     """Send one request and read responses until is_last, an error, or `stop_after_chunks` (then hang up)."""
     client = grpcclient.InferenceServerClient(url)
@@ -54,8 +64,11 @@ async def stream(
     start = loop.time()
 
     async def requests():
-        yield {"model_name": model, "inputs": inputs if inputs is not None else make_inputs(text, context),
-               "parameters": parameters or {}}
+        yield {
+            "model_name": model,
+            "inputs": inputs if inputs is not None else make_inputs(text, context),
+            "parameters": parameters or {},
+        }
         await done.wait()  # the stream must stay open until the last response has arrived
 
     try:

@@ -2,7 +2,7 @@
 
 Each `config.pbtxt` in the source repository may hold `${name}` placeholders; a profile fills them. Rendering fails
 on any placeholder left unfilled, so a CPU and a GPU repository can only differ where a profile says they do
-(tests/test_model_repository.py checks exactly that). Everything else (model.py files, the ensemble's empty `1/`)
+(tests/test_deploy.py checks exactly that). Everything else (model.py files, the ensemble's empty `1/`)
 is copied as it is.
 """
 
@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 SOURCE = ROOT / "model_repository"
 PLACEHOLDER = re.compile(r"\$\{([a-z_][a-z0-9_]*)\}")
 

@@ -16,7 +16,7 @@ def playback_stalls(arrivals_s: list[float], durations_s: list[float]) -> tuple[
     the previous chunk exceeded the audio still buffered); playback then resumes when it arrives."""
     stalls, silence = 0, 0.0
     runs_out = None
-    for arrival, duration in zip(arrivals_s, durations_s):
+    for arrival, duration in zip(arrivals_s, durations_s, strict=True):
         if runs_out is None:
             runs_out = arrival + duration
             continue

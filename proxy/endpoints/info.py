@@ -1,0 +1,103 @@
+"""GET / (what this service is) and GET /health (proxy, every Triton replica, each model, the watermark)."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from csm_tts import SAMPLE_RATE
+from proxy import NAME, __version__
+from proxy.web import SETTINGS, STARTED, TRITON, WEBSOCKETS
+
+ENDPOINTS = {
+    "GET /": "This description: name, version, endpoints",
+    "GET /health": "Proxy, Triton (live/ready per replica), each model, watermark state; 200 when all is ready, "
+    "else 503",
+    "POST /generate": "JSON {text, speaker_id, max_audio_length_ms, temperature, topk, watermark, watermark_key} -> "
+    "JSON {audio_base64 (WAV), sample_rate, duration_ms, processing_time_ms, watermarked}",
+    "POST /generate/wav": "Same body -> audio/wav attachment (speech.wav)",
+    "WS /stream": "One JSON message per text chunk; default: one reply per chunk; low-latency mode with "
+    '?mode=stream or a first {"config": {"mode": "stream"}} message',
+    "POST /stream/chunks": "JSON list of strings (query: speaker_id, watermark, ...) -> application/x-ndjson, "
+    "one line {text, audio_base64, sample_rate} per text as soon as it is ready",
+}
+
+
+async def index(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return web.json_response(
+        {
+            "name": NAME,
+            "version": __version__,
+            "model": settings.triton_model,
+            "sample_rate": SAMPLE_RATE,
+            "endpoints": ENDPOINTS,
+            "docs": "docs/api.md",
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    app = request.app
+    settings, pool = app[SETTINGS], app[TRITON]
+    now = time.monotonic()
+    await pool.check_all(max_age_s=0.5)  # fresh, but a flood of probes costs at most one check per 0.5 s
+    replicas, models = [], {}
+    for replica in pool.replicas:
+        h = replica.health
+        replicas.append(
+            {
+                "url": replica.url,
+                "live": h.live,
+                "ready": h.ready,
+                "serving": replica.healthy(settings.triton_model),
+                "active_streams": replica.active_streams,
+                "streams_started": replica.streams_started,
+                "error": h.error,
+                "models": {name: m["state"] for name, m in sorted(h.models.items())},
+            }
+        )
+        for name, m in h.models.items():
+            entry = models.setdefault(name, {"ready": False, "ready_replicas": 0, "state": m["state"]})
+            if m["state"] == "READY":
+                entry.update(ready=True, state="READY")
+                entry["ready_replicas"] += 1
+            elif not entry["ready"] and m.get("reason"):
+                entry["reason"] = m["reason"][:300]
+    serving = [r for r in pool.replicas if r.healthy(settings.triton_model)]
+    # The serving model is required; so is the watermarker when watermarking is on by default.
+    for name in (settings.triton_model, *((settings.watermark_model,) if settings.watermark_default else ())):
+        models.setdefault(name, {"ready": False, "ready_replicas": 0, "state": "NOT_FOUND"})
+    all_ready = bool(serving) and all(m["ready"] for m in models.values())
+    body = {
+        "status": "ok" if all_ready else "unavailable",
+        "proxy": {
+            "status": "ok",
+            "name": NAME,
+            "version": __version__,
+            "uptime_s": round(now - app[STARTED], 1),
+            "active_streams": pool.active_streams,
+            "websockets": len(app[WEBSOCKETS]),
+        },
+        "triton": {
+            "live": any(r.health.live for r in pool.replicas),
+            "ready": any(r.health.ready for r in pool.replicas),
+            "model": settings.triton_model,
+            "serving_replicas": len(serving),
+            "replicas": replicas,
+        },
+        "models": dict(sorted(models.items())),
+        "watermark": {
+            "enabled": settings.watermark_default,
+            "key_source": settings.watermark_key_source,
+            "weights_present": models.get(settings.watermark_model, {}).get("ready", False),
+        },
+    }
+    if not all_ready:
+        body["error"] = (
+            pool.unavailable_reason()
+            if not serving
+            else "Not every model is ready: " + ", ".join(name for name, m in models.items() if not m["ready"])
+        )
+    return web.json_response(body, status=200 if all_ready else 503)
