@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from csm_tts.speech.engine import CsmEngine
 from csm_tts.tooling.local_triton import TritonServer, start_local_triton
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +37,6 @@ def tiny_watermark_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def engine(tiny_csm_dir):
-    from csm_tts.speech.engine import CsmEngine
-
     return CsmEngine.from_dir(tiny_csm_dir)
 
 

@@ -21,6 +21,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from csm_tts.tooling import stream_stats
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 GPU_SCRIPT = SCRIPTS / "bench_gpu.py"
@@ -175,8 +177,6 @@ def test_playback_stalls():
 
 def test_bench_scripts_share_the_stall_rule():
     """Both benchmarks count stalls with the one function in csm_tts/tooling/stream_stats.py."""
-    from csm_tts.tooling import stream_stats
-
     assert bench_stream.playback_stalls is stream_stats.playback_stalls
     assert "from csm_tts.tooling.stream_stats import percentile, playback_stalls" in GPU_SCRIPT.read_text()
 

@@ -10,6 +10,7 @@ import pytest
 from tritonclient.grpc import InferInput
 
 from csm_tts import SAMPLES_PER_FRAME
+from csm_tts.speech.engine import GenerationRequest
 from csm_tts.tooling.triton_streams import make_inputs, stream
 
 pytestmark = pytest.mark.live
@@ -42,8 +43,6 @@ async def test_same_seed_same_audio(grpc_url):
 
 
 async def test_matches_the_in_process_engine(grpc_url, engine):
-    from csm_tts.speech.engine import GenerationRequest
-
     served = await stream(grpc_url, MODEL, TEXT, {"seed": 5, "max_audio_length_ms": 800, "speaker_id": 1})
     local = np.concatenate(
         [c.audio for c in engine.generate(GenerationRequest(TEXT, speaker_id=1, seed=5, max_audio_length_ms=800))]

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 from conftest import TINY_CSM, TINY_WATERMARK, WATERMARK_IDLE_TIMEOUT_S, start_triton
+from tritonclient.grpc import InferInput
 
 from csm_tts.tooling.local_triton import TritonStartError
 from csm_tts.tooling.triton_streams import stream
@@ -131,7 +132,6 @@ async def test_invalid_watermark_options_get_invalid_arg(grpc_url, options, ment
 
 async def test_watermarker_validates_options_itself(grpc_url):
     """Called directly (not behind csm_1b's checks), the watermarker rejects bad options too."""
-    from tritonclient.grpc import InferInput
 
     def tensor(name, array, dtype):
         t = InferInput(name, list(array.shape), dtype)

@@ -6,6 +6,7 @@ real weights and is marked `real_weights`.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import itertools
 import os
@@ -15,14 +16,18 @@ import threading
 import types
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+import yaml
 
 from csm_tts import SAMPLE_RATE
 from csm_tts.watermark.detection import decode, key_from_symbols, message_symbols, sdr_db
 from csm_tts.watermark.reference import encode_clip, encode_stream
 from csm_tts.watermark.streaming import StreamingWatermarker
+from csm_tts.watermark.streams import StreamError, StreamGone, TooManyStreams, WatermarkStreams
 from csm_tts.watermark.weights import (
     AVERAGE_ENERGY_VCTK,
     WatermarkWeightsMissing,
@@ -46,8 +51,6 @@ def load_script(name: str):
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """One intra-op thread: on a busy 2-core machine two threads mostly spin (measured 5-10x slower)."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -170,12 +173,8 @@ def test_full_lookahead_matches_the_whole_clip_reference(model, utterance):
 def test_reference_with_clip_statistics_is_silentcipher_encode_wav(model, weights_dir, monkeypatch):
     """At 44.1 kHz with whole-clip statistics, our frames, networks, message framing and overlap-add reproduce the
     library's own encoder (which the streaming encoder only changes where a statistic must become causal)."""
-    import argparse
-
-    import yaml
-
     monkeypatch.setitem(sys.modules, "pydub", types.SimpleNamespace(AudioSegment=None))  # server.py imports it
-    from silentcipher.server import Model
+    from silentcipher.server import Model  # only after the pydub stand-in above
 
     config = argparse.Namespace(**yaml.safe_load((weights_dir / "hparams.yaml").read_text()))
     config.load_ckpt = str(weights_dir)
@@ -187,8 +186,6 @@ def test_reference_with_clip_statistics_is_silentcipher_encode_wav(model, weight
     assert sdr_db(expected - x, ours - x) > 60  # the watermark itself, not just the signal, matches
 
     # The detector too: our per-frame symbols are the library's dec_m argmax.
-    import torch
-
     y = x * np.sqrt(AVERAGE_ENERGY_VCTK / np.mean(x.astype(np.float64) ** 2))
     with torch.no_grad():
         carrier, _ = library.stft.transform(torch.from_numpy(y.astype(np.float32))[None])
@@ -257,8 +254,6 @@ def test_key_from_symbols():
 
 
 def test_checkpoint_is_deterministic_and_in_silentcipher_layout(weights_dir, tmp_path):
-    import torch
-
     names = {p.name for p in weights_dir.iterdir()}
     assert names == {"hparams.yaml", "enc_c.ckpt", "dec_c.ckpt", "dec_m_0.ckpt", ".complete"}
     state = torch.load(weights_dir / "enc_c.ckpt", weights_only=True)
@@ -282,8 +277,6 @@ def test_missing_weights_give_a_clear_error(tmp_path, weights_dir):
 
 
 def test_hub_is_never_contacted(weights_dir, tmp_path, monkeypatch):
-    import huggingface_hub
-
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append((a, k)))
     load_watermark_model(weights_dir)
@@ -365,8 +358,6 @@ def chunked(x: np.ndarray, sizes: list[int]) -> list[tuple[np.ndarray, int]]:
 
 
 def test_streams_apply_chunks_in_order_and_forget_finished_streams(model):
-    from csm_tts.watermark.streams import WatermarkStreams
-
     x = speech_like(0.6, seed=9)
     parts = chunked(x, [3840, 7680, x.size - 11520])
     streams = WatermarkStreams(model)
@@ -392,8 +383,6 @@ def test_streams_apply_chunks_in_order_and_forget_finished_streams(model):
 
 
 def test_streams_without_watermark_pass_audio_unchanged(model):
-    from csm_tts.watermark.streams import WatermarkStreams
-
     x = speech_like(0.3, seed=10)
     streams = WatermarkStreams(model)
     first = streams.process("off", None, "none", x[:2000], 0, 0, False)
@@ -403,8 +392,6 @@ def test_streams_without_watermark_pass_audio_unchanged(model):
 
 
 def test_streams_reject_chunks_that_do_not_fit(model):
-    from csm_tts.watermark.streams import StreamError, StreamGone, TooManyStreams, WatermarkStreams
-
     x = np.zeros(1920, np.float32)
     streams = WatermarkStreams(model, max_streams=2)
     streams.process("a", None, "none", x, 0, 0, False)
@@ -426,8 +413,6 @@ def test_streams_reject_chunks_that_do_not_fit(model):
 
 
 def test_idle_streams_are_evicted(model):
-    from csm_tts.watermark.streams import StreamGone, WatermarkStreams
-
     clock = FakeClock()
     streams = WatermarkStreams(model, idle_timeout_s=30, clock=clock)
     x = np.zeros(1920, np.float32)
