@@ -87,6 +87,9 @@ class InferenceRequest:
     def request_id(self):
         return self._request_id
 
+    def is_cancelled(self):
+        return False
+
     def get_response_sender(self):
         return self.sender
 

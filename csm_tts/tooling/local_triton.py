@@ -30,9 +30,9 @@ class TritonStartError(RuntimeError):
     """The server exited or did not become ready; the message carries the end of its log."""
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -46,15 +46,21 @@ class TritonServer:
     triton_dir: Path = DEFAULT_TRITON_DIR
     env: dict[str, str] = field(default_factory=dict)
     verbose: bool = False
+    host: str = "127.0.0.1"  # any loopback address (127.x.y.z): several servers may share ports on different ones
+    exit_timeout_s: int = 10
     process: subprocess.Popen | None = None
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def command(self) -> list[str]:
         cmd = [
@@ -62,14 +68,14 @@ class TritonServer:
             f"--model-repository={self.model_repository}",
             f"--backend-directory={self.triton_dir / 'backends'}",
             f"--cache-directory={self.triton_dir / 'caches'}",
-            "--http-address=127.0.0.1",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
-            "--grpc-address=127.0.0.1",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
-            "--metrics-address=127.0.0.1",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
-            "--exit-timeout-secs=10",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             "--log-info=true",
         ]
         if self.verbose:

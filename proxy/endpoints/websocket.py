@@ -37,12 +37,13 @@ from proxy.api import (
     parse_stream_config,
 )
 from proxy.audio import pcm_bytes, run_sized, wav_base64
+from proxy.auth import WS_PROTOCOL
 from proxy.context import ContextBudget, Conversation
 from proxy.cors import origin_allowed
 from proxy.settings import Settings
 from proxy.synthesis import Generation
 from proxy.triton_client import TritonPool, UpstreamError
-from proxy.web import SETTINGS, TRITON, WEBSOCKETS
+from proxy.web import METRICS, SETTINGS, TRITON, WEBSOCKETS
 
 log = logging.getLogger("proxy.websocket")
 
@@ -66,10 +67,13 @@ async def stream_ws(request: web.Request) -> web.StreamResponse:
         max_msg_size=settings.max_body_bytes,
         writer_limit=settings.ws_write_buffer_bytes,
         compress=False,
+        # Browsers send the API key as a second subprotocol ("bearer.<key>", proxy/auth.py): select only ours.
+        protocols=(WS_PROTOCOL,),
     )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "WS /stream needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
     if len(app[WEBSOCKETS]) >= settings.max_websockets:
+        app[METRICS].rejections.labels("full").inc()
         raise ApiError(
             503,
             f"Too many WebSocket connections (limit {settings.max_websockets}); retry later",
