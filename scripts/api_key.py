@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.NamedTemporaryFile("w", dir=args.file.parent or ".", delete=False, suffix=".tmp") as tmp:
         json.dump(data, tmp, indent=2)
         tmp.write("\n")
-    os.chmod(tmp.name, 0o600)
+    os.chmod(tmp.name, 0o644)  # hashes only; the proxy runs as another user (UID 10001) and must read it
     os.replace(tmp.name, args.file)
     print(key)
     print(

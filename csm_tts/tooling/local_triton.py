@@ -8,6 +8,7 @@ stub finds the venv's site-packages (torch, transformers, this package).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -128,14 +129,38 @@ class TritonServer:
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop our own server by its PID (SIGINT lets Triton unload models and call finalize)."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._reap_stubs()
+
+    def _reap_stubs(self) -> None:
+        """Python backend stubs that outlived their server (it exits after --exit-timeout-secs even when a model's
+        finalize still waits for streams) are killed, and their shared-memory regions removed. They are in the
+        server's process group (started with a new session), so nothing else is touched."""
+        group, stubs, regions = self.process.pid, [], []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and os.getpgid(int(proc.name)) == group:
+                    stubs.append(int(proc.name))
+                    regions += [
+                        a.decode()
+                        for a in (proc / "cmdline").read_bytes().split(b"\0")
+                        if a.startswith(b"triton_python_backend_shm_region_")
+                    ]
+            except (OSError, ProcessLookupError):
+                continue
+        for pid in stubs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for name in regions:
+            Path("/dev/shm", name).unlink(missing_ok=True)
 
     def __enter__(self) -> TritonServer:
         return self.start()
