@@ -174,6 +174,9 @@ async def test_request_id_reaches_the_response_and_both_models_log_lines(triton_
         # The WebSocket upgrade answers with it too.
         async with websockets.connect(proxy.ws, additional_headers={"X-Request-ID": "ws-" + request_id}) as ws:
             assert ws.response.headers["X-Request-ID"] == "ws-" + request_id
+            await ws.send(json.dumps({"config": {"mode": "stream"}}))  # stream-mode replies carry it as well
+            reply = json.loads(await ws.recv())
+            assert reply["type"] == "config" and reply["request_id"] == "ws-" + request_id
         log = triton_server.log_text()
         assert f"[csm_1b] request {request_id}: stream " in log
         assert f"[watermarker] request {request_id}: stream " in log

@@ -43,7 +43,7 @@ from proxy.cors import origin_allowed
 from proxy.settings import Settings
 from proxy.synthesis import Generation
 from proxy.triton_client import TritonPool, UpstreamError
-from proxy.web import METRICS, SETTINGS, TRITON, WEBSOCKETS
+from proxy.web import METRICS, REQUEST_ID, SETTINGS, TRITON, WEBSOCKETS
 
 log = logging.getLogger("proxy.websocket")
 
@@ -365,10 +365,12 @@ class StreamSession:
                 )
 
     async def send_reply(self, body: dict, kind: str | None = None) -> None:
-        """A JSON message; in stream mode it also carries `type` (error, end, config, ...) and `seq`."""
+        """A JSON message; in stream mode it also carries `type` (error, end, config, ...), `seq` and the session's
+        `request_id` (message mode keeps the documented shape exactly: the id is in the upgrade's X-Request-ID)."""
         async with self.send_lock:
             if self.config.mode == "stream":
-                body = {"type": kind or ("error" if "error" in body else "message"), "seq": self._next_seq(), **body}
+                kind = kind or ("error" if "error" in body else "message")
+                body = {"type": kind, "seq": self._next_seq(), "request_id": self.request.get(REQUEST_ID, ""), **body}
             await self._send(json.dumps(body))
 
     def _next_seq(self) -> int:
