@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.api import ApiError, GenerateOptions
-from proxy.auth import ApiKey, ApiKeys, LimitReached, presented_key
+from proxy.auth import WS_BEARER_PREFIX, WS_PROTOCOL, ApiKey, ApiKeys, LimitReached, presented_key
 from proxy.metrics import MetricsHooks, ProxyMetrics
 from proxy.scope import RequestScope, current_scope
 from proxy.web import API_KEYS, DRAIN, METRICS, REQUEST_ID
@@ -89,9 +89,14 @@ async def guard_middleware(request: web.Request, handler):
     if drain is not None and drain.active:
         metrics.rejections.labels("draining").inc()
         raise draining_error()
+    websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+    if websocket:
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if any(p.startswith(WS_BEARER_PREFIX) for p in protocols) and WS_PROTOCOL not in protocols:
+            # Without "csm-tts" the server could select no protocol and a browser would fail the handshake.
+            raise ApiError(400, f'Offer the subprotocols ["{WS_PROTOCOL}", "{WS_BEARER_PREFIX}<key>"] together')
     keys: ApiKeys | None = app.get(API_KEYS)
     if keys is not None:
-        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
         token = presented_key(request.headers, websocket)
         key = keys.authenticate(token)
         if key is None:

@@ -21,6 +21,7 @@ from proxy.auth import ApiKeys, KeyFileError
 from proxy.cors import add_cors_headers, cors_middleware
 from proxy.discovery import ServiceDiscovery
 from proxy.drain import Drain
+from proxy.logs import redact_keys_in_library_logs
 from proxy.metrics import ProxyMetrics, add_request_id_header, observe_middleware
 from proxy.routes import setup_routes
 from proxy.settings import Settings, SettingsError
@@ -116,6 +117,7 @@ def create_app(settings: Settings | None = None, resolver=None) -> web.Applicati
         watermark_default=settings.watermark_default,
     )
     app[STREAM_HOOKS] = Admission(metrics, policy, drain)
+    redact_keys_in_library_logs()
     app.cleanup_ctx.append(triton_ctx)
     app.on_shutdown.append(close_websockets)
     app.on_response_prepare.append(add_cors_headers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 
 from proxy.scope import current_scope
@@ -24,6 +25,26 @@ class RequestIdFilter(logging.Filter):
             scope = current_scope()
             record.request_id = scope.request_id if scope is not None else "-"
         return True
+
+
+_KEYS = re.compile(r"\bsk-[A-Za-z0-9_-]{8,}")
+
+
+class RedactKeys(logging.Filter):
+    """Replaces anything shaped like an API key in a record. aiohttp logs a client's WebSocket subprotocols when none
+    matches ours, and a browser sends its key as one (`bearer.sk-...`); the proxy itself never logs a key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _KEYS.search(message):
+            record.msg, record.args = _KEYS.sub("sk-<redacted>", message), None
+        return True
+
+
+def redact_keys_in_library_logs() -> None:
+    logger = logging.getLogger("aiohttp.websocket")
+    if not any(isinstance(f, RedactKeys) for f in logger.filters):
+        logger.addFilter(RedactKeys())
 
 
 class JsonFormatter(logging.Formatter):

@@ -139,7 +139,7 @@ async def test_triton_stream_metric_rises_under_load_and_falls_back(triton_serve
         async with aiohttp.ClientSession() as session:
 
             async def generate(i: int) -> int:
-                body = {"text": f"Load {i}.", "max_audio_length_ms": 4000}
+                body = {"text": f"Load {i}.", "max_audio_length_ms": 2500}
                 async with session.post(proxy.http + "/generate", json=body) as response:
                     return response.status
 
@@ -224,7 +224,7 @@ async def test_api_keys_limits_and_watermark_policy(triton_server, tmp_path, cap
             assert info.value.response.status_code == 401
             async with websockets.connect(proxy.ws + "?mode=stream", subprotocols=["csm-tts", f"bearer.{key}"]) as ws:
                 assert ws.subprotocol == "csm-tts"
-                await ws.send(json.dumps({"text": "Holding the only stream.", "max_audio_length_ms": 6000}))
+                await ws.send(json.dumps({"text": "Holding the only stream.", "max_audio_length_ms": 3000}))
                 assert json.loads(await ws.recv())["type"] == "audio"
                 # The key's one stream is taken: 429 with Retry-After, at once.
                 async with session.post(url, json={"text": "A second stream.", **FAST}, headers=auth) as r:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import fake_pb_utils as pb
 import numpy as np
 import pytest
@@ -212,6 +213,29 @@ async def test_open_paths_need_no_key_and_everything_else_does(keyed_client):
     metrics = await (await client.get("/metrics")).text()
     assert key not in metrics and "sk-wrong" not in metrics
     assert 'csm_proxy_rejections_total{reason="unauthorized"} 5.0' in metrics
+
+
+async def test_websocket_key_as_subprotocol(keyed_client, caplog):
+    client, key = keyed_client
+    ws = await client.ws_connect("/stream", protocols=("csm-tts", f"bearer.{key}"))
+    assert ws.protocol == "csm-tts"  # selected: never the key
+    await ws.close()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/stream", protocols=(f"bearer.{key}",))  # the key alone: told what to offer
+    assert info.value.status == 400
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/stream", protocols=("csm-tts", "bearer.sk-not-a-key"))
+    assert info.value.status == 401
+    assert key not in caplog.text
+
+
+def test_library_log_lines_never_show_a_key(caplog):
+    from proxy.logs import redact_keys_in_library_logs
+
+    redact_keys_in_library_logs()
+    key = generate_key()
+    logging.getLogger("aiohttp.websocket").warning("Client protocols %r don't overlap", [f"bearer.{key}"])
+    assert key not in caplog.text and "sk-<redacted>" in caplog.text
 
 
 async def test_request_id_is_echoed_or_made(keyed_client):
