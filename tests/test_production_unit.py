@@ -351,7 +351,7 @@ def test_csm_metrics_follow_the_scheduler(engine):
         scheduler.close()
     assert all(s.done for s in sinks)
     assert max(a for a, _ in seen) == 2  # max_active
-    time.sleep(0.05)
+    metrics.flush()
     assert (metrics.active.value(), metrics.queued.value()) == (0, 0)
     steps = pb.MetricFamily.families["csm_tts_frame_step_seconds"].metrics[0].observations
     assert steps and all(s > 0 for s in steps)
@@ -401,6 +401,7 @@ def test_watermarker_state_errors_are_internal_and_logged_with_the_request_id(ti
         [ok] = model.execute([chunk_request("b" * 32, 0, 0, audio, True, request_id="rid-done")])
         assert not ok.has_error()
         assert any("request rid-done: stream " + "b" * 32 + " finished" in line for line in pb.Logger.lines)
+        model.metrics.flush()
         latency = pb.MetricFamily.families["csm_tts_watermark_chunk_seconds"].metrics[0]
         assert len(latency.observations) == 2 and latency.labels["instance"] == "watermarker_0"
     finally:

@@ -13,6 +13,8 @@ as everywhere in this package, so this module is unit-tested with tests/fake_pb_
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
 
 # Seconds. First chunk: 2 frames plus a prefill (tens of ms on a GPU, up to seconds on a loaded CPU).
@@ -22,6 +24,36 @@ FRAME_STEP_BUCKETS = [0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25
 WATERMARK_CHUNK_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 
 
+class Reporter:
+    """Makes metric calls on its own thread. Each `pb_utils` metric call is a round trip to the Triton server
+    (~0.1-0.2 ms here, scripts/bench_model_metrics.py): the scheduler's frame loop and the watermarker's execute()
+    only queue their numbers (about 2 us) and never wait for metrics."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, method, value) -> None:
+        self._calls.put((method, value))
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            method, value = call
+            with contextlib.suppress(Exception):  # a metric must never take the model down
+                method(value)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every call queued so far has been made."""
+        done = threading.Event()
+        self._calls.put((lambda _: done.set(), None))
+        done.wait(timeout)
+
+    def stop(self) -> None:
+        self._calls.put(None)
+        self._thread.join(timeout=5)
+
+
 def instance_labels(args: dict, model: str) -> dict[str, str]:
     """`model` and `instance` labels from the arguments Triton passes to `initialize`."""
     return {"model": model, "instance": str(args.get("model_instance_name") or model)}
@@ -29,7 +61,7 @@ def instance_labels(args: dict, model: str) -> dict[str, str]:
 
 class CsmMetrics:
     """csm_1b: the scheduler reports each round (`StreamScheduler(observer=...)`), the response sink the first
-    chunk of each stream. Gauges are only written when they change (each write is an IPC call to Triton)."""
+    chunk of each stream; a `Reporter` thread makes the calls. Gauges are only written when they change."""
 
     def __init__(self, pb_utils, labels: dict[str, str]):
         self._families = [
@@ -61,6 +93,7 @@ class CsmMetrics:
         self.step = step.Metric(labels=labels, buckets=FRAME_STEP_BUCKETS)
         self._shown = (None, None)
         self._lock = threading.Lock()
+        self.reporter = Reporter("csm-metrics")
         self.occupancy(0, 0)
 
     # -- the scheduler's observer ------------------------------------------------------------------------------------
@@ -69,19 +102,24 @@ class CsmMetrics:
             if (active, queued) == self._shown:
                 return
             self._shown = (active, queued)
-            self.active.set(active)
-            self.queued.set(queued)
+        self.reporter.call(self.active.set, active)
+        self.reporter.call(self.queued.set, queued)
 
     def frame_step(self, seconds: float, streams: int) -> None:
-        self.step.observe(seconds)
-        self.frames.increment(streams)
+        self.reporter.call(self.step.observe, seconds)
+        self.reporter.call(self.frames.increment, streams)
 
     # -- the response sink -------------------------------------------------------------------------------------------
     def first_chunk_sent(self, seconds: float) -> None:
-        self.first_chunk.observe(seconds)
+        self.reporter.call(self.first_chunk.observe, seconds)
+
+    def flush(self) -> None:
+        self.reporter.flush()
 
     def close(self) -> None:
-        """Drop the Metric objects before their families (the backend requires that order)."""
+        """Make the queued calls, stop the reporter, then drop the Metric objects before their families (the backend
+        requires that order)."""
+        self.reporter.stop()
         for name in ("active", "queued", "frames", "first_chunk", "step"):
             setattr(self, name, None)
         self._families.clear()
@@ -106,13 +144,18 @@ class WatermarkMetrics:
         self.latency = latency.Metric(labels=labels, buckets=WATERMARK_CHUNK_BUCKETS)
         self.streams = streams.Metric(labels=labels)
         self._shown = None
+        self.reporter = Reporter("watermark-metrics")
 
     def chunk(self, seconds: float, streams_held: int) -> None:
-        self.latency.observe(seconds)
+        self.reporter.call(self.latency.observe, seconds)
         if streams_held != self._shown:
             self._shown = streams_held
-            self.streams.set(streams_held)
+            self.reporter.call(self.streams.set, streams_held)
+
+    def flush(self) -> None:
+        self.reporter.flush()
 
     def close(self) -> None:
+        self.reporter.stop()
         self.latency = self.streams = None
         self._families.clear()
