@@ -348,3 +348,20 @@ async def test_sigterm_drains_streams_in_flight_then_closes(triton_server, tmp_p
     messages = [line["message"] for line in lines]
     assert any(m.startswith("draining") for m in messages) and "drained: no stream in flight" in messages
     assert "Traceback" not in log_path.read_text()
+
+
+# -- what the models' metrics cost ------------------------------------------------------------------------------------
+def test_bench_model_metrics_prints_its_numbers():
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_model_metrics.py"), "--calls", "50"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[1:4]}
+    assert set(rows) == {"frame_step", "occupancy_change", "watermark_chunk"}
+    for caller, made in rows.values():
+        assert 0 < caller <= made  # queueing is never slower than making the call
+    assert "csm_1b frame loop pays" in lines[-1]
