@@ -294,7 +294,8 @@ class TritonPool:
             await self.check_all(max_age_s=0.25)
             candidates = self.healthy()
         if not candidates:
-            self.count_error("NO_REPLICA")
+            if not exclude:  # a failed failover was counted under the error that caused it
+                self.count_error("NO_REPLICA")
             raise UpstreamUnavailable(self.unavailable_reason())
         self._turn += 1
         least = min(r.active_streams for r in candidates)
