@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
-from aiohttp import web
-
 from proxy import NAME, __version__
 from proxy.app import create_app
+from proxy.drain import serve
+from proxy.logs import configure_logging
 from proxy.settings import Settings, SettingsError
+from proxy.web import API_KEYS
 
 
 def main() -> int:
@@ -18,19 +20,21 @@ def main() -> int:
     except SettingsError as e:
         print(f"{NAME}: invalid configuration: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("proxy").info(
-        "%s %s: Triton %s (model %s)", NAME, __version__, ", ".join(settings.triton_grpc_urls), settings.triton_model
-    )
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        handler_cancellation=True,
-        shutdown_timeout=10.0,
-        access_log=logging.getLogger("aiohttp.access"),
-        print=lambda *_: logging.getLogger("proxy").info("listening on http://%s:%d", settings.host, settings.port),
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("proxy")
+    try:
+        app = create_app(settings)
+    except SettingsError as e:
+        print(f"{NAME}: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    replicas = [
+        *settings.triton_grpc_urls,
+        *([f"service {settings.triton_grpc_service}"] if settings.triton_grpc_service else []),
+    ]
+    log.info("%s %s: Triton %s (model %s)", NAME, __version__, ", ".join(replicas), settings.triton_model)
+    keys = app[API_KEYS]
+    log.info("API keys: %s", f"{len(keys)} configured" if keys is not None else "off (PROXY_API_KEYS_FILE is not set)")
+    asyncio.run(serve(app, settings.host, settings.port, settings.drain_s, logging.getLogger("aiohttp.access")))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The aiohttp application: middleware (errors as JSON, CORS), the Triton client's lifetime, open WebSockets.
+"""The aiohttp application: middleware (request ids and metrics, CORS, errors as JSON, keys and drain), the Triton
+client's lifetime (and replica discovery), open WebSockets.
 
 `create_app(settings)` builds it (routes: proxy/routes.py, handlers: proxy/endpoints/); `start_server` /
 `python -m proxy` run it with handler cancellation on, so a client that disconnects from POST /generate or
@@ -14,12 +15,18 @@ import weakref
 
 from aiohttp import WSCloseCode, web
 
+from proxy.admission import Admission, WatermarkPolicy, guard_middleware
 from proxy.api import ApiError
+from proxy.auth import ApiKeys, KeyFileError
 from proxy.cors import add_cors_headers, cors_middleware
+from proxy.discovery import ServiceDiscovery
+from proxy.drain import Drain
+from proxy.logs import redact_keys_in_library_logs
+from proxy.metrics import ProxyMetrics, add_request_id_header, observe_middleware
 from proxy.routes import setup_routes
-from proxy.settings import Settings
+from proxy.settings import Settings, SettingsError
 from proxy.triton_client import TritonPool, UpstreamError
-from proxy.web import SETTINGS, STARTED, TRITON, WEBSOCKETS
+from proxy.web import API_KEYS, DRAIN, METRICS, RESOLVER, SETTINGS, STARTED, STREAM_HOOKS, TRITON, WEBSOCKETS
 
 log = logging.getLogger("proxy")
 
@@ -60,11 +67,22 @@ async def error_middleware(request: web.Request, handler):
 
 
 async def triton_ctx(app: web.Application):
-    """The one long-lived Triton client pool (one gRPC channel per replica) for the app's whole life."""
-    pool = TritonPool.from_settings(app[SETTINGS])
+    """The one long-lived Triton client pool (one gRPC channel per replica) for the app's whole life; with
+    TRITON_GRPC_SERVICE, the discovery that keeps its replicas in step with the name's addresses."""
+    settings, metrics = app[SETTINGS], app[METRICS]
+    pool = TritonPool.from_settings(settings)
+    pool.on_upstream_error = lambda code: metrics.upstream_errors.labels(code).inc()
+    pool.on_full = lambda: metrics.rejections.labels("full").inc()
     app[TRITON] = pool
+    discovery = None
+    if settings.triton_grpc_service:
+        discovery = ServiceDiscovery(pool, settings.triton_grpc_service, settings.discovery_interval_s, app[RESOLVER])
+        await discovery.refresh()
+        discovery.start()
     await pool.start()
     yield
+    if discovery is not None:
+        await discovery.close()
     await pool.close()
 
 
@@ -75,15 +93,35 @@ async def close_websockets(app: web.Application) -> None:
     )
 
 
-def create_app(settings: Settings | None = None) -> web.Application:
+def create_app(settings: Settings | None = None, resolver=None) -> web.Application:
+    """`resolver(host, port) -> [address, ...]` replaces the system resolver for TRITON_GRPC_SERVICE (tests)."""
     settings = settings if settings is not None else Settings.from_env()
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[cors_middleware, error_middleware])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        # Outermost first: every response gets an id and is counted, errors become JSON, then keys and the drain.
+        middlewares=[observe_middleware, cors_middleware, error_middleware, guard_middleware],
+    )
     app[SETTINGS] = settings
     app[WEBSOCKETS] = weakref.WeakSet()
     app[STARTED] = time.monotonic()
+    app[METRICS] = metrics = ProxyMetrics()
+    app[DRAIN] = drain = Drain()
+    app[RESOLVER] = resolver
+    try:
+        app[API_KEYS] = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
+    except KeyFileError as e:
+        raise SettingsError(f"PROXY_API_KEYS_FILE: {e}") from None
+    policy = WatermarkPolicy(
+        allow_disable=settings.watermark_allow_disable,
+        allow_custom_key=settings.watermark_allow_custom_key,
+        watermark_default=settings.watermark_default,
+    )
+    app[STREAM_HOOKS] = Admission(metrics, policy, drain)
+    redact_keys_in_library_logs()
     app.cleanup_ctx.append(triton_ctx)
     app.on_shutdown.append(close_websockets)
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(add_request_id_header)
     setup_routes(app)
     return app
 

@@ -38,4 +38,5 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     origin = request.headers.get("Origin", "")
     if origin and not isinstance(response, web.WebSocketResponse) and origin_allowed(request.app[SETTINGS], origin):
         response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After"
         response.headers.add("Vary", "Origin")

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.drain import livez, readyz
 from proxy.endpoints.generate import generate, generate_wav, stream_chunks
 from proxy.endpoints.info import health, index
 from proxy.endpoints.websocket import stream_ws
+from proxy.metrics import metrics_endpoint
 
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate/wav", generate_wav)
     app.router.add_get("/stream", stream_ws)

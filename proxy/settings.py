@@ -51,6 +51,14 @@ class Settings:
     watermark_key_source: str = "public"  # "private" when CSM_WATERMARK_KEY holds a key other than the public one
     wav_offload_seconds: float = 5.0  # encode WAV/base64 of longer clips in a worker thread
     log_level: str = "INFO"
+    # Running it in production (docs/deployment.md): replica discovery, API keys, watermark policy, drain, logs.
+    triton_grpc_service: str | None = None  # host:port resolved to every replica's address (a headless Service)
+    discovery_interval_s: float = 5.0
+    api_keys_file: str | None = None  # JSON of key hashes and limits (proxy/auth.py); none: no keys needed
+    watermark_allow_disable: bool = True  # may clients send watermark=false when the default is on?
+    watermark_allow_custom_key: bool = True  # may clients send their own watermark_key?
+    drain_s: float = 30.0  # on SIGTERM, how long streams in flight may take to finish
+    log_format: str = "text"  # or "json": one JSON object per line
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,13 +79,23 @@ class Settings:
         if env.get("CSM_WATERMARK_ENABLED", "").strip():
             values["watermark_enabled"] = watermark.enabled
         values["watermark_key_source"] = "public" if watermark.key_is_public else "private"
+        # The proxy does not need the private key itself: CSM_WATERMARK_KEY_SOURCE=private says one is set.
+        source = env.get("CSM_WATERMARK_KEY_SOURCE", "").strip().lower()
+        if source:
+            if source not in ("public", "private"):
+                raise SettingsError(f"CSM_WATERMARK_KEY_SOURCE={source!r}: must be public or private")
+            values["watermark_key_source"] = source
+        if values.get("triton_grpc_service") and not env.get("TRITON_GRPC_URLS", "").strip():
+            values["triton_grpc_urls"] = ()  # only the discovered replicas
         settings = cls(**values)
         settings.check()
         return settings
 
     def check(self) -> None:
-        if not self.triton_grpc_urls:
-            raise SettingsError("TRITON_GRPC_URLS: at least one host:port is needed")
+        if not self.triton_grpc_urls and not self.triton_grpc_service:
+            raise SettingsError("TRITON_GRPC_URLS or TRITON_GRPC_SERVICE: at least one host:port is needed")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"PROXY_LOG_FORMAT={self.log_format!r}: must be text or json")
         if not 0 < self.port < 65536:
             raise SettingsError(f"PROXY_PORT={self.port}: not a TCP port")
         for f in fields(self):
@@ -133,6 +151,20 @@ def _grpc_urls(raw: str) -> tuple[str, ...]:
     return tuple(urls)
 
 
+def _service(raw: str) -> str:
+    (url,) = _grpc_urls(raw) if "," not in raw else (None,)
+    if url is None:
+        raise ValueError("one host:port (a name that resolves to every replica)")
+    return url
+
+
+def _log_format(raw: str) -> str:
+    value = raw.lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
+
+
 def _name(raw: str) -> str:
     if any(c.isspace() for c in raw):
         raise ValueError("must not contain spaces")
@@ -173,4 +205,11 @@ _VARIABLES = [
     ("PROXY_CONTEXT_MAX_SEGMENTS", "context_max_segments", _positive_int),
     ("PROXY_WAV_OFFLOAD_SECONDS", "wav_offload_seconds", _positive_float),
     ("PROXY_LOG_LEVEL", "log_level", _log_level),
+    ("TRITON_GRPC_SERVICE", "triton_grpc_service", _service),
+    ("TRITON_DISCOVERY_INTERVAL_S", "discovery_interval_s", _positive_float),
+    ("PROXY_API_KEYS_FILE", "api_keys_file", str),
+    ("CSM_WATERMARK_ALLOW_DISABLE", "watermark_allow_disable", _bool),
+    ("CSM_WATERMARK_ALLOW_CUSTOM_KEY", "watermark_allow_custom_key", _bool),
+    ("PROXY_DRAIN_S", "drain_s", _positive_float),
+    ("PROXY_LOG_FORMAT", "log_format", _log_format),
 ]

@@ -3,6 +3,9 @@
 The context comes from the conversation (newest segments that fit the model's window). If Triton still finds the
 prompt too long (INVALID_ARG "... context holds ..."), the oldest segment is dropped and the request retried, down to
 no context at all; only then is the error the client's.
+
+Every endpoint generates through here, so this is where the request's scope (proxy/scope.py) admits a stream
+(watermark policy, API key limits, drain) and hears its time to first audio and its end (metrics).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from csm_tts import SAMPLE_RATE
 from proxy.api import GenerateOptions
 from proxy.context import Conversation, Segment
+from proxy.scope import current_scope
 from proxy.triton_client import AudioChunk, TritonPool, TritonStream, UpstreamRejected
 
 CONTEXT_TOO_LONG = "context holds"
@@ -36,11 +41,28 @@ class Generation:
         self.started = time.perf_counter()
         self.watermarked = False
         self.key_id: str | None = None
+        self.samples = 0
+        self.scope = current_scope()
         self._stream: TritonStream | None = None
         self._first: AudioChunk | None = None
         self._ended = False
+        self._admitted = False
 
     async def __aenter__(self) -> Generation:
+        hooks = self.scope.hooks if self.scope is not None else None
+        if hooks is not None:
+            hooks.admit(self.scope, self.options)  # may refuse: 403 policy, 429 key limit, 503 draining
+            self._admitted = True
+        try:
+            await self._open()
+        except BaseException:
+            self._close(failed=True)
+            raise
+        if hooks is not None:
+            hooks.first_audio(self.scope, time.perf_counter() - self.started)
+        return self
+
+    async def _open(self) -> None:
         while True:
             stream = self.pool.stream(self.options.text, self.parameters, self.context)
             await stream.__aenter__()
@@ -57,12 +79,21 @@ class Generation:
                 raise
             self._stream = stream
             self._note(self._first)
-            return self
+            return
 
     async def __aexit__(self, *exc) -> None:
-        if self._stream is not None:
-            await self._stream.__aexit__(*exc)
-            self._stream = None
+        try:
+            if self._stream is not None:
+                await self._stream.__aexit__(*exc)
+                self._stream = None
+        finally:
+            self._close(failed=exc[0] is not None or not self._ended)
+
+    def _close(self, failed: bool) -> None:
+        if self._admitted:
+            self._admitted = False
+            seconds = time.perf_counter() - self.started
+            self.scope.hooks.closed(self.scope, seconds, self.samples / SAMPLE_RATE, failed)
 
     def __aiter__(self) -> Generation:
         return self
@@ -79,6 +110,7 @@ class Generation:
 
     def _note(self, chunk: AudioChunk) -> None:
         self._ended = chunk.is_last
+        self.samples += chunk.audio.size
         self.watermarked = self.watermarked or chunk.watermarked
         self.key_id = chunk.key_id or self.key_id
 

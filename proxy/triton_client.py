@@ -1,6 +1,7 @@
 """Streams to Triton over gRPC: one long-lived `tritonclient.grpc.aio` client per replica, health checks, failover.
 
-`TritonPool` owns one client per URL in TRITON_GRPC_URLS (created once, in the app's cleanup_ctx). A background task
+`TritonPool` owns one client per replica: the URLs in TRITON_GRPC_URLS and, with TRITON_GRPC_SERVICE, the addresses
+its name resolves to (proxy/discovery.py adds and retires them as they change). A background task
 checks every replica (server live/ready and the repository index: each model's state); a stream goes to the healthy
 replica with the fewest streams in flight. When no replica is healthy a request re-checks at once (bounded by
 `health_timeout_s`) and otherwise fails with `UpstreamUnavailable` (503) right away, never hanging; the gRPC channels
@@ -25,7 +26,9 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput
 from tritonclient.utils import InferenceServerException
 
+from csm_tts.triton.errors import split_code
 from proxy.context import Segment
+from proxy.scope import current_scope
 
 log = logging.getLogger("proxy.triton")
 
@@ -52,6 +55,12 @@ class UpstreamRejected(UpstreamError):
     status = 422
 
 
+class UpstreamTimeout(UpstreamError):
+    """Triton sent nothing for TRITON_STREAM_IDLE_TIMEOUT_S: a gateway timeout, not the client's fault."""
+
+    status = 504
+
+
 # Channel options: the client defaults (large messages: context audio can be several MB) plus a short reconnect
 # backoff, so a restarted Triton is found again within about a second instead of gRPC's default of up to 120 s.
 CHANNEL_ARGS = [
@@ -68,20 +77,17 @@ CHANNEL_ARGS = [
 
 
 def classify(message: str) -> UpstreamError:
-    """Map a Triton error message to what the client is told. The csm_1b / tts models start their messages with the
-    Triton code name ("INVALID_ARG: ..."), since gRPC streams carry only the message."""
-    text = message.strip()
-    for prefix in ("INVALID_ARG", "UNAVAILABLE"):
-        index = text.find(prefix + ":")
-        if index >= 0:
-            detail = text[index + len(prefix) + 1 :].strip()
-            if prefix == "INVALID_ARG":
-                return UpstreamRejected(detail)
-            return UpstreamUnavailable(f"Triton is busy or unavailable: {detail}")
-    lowered = text.lower()
-    if "unknown model" in lowered or "is not ready" in lowered or "not found" in lowered or "unavailable" in lowered:
-        return UpstreamUnavailable(f"Triton cannot serve the model now: {text}")
-    return UpstreamError(f"Triton failed the request: {text}")
+    """Map a Triton error message to what the client is told, by its code alone. The csm_1b / tts models start
+    their messages with the Triton code name ("INVALID_ARG: ..."; csm_tts/triton/errors.py), since gRPC streams carry
+    only the message. Words inside a message decide nothing: "not found" in an INTERNAL error is still a 502.
+    Triton's own errors (an unknown or unloaded model) have no code; `TritonStream` tells those apart by the
+    replica's state, not by their wording."""
+    code, detail = split_code(message)
+    if code == "INVALID_ARG":
+        return UpstreamRejected(detail)
+    if code in ("UNAVAILABLE", "CANCELLED"):  # full, shutting down, or cancelled on the server's side: retry
+        return UpstreamUnavailable(f"Triton is busy or unavailable: {detail}")
+    return UpstreamError(f"Triton failed the request: {detail}")
 
 
 @dataclass(frozen=True)
@@ -106,15 +112,17 @@ class ReplicaHealth:
 
 
 class Replica:
-    def __init__(self, url: str):
+    def __init__(self, url: str, discovered: bool = False):
         self.url = url
+        self.discovered = discovered  # from TRITON_GRPC_SERVICE rather than the fixed list
+        self.retired = False  # its address left the service: no new streams; closed once its streams end
         self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self.health = ReplicaHealth()
         self.active_streams = 0
         self.streams_started = 0
 
     def healthy(self, model: str) -> bool:
-        return self.health.ready and self.health.model_ready(model)
+        return not self.retired and self.health.ready and self.health.model_ready(model)
 
     def mark_down(self, reason: str) -> None:
         if self.health.ready:
@@ -160,8 +168,11 @@ class TritonPool:
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.max_streams = max_streams
         self.replicas = [Replica(url) for url in urls]
+        self.retired: list[Replica] = []  # gone from the service, still finishing streams
         self.active_streams = 0
         self.chunks_received = 0  # audio responses read from Triton, all streams together
+        self.on_upstream_error = None  # callable(code: str), set by the app's metrics
+        self.on_full = None  # callable(), when the proxy's own stream limit refuses a stream
         self._task: asyncio.Task | None = None
         self._drains: set[asyncio.Task] = set()
         self._check_lock = asyncio.Lock()
@@ -196,7 +207,35 @@ class TritonPool:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(t for t in [self._task, *self._drains] if t is not None), return_exceptions=True)
-        await asyncio.gather(*(r.client.close() for r in self.replicas), return_exceptions=True)
+        await asyncio.gather(*(r.client.close() for r in self.replicas + self.retired), return_exceptions=True)
+
+    # -- discovery -------------------------------------------------------------------------------------------------
+    async def set_discovered(self, urls: Sequence[str]) -> None:
+        """The replicas found behind TRITON_GRPC_SERVICE now: new ones are added (and checked at once), ones whose
+        address went away are retired -- no new streams, their running streams finish, then their client closes."""
+        wanted = list(dict.fromkeys(urls))
+        known = {r.url for r in self.replicas}
+        added = [Replica(url, discovered=True) for url in wanted if url not in known]
+        gone = [r for r in self.replicas if r.discovered and r.url not in wanted]
+        for replica in gone:
+            replica.retired = True
+            log.info("Triton %s left the service; %d streams still run there", replica.url, replica.active_streams)
+        self.replicas = [r for r in self.replicas if r not in gone] + added
+        self.retired.extend(gone)
+        for replica in added:
+            log.info("Triton %s joined the service", replica.url)
+        if added:
+            await asyncio.gather(*(self.check(r) for r in added))
+        await self._close_retired()
+
+    async def _close_retired(self) -> None:
+        idle = [r for r in self.retired if r.active_streams == 0]
+        self.retired = [r for r in self.retired if r.active_streams > 0]
+        await asyncio.gather(*(r.client.close() for r in idle), return_exceptions=True)
+
+    def count_error(self, code: str) -> None:
+        if self.on_upstream_error is not None:
+            self.on_upstream_error(code)
 
     # -- health ----------------------------------------------------------------------------------------------------
     async def _health_loop(self) -> None:
@@ -204,6 +243,7 @@ class TritonPool:
             await asyncio.sleep(self.health_interval_s)
             try:
                 await self.check_all()
+                await self._close_retired()
             except Exception:  # never let the loop die
                 log.exception("health check failed")
 
@@ -239,9 +279,10 @@ class TritonPool:
         waited for the lock) are reused, so a burst of requests while Triton is down costs one check, not one each."""
         async with self._check_lock:
             now = time.monotonic()
-            if max_age_s is not None and all(now - r.health.checked_at < max_age_s for r in self.replicas):
+            replicas = list(self.replicas)
+            if max_age_s is not None and all(now - r.health.checked_at < max_age_s for r in replicas):
                 return
-            await asyncio.gather(*(self.check(r) for r in self.replicas))
+            await asyncio.gather(*(self.check(r) for r in replicas))
 
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy(self.model)]
@@ -253,6 +294,8 @@ class TritonPool:
             await self.check_all(max_age_s=0.25)
             candidates = self.healthy()
         if not candidates:
+            if not exclude:  # a failed failover was counted under the error that caused it
+                self.count_error("NO_REPLICA")
             raise UpstreamUnavailable(self.unavailable_reason())
         self._turn += 1
         least = min(r.active_streams for r in candidates)
@@ -260,7 +303,7 @@ class TritonPool:
         return tied[self._turn % len(tied)]
 
     def unavailable_reason(self) -> str:
-        reasons = []
+        reasons = [] if self.replicas else ["no replica is known (TRITON_GRPC_SERVICE resolves to nothing yet)"]
         for r in self.replicas:
             if r.health.error:
                 reasons.append(f"{r.url}: {r.health.error}")
@@ -291,7 +334,15 @@ class TritonStream:
 
     def __init__(self, pool: TritonPool, text: str, parameters: dict, context: Sequence[Segment]):
         self.pool = pool
-        self.request = {"model_name": pool.model, "inputs": make_inputs(text, context), "parameters": parameters}
+        scope = current_scope()
+        self.request_id = scope.next_triton_request_id() if scope is not None else ""
+        # The Triton request id: csm_1b and the watermarker write it into their log lines for this stream.
+        self.request = {
+            "model_name": pool.model,
+            "inputs": make_inputs(text, context),
+            "parameters": parameters,
+            "request_id": self.request_id,
+        }
         self.replica: Replica | None = None
         self.chunks = 0
         self.finished = False
@@ -302,6 +353,8 @@ class TritonStream:
 
     async def __aenter__(self) -> TritonStream:
         if self.pool.active_streams >= self.pool.max_streams:
+            if self.pool.on_full is not None:
+                self.pool.on_full()
             raise UpstreamUnavailable(
                 f"The proxy has {self.pool.active_streams} streams open (limit {self.pool.max_streams}); retry later"
             )
@@ -363,9 +416,11 @@ class TritonStream:
                     result, error = await self._call.__anext__()
                 break
             except StopAsyncIteration:
+                self.pool.count_error("ENDED_EARLY")
                 raise UpstreamError("Triton ended the stream before its last chunk") from None
             except TimeoutError:
-                raise UpstreamUnavailable(
+                self.pool.count_error("IDLE_TIMEOUT")
+                raise UpstreamTimeout(
                     f"Triton sent nothing for {self.pool.stream_idle_timeout_s:.0f} s; the stream was cancelled"
                 ) from None
             except grpc.RpcError as e:
@@ -378,15 +433,22 @@ class TritonStream:
             raise failure
         if error is not None:
             self.finished = True  # the server already ended this request
+            code, _ = split_code(error.message())
+            self.pool.count_error(code or "UNCODED")
             failure = classify(error.message())
-            if self.chunks == 0 and isinstance(failure, UpstreamUnavailable):
-                if "busy" not in failure.message:  # the model is not loaded there (any more)
-                    self.replica.health.models.pop(self.pool.model, None)
-                if (replica := await self._failover()) is not None:  # full or not loaded: another replica may do
-                    log.warning("retrying the stream on %s after: %s", replica.url, failure.message)
-                    self.finished = False
-                    await self._open(replica)
-                    return await self.__anext__()
+            if self.chunks == 0 and code is None and not await self._model_still_ready():
+                # Triton's own error (no code of ours): the model is not (any more) loaded on that replica.
+                failure = UpstreamUnavailable(f"Triton cannot serve the model now: {_short(error.message())}")
+            # Full or not loaded there: another replica may take it.
+            if (
+                self.chunks == 0
+                and isinstance(failure, UpstreamUnavailable)
+                and (replica := await self._failover()) is not None
+            ):
+                log.warning("retrying the stream on %s after: %s", replica.url, failure.message)
+                self.finished = False
+                await self._open(replica)
+                return await self.__anext__()
             raise failure
         chunk = parse_result(result)
         self.chunks += 1
@@ -396,11 +458,17 @@ class TritonStream:
             self._done.set()
         return chunk
 
+    async def _model_still_ready(self) -> bool:
+        """Re-check the replica that just failed a request (bounded by health_timeout_s): is it still serving?"""
+        await self.pool.check(self.replica)
+        return self.replica.healthy(self.pool.model)
+
     def _transport_failure(self, e: grpc.RpcError) -> UpstreamError:
         self.finished = True  # the call is over
         code = e.code() if hasattr(e, "code") else None
         details = e.details() if hasattr(e, "details") else str(e)
         reason = f"{code.name if code else 'ERROR'}: {_short(details or '')}"
+        self.pool.count_error(f"GRPC_{code.name if code else 'ERROR'}")
         if code in (
             grpc.StatusCode.UNAVAILABLE,
             grpc.StatusCode.CANCELLED,

@@ -15,6 +15,13 @@ SETTINGS = web.AppKey("settings", Settings)
 TRITON = web.AppKey("triton", TritonPool)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
 STARTED = web.AppKey("started", float)
+# Production concerns (proxy/metrics.py, proxy/admission.py, proxy/drain.py, proxy/discovery.py).
+METRICS = web.AppKey("metrics", object)
+STREAM_HOOKS = web.AppKey("stream_hooks", object)
+API_KEYS = web.AppKey("api_keys", object)
+DRAIN = web.AppKey("drain", object)
+RESOLVER = web.AppKey("resolver", object)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 async def read_json(request: web.Request) -> object:

@@ -78,10 +78,17 @@ class ResponseSender:
 
 
 class InferenceRequest:
-    def __init__(self, inputs: dict[str, np.ndarray], parameters: dict | None = None):
+    def __init__(self, inputs: dict[str, np.ndarray], parameters: dict | None = None, request_id: str = ""):
         self.inputs = {name: Tensor(name, value) for name, value in inputs.items()}
         self._parameters = json.dumps(parameters or {})
+        self._request_id = request_id
         self.sender = ResponseSender()
+
+    def request_id(self):
+        return self._request_id
+
+    def is_cancelled(self):
+        return False
 
     def get_response_sender(self):
         return self.sender
@@ -96,6 +103,50 @@ def get_input_tensor_by_name(request, name):
 
 def using_decoupled_model_transaction_policy(model_config):
     return model_config.get("model_transaction_policy", {}).get("decoupled", False)
+
+
+class MetricFamily:
+    """The backend's custom metrics; every family and its metrics by name, for tests to read."""
+
+    COUNTER, GAUGE, HISTOGRAM = "COUNTER", "GAUGE", "HISTOGRAM"
+    families: dict[str, MetricFamily] = {}
+
+    def __init__(self, name, description, kind):
+        self.name, self.description, self.kind = name, description, kind
+        self.metrics: list[Metric] = []
+        MetricFamily.families[name] = self
+
+    def Metric(self, labels=None, buckets=None):  # noqa: N802 (the backend's spelling)
+        if (buckets is not None) != (self.kind == MetricFamily.HISTOGRAM):
+            raise ValueError("buckets are required for histograms and only for them")
+        metric = Metric(self, dict(labels or {}), buckets)
+        self.metrics.append(metric)
+        return metric
+
+
+class Metric:
+    def __init__(self, family, labels, buckets):
+        self.family, self.labels, self.buckets = family, labels, buckets
+        self._value = 0.0
+        self.observations: list[float] = []
+
+    def increment(self, value):
+        if self.family.kind == MetricFamily.COUNTER and value < 0:
+            raise ValueError("a counter only goes up")
+        self._value += value
+
+    def set(self, value):
+        if self.family.kind != MetricFamily.GAUGE:
+            raise ValueError("only gauges can be set")
+        self._value = value
+
+    def observe(self, value):
+        if self.family.kind != MetricFamily.HISTOGRAM:
+            raise ValueError("only histograms observe")
+        self.observations.append(value)
+
+    def value(self):
+        return self._value
 
 
 class Logger:

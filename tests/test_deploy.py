@@ -308,7 +308,7 @@ def test_proxy_image():
     assert re.fullmatch(r"PYTHON_IMAGE=python:3\.\d+(\.\d+)?-slim(-\w+)?", base), "a slim, pinned Python base"
     assert json.loads(next(args for keyword, args in steps if keyword == "CMD")) == ["python", "-m", "proxy"]
     health = next(args for keyword, args in steps if keyword == "HEALTHCHECK")
-    assert healthcheck_url(health) == "/health"
+    assert healthcheck_url(health) == "/readyz"  # not /health: a Triton outage is no reason to restart the proxy
     env = " ".join(args for keyword, args in steps if keyword == "ENV")
     assert "PROXY_HOST=0.0.0.0" in env and "PROXY_PORT=8000" in env
     assert ("EXPOSE", "8000") in steps
@@ -423,11 +423,16 @@ def test_compose_proxy_service(compose):
     [port] = proxy["ports"]
     assert port["target"] == 8000 and str(port["published"]) == "8000"
     assert proxy["depends_on"]["triton"]["condition"] == "service_healthy"
-    assert healthcheck_url(proxy["healthcheck"]["test"]) == "/health"
+    assert healthcheck_url(proxy["healthcheck"]["test"]) == "/readyz"
     env = proxy["environment"]
     assert env["TRITON_GRPC_URLS"] == "triton:8001" and env["TRITON_MODEL"] == "tts"
     assert env["PROXY_HOST"] == "0.0.0.0" and env["PROXY_PORT"] == "8000"
     assert "HF_TOKEN" not in env and not proxy.get("volumes")
+    # API keys are on: the keys file is a compose secret the proxy reads.
+    [secret] = proxy["secrets"]
+    assert env["PROXY_API_KEYS_FILE"] == f"/run/secrets/{secret['source']}" and secret["source"] in compose["secrets"]
+    # Watermark policy: clients may not turn it off or choose the key unless the operator says so.
+    assert env["CSM_WATERMARK_ALLOW_DISABLE"] == "false" and env["CSM_WATERMARK_ALLOW_CUSTOM_KEY"] == "false"
 
 
 def test_compose_weights_download_service(compose):
@@ -452,6 +457,10 @@ def test_compose_takes_secrets_and_settings_from_the_env_file(tmp_path):
     config = compose_config(tmp_path, env_file)
     services = config["services"]
     assert services["triton"]["environment"]["CSM_WATERMARK_KEY"] == "1,2,3,4,5"
+    # The proxy only learns that a private key is set, never the key.
+    assert "CSM_WATERMARK_KEY" not in services["proxy"]["environment"]
+    assert services["proxy"]["environment"]["CSM_WATERMARK_KEY_SOURCE"] == "private"
+    assert "1,2,3,4,5" not in json.dumps(services["proxy"])
     assert services["triton"]["environment"]["CSM_WATERMARK_ENABLED"] == "false"
     assert services["triton"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
     assert str(services["proxy"]["ports"][0]["published"]) == "9000"
@@ -547,16 +556,18 @@ def test_triton_workload_on_gpus_with_health_probes():
     resource("PersistentVolumeClaim", "csm-tts-weights")
 
 
-def test_proxy_reaches_every_triton_replica_by_name():
+def test_proxy_discovers_every_triton_replica_by_name():
+    """The headless Service resolves to one address per pod; the proxy re-resolves it (TRITON_GRPC_SERVICE), so
+    scaling needs no configuration edit."""
     triton = resource("StatefulSet", "csm-tts-triton")
     service = resource("Service", triton["spec"]["serviceName"])
-    assert service["spec"]["clusterIP"] == "None", "per-replica DNS names need a headless Service"
+    assert service["spec"]["clusterIP"] == "None", "one address per pod needs a headless Service"
     assert service["spec"]["selector"].items() <= triton["spec"]["template"]["metadata"]["labels"].items()
     assert {"name": "grpc", "port": 8001, "targetPort": "grpc"} in service["spec"]["ports"]
-    urls = resource("ConfigMap", "csm-tts-config")["data"]["TRITON_GRPC_URLS"].split(",")
-    expected = [f"{triton['metadata']['name']}-{i}.{service['metadata']['name']}:8001" for i in range(len(urls))]
-    assert urls == expected
-    assert triton["spec"]["replicas"] <= len(urls)
+    config = resource("ConfigMap", "csm-tts-config")["data"]
+    namespace = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["namespace"]
+    assert config["TRITON_GRPC_SERVICE"] == f"{service['metadata']['name']}.{namespace}.svc.cluster.local:8001"
+    assert "TRITON_GRPC_URLS" not in config
     proxy = resource("Deployment", "csm-tts-proxy")
     assert {"configMapRef": {"name": "csm-tts-config"}} in container(proxy, "proxy")["envFrom"]
 
@@ -564,7 +575,9 @@ def test_proxy_reaches_every_triton_replica_by_name():
 def test_proxy_deployment_service_and_autoscaler():
     proxy = resource("Deployment", "csm-tts-proxy")
     main = container(proxy, "proxy")
-    assert main["readinessProbe"]["httpGet"]["path"] == "/health"
+    # Readiness only flips for a drain; a Triton outage must not take every proxy out of the Service.
+    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert main["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert main["resources"]["requests"]["cpu"], "the autoscaler needs CPU requests"
     assert "nvidia.com/gpu" not in json.dumps(main["resources"])
     hpa = resource("HorizontalPodAutoscaler", "csm-tts-proxy")
@@ -573,6 +586,146 @@ def test_proxy_deployment_service_and_autoscaler():
     service = resource("Service", "csm-tts-proxy")
     assert service["spec"]["selector"].items() <= proxy["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_autoscaled_workloads_have_no_fixed_replica_count():
+    """A `replicas:` in the manifest would reset the autoscaler's choice on every `kubectl apply`."""
+    targets = {
+        (h["spec"]["scaleTargetRef"]["kind"], h["spec"]["scaleTargetRef"]["name"])
+        for _, h in manifests()
+        if h["kind"] == "HorizontalPodAutoscaler"
+    }
+    assert targets == {("Deployment", "csm-tts-proxy"), ("StatefulSet", "csm-tts-triton")}
+    for kind, name in targets:
+        assert "replicas" not in resource(kind, name)["spec"], f"{kind} {name} fights its autoscaler"
+
+
+def test_triton_scales_on_a_metric_the_model_exports():
+    """Not nv_inference_pending_request_count (always 0 for csm_1b); the streams csm_1b reports itself."""
+    from csm_tts.triton import metrics
+
+    hpa = resource("HorizontalPodAutoscaler", "csm-tts-triton")
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "csm_tts_streams_in_flight"
+    text = (DEPLOY / "autoscaling.yaml").read_text() + (ROOT / "docs" / "deployment.md").read_text()
+    assert "csm_tts_streams{" in text and 'name="csm_tts_streams"' in Path(metrics.__file__).read_text()
+
+
+LONGEST_CLIP_S = 90  # proxy/api.py's bound on max_audio_length_ms (checked below)
+SLOWEST_RTF = 1.1  # a stream may take this much longer than its audio lasts
+
+
+def tritonserver_exit_timeout() -> int:
+    cmd = json.loads(next(args for keyword, args in instructions("Dockerfile.triton") if keyword == "CMD"))
+    [flag] = [word for word in cmd if word.startswith("--exit-timeout-secs=")]
+    return int(flag.split("=", 1)[1])
+
+
+def seconds(value: str) -> float:
+    """A compose duration as `docker-compose config` prints it ("2m0s", "40s")."""
+    match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", str(value))
+    assert match and any(match.groups()), f"{value!r}: not a duration"
+    return 60.0 * int(match.group(1) or 0) + int(match.group(2) or 0)
+
+
+def test_shutdown_timings_agree_with_the_longest_clip(compose):
+    from proxy.api import CHECKS
+
+    CHECKS["max_audio_length_ms"](LONGEST_CLIP_S * 1000)
+    with pytest.raises(ValueError):
+        CHECKS["max_audio_length_ms"](LONGEST_CLIP_S * 1000 + 1)
+    longest_stream_s = LONGEST_CLIP_S * SLOWEST_RTF
+    drain_s = float(resource("ConfigMap", "csm-tts-config")["data"]["PROXY_DRAIN_S"])
+    assert drain_s >= longest_stream_s, "the proxy's drain must outlast the longest stream"
+    proxy = resource("Deployment", "csm-tts-proxy")
+    pre_stop = container(proxy, "proxy")["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert pod_spec(proxy)["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + drain_s + 10
+    exit_timeout = tritonserver_exit_timeout()
+    assert exit_timeout >= longest_stream_s, "Triton must let the longest stream finish on SIGTERM"
+    assert pod_spec(resource("StatefulSet", "csm-tts-triton"))["terminationGracePeriodSeconds"] >= exit_timeout + 10
+    services = compose["services"]
+    compose_drain = float(services["proxy"]["environment"]["PROXY_DRAIN_S"])
+    assert compose_drain >= longest_stream_s
+    assert seconds(services["proxy"]["stop_grace_period"]) >= compose_drain + 10
+    assert seconds(services["triton"]["stop_grace_period"]) >= exit_timeout + 10
+
+
+def test_disruption_budgets_let_unhealthy_pods_go():
+    budgets = [doc for _, doc in manifests() if doc["kind"] == "PodDisruptionBudget"]
+    assert {b["metadata"]["name"] for b in budgets} == {"csm-tts-proxy", "csm-tts-triton"}
+    for budget in budgets:
+        assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", budget["metadata"]["name"]
+
+
+def test_only_the_proxy_reaches_tritons_grpc_port():
+    policy = resource("NetworkPolicy", "csm-tts-triton")
+    triton = resource("StatefulSet", "csm-tts-triton")
+    proxy = resource("Deployment", "csm-tts-proxy")
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"].items() <= triton["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    grpc_rules = [r for r in policy["spec"]["ingress"] if any(p["port"] == 8001 for p in r["ports"])]
+    [rule] = grpc_rules
+    [peer] = rule["from"]
+    assert set(peer) == {"podSelector"}, "only pods of this namespace, selected by label"
+    assert peer["podSelector"]["matchLabels"].items() <= proxy["spec"]["template"]["metadata"]["labels"].items()
+    for other in policy["spec"]["ingress"]:
+        assert all(p["port"] != 8001 for p in other["ports"]) or other is rule
+
+
+def test_watermark_key_only_where_it_is_used(compose):
+    """Triton applies the key; the internet-facing proxy never holds it."""
+    holders = []
+    for _, doc in manifests():
+        if doc["kind"] in ("StatefulSet", "Deployment", "Job"):
+            for c in pod_spec(doc).get("initContainers", []) + pod_spec(doc)["containers"]:
+                if any(e["name"] == "CSM_WATERMARK_KEY" for e in c.get("env", [])):
+                    holders.append((doc["metadata"]["name"], c["name"]))
+    assert holders == [("csm-tts-triton", "triton")]
+    assert "CSM_WATERMARK_KEY" not in resource("ConfigMap", "csm-tts-config")["data"]
+    assert [name for name, s in compose["services"].items() if "CSM_WATERMARK_KEY" in s.get("environment", {})] == [
+        "triton"
+    ]
+
+
+def test_api_keys_are_required_in_kubernetes():
+    proxy = resource("Deployment", "csm-tts-proxy")
+    keys_file = resource("ConfigMap", "csm-tts-config")["data"]["PROXY_API_KEYS_FILE"]
+    mounts = {m["name"]: m["mountPath"] for m in container(proxy, "proxy")["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(proxy)["volumes"]}
+    [name] = [n for n, path in mounts.items() if keys_file.startswith(path + "/")]
+    secret = volumes[name]["secret"]
+    assert secret["secretName"] == "csm-tts-api-keys" and not secret.get("optional")
+
+
+def test_grafana_dashboard_plots_metrics_that_exist():
+    """Every metric a panel queries is one the proxy or the models export (names from the code, not a list)."""
+    import fake_pb_utils
+
+    from csm_tts.triton.metrics import CsmMetrics, WatermarkMetrics
+    from proxy.metrics import ProxyMetrics
+
+    exported = set()
+    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
+    for family in ProxyMetrics().registry.collect():
+        exported |= {family.name + suffix for suffix in suffixes[family.type]}
+    fake_pb_utils.MetricFamily.families.clear()
+    CsmMetrics(fake_pb_utils, {"model": "csm_1b", "instance": "i"})
+    WatermarkMetrics(fake_pb_utils, {"model": "watermarker", "instance": "i"})
+    for name, family in fake_pb_utils.MetricFamily.families.items():
+        exported.add(name)
+        if family.kind == fake_pb_utils.MetricFamily.HISTOGRAM:
+            exported |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    dashboard = json.loads((DEPLOY / "grafana" / "csm-tts-dashboard.json").read_text())
+    queried = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            queried |= set(re.findall(r"\b(csm_(?:proxy|tts)_\w+)", target["expr"]))
+    assert queried and queried <= exported, sorted(queried - exported)
+    assert any("csm_tts_streams" in q for q in queried) and any("time_to_first_audio" in q for q in queried)
 
 
 def test_hub_token_reaches_only_the_download_job():

@@ -249,8 +249,12 @@ def test_text_cost_is_generous_for_multibyte_text():
         ("INVALID_ARG: speaker_id must be an integer from 0 to 31, got 40", UpstreamRejected, 422),
         ("in ensemble 'tts', INVALID_ARG: topk must be ...", UpstreamRejected, 422),
         ("UNAVAILABLE: server is full (8 active streams, 32 queued); retry later", UpstreamUnavailable, 503),
-        ("Request for unknown model: 'tts' is not found", UpstreamUnavailable, 503),
         ("INTERNAL: request failed: boom", UpstreamError, 502),
+        ("CANCELLED: the model is shutting down", UpstreamUnavailable, 503),
+        # The code decides, never words in the message (TritonStream re-checks the replica for uncoded errors).
+        ("INTERNAL: checkpoint shard not found", UpstreamError, 502),
+        ("INVALID_ARG: speaker 40 is unavailable", UpstreamRejected, 422),
+        ("Request for unknown model: 'tts' is not found", UpstreamError, 502),
     ],
 )
 def test_classify(message, kind, status):
@@ -280,6 +284,9 @@ async def test_index(down_client):
     assert set(body["endpoints"]) == {
         "GET /",
         "GET /health",
+        "GET /livez",
+        "GET /readyz",
+        "GET /metrics",
         "POST /generate",
         "POST /generate/wav",
         "WS /stream",

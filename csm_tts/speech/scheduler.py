@@ -4,6 +4,8 @@ Triton's `execute()` only validates and hands a request over (`submit`), so it r
 can be in flight on one instance; the scheduler thread admits queued streams (prefill), advances every active
 stream by one frame per round, and sends a chunk whenever a stream's chunk schedule says so. A full queue is refused
 (`ServerFull`, retry-able) instead of growing latency without bound. Cancelled streams are dropped between frames.
+An optional `observer` (csm_tts/triton/metrics.py in production) hears how many streams are active and queued and how
+long each batched step took.
 """
 
 from __future__ import annotations
@@ -46,9 +48,23 @@ class _Job:
     stream: Stream | None = None
 
 
+class SchedulerObserver(Protocol):
+    def occupancy(self, active: int, queued: int) -> None: ...
+
+    def frame_step(self, seconds: float, streams: int) -> None: ...
+
+
 class StreamScheduler:
-    def __init__(self, engine: CsmEngine, max_active: int = 8, max_queued: int = 32, logger=log.info):
+    def __init__(
+        self,
+        engine: CsmEngine,
+        max_active: int = 8,
+        max_queued: int = 32,
+        logger=log.info,
+        observer: SchedulerObserver | None = None,
+    ):
         self.engine = engine
+        self.observer = observer
         self.max_active = max_active
         self.max_queued = max_queued
         self.log = logger
@@ -96,6 +112,7 @@ class StreamScheduler:
                 self._admit(job)
             if self._active:
                 self._round()
+            self._observe(lambda o: o.occupancy(len(self._active), len(self._queue)))
 
     def _admit(self, job: _Job) -> None:
         if job.sink.is_cancelled():
@@ -130,7 +147,10 @@ class StreamScheduler:
             else:
                 stepping.append(job)
         try:
+            started = time.perf_counter()
             self.engine.step_many([job.stream for job in stepping])
+            elapsed = time.perf_counter() - started
+            self._observe(lambda o: o.frame_step(elapsed, len(stepping)))
         except Exception as e:  # a failed batch fails its streams, not the server
             for job in stepping:
                 self._fail(job, f"stream {job.stream.stream_id} failed: {e}")
@@ -150,6 +170,15 @@ class StreamScheduler:
         if done:
             with self._wake:
                 self._active = [j for j in self._active if j not in done]
+
+    def _observe(self, report) -> None:
+        """Metrics must never stop the scheduler."""
+        if self.observer is None:
+            return
+        try:
+            report(self.observer)
+        except Exception as e:
+            self.log(f"metrics observer failed: {e}")
 
     def _fail(self, job: _Job, message: str) -> None:
         self.log(f"{message}\n{traceback.format_exc()}")

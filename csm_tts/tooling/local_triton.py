@@ -8,6 +8,7 @@ stub finds the venv's site-packages (torch, transformers, this package).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -30,9 +31,9 @@ class TritonStartError(RuntimeError):
     """The server exited or did not become ready; the message carries the end of its log."""
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -46,15 +47,21 @@ class TritonServer:
     triton_dir: Path = DEFAULT_TRITON_DIR
     env: dict[str, str] = field(default_factory=dict)
     verbose: bool = False
+    host: str = "127.0.0.1"  # any loopback address (127.x.y.z): several servers may share ports on different ones
+    exit_timeout_s: int = 10
     process: subprocess.Popen | None = None
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def command(self) -> list[str]:
         cmd = [
@@ -62,14 +69,14 @@ class TritonServer:
             f"--model-repository={self.model_repository}",
             f"--backend-directory={self.triton_dir / 'backends'}",
             f"--cache-directory={self.triton_dir / 'caches'}",
-            "--http-address=127.0.0.1",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
-            "--grpc-address=127.0.0.1",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
-            "--metrics-address=127.0.0.1",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
-            "--exit-timeout-secs=10",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             "--log-info=true",
         ]
         if self.verbose:
@@ -122,14 +129,38 @@ class TritonServer:
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop our own server by its PID (SIGINT lets Triton unload models and call finalize)."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._reap_stubs()
+
+    def _reap_stubs(self) -> None:
+        """Python backend stubs that outlived their server (it exits after --exit-timeout-secs even when a model's
+        finalize still waits for streams) are killed, and their shared-memory regions removed. They are in the
+        server's process group (started with a new session), so nothing else is touched."""
+        group, stubs, regions = self.process.pid, [], []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and os.getpgid(int(proc.name)) == group:
+                    stubs.append(int(proc.name))
+                    regions += [
+                        a.decode()
+                        for a in (proc / "cmdline").read_bytes().split(b"\0")
+                        if a.startswith(b"triton_python_backend_shm_region_")
+                    ]
+            except (OSError, ProcessLookupError):
+                continue
+        for pid in stubs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for name in regions:
+            Path("/dev/shm", name).unlink(missing_ok=True)
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -55,6 +55,7 @@ async def stream(
     inputs=None,
     stop_after_chunks: int | None = None,
     outputs: tuple[str, ...] | None = None,
+    request_id: str = "",
 ) -> StreamResult:
     """Send one request and read responses until is_last, an error, or `stop_after_chunks` (then hang up)."""
     client = grpcclient.InferenceServerClient(url)
@@ -68,6 +69,7 @@ async def stream(
             "model_name": model,
             "inputs": inputs if inputs is not None else make_inputs(text, context),
             "parameters": parameters or {},
+            "request_id": request_id,
         }
         await done.wait()  # the stream must stay open until the last response has arrived
 

@@ -14,6 +14,9 @@ ENDPOINTS = {
     "GET /": "This description: name, version, endpoints",
     "GET /health": "Proxy, Triton (live/ready per replica), each model, watermark state; 200 when all is ready, "
     "else 503",
+    "GET /livez": "Liveness: 200 while the proxy answers",
+    "GET /readyz": "Readiness: 200, or 503 once a drain (SIGTERM) started; independent of Triton",
+    "GET /metrics": "Prometheus metrics of the proxy (requests, time to first audio, streams, errors, rejections)",
     "POST /generate": "JSON {text, speaker_id, max_audio_length_ms, temperature, topk, watermark, watermark_key} -> "
     "JSON {audio_base64 (WAV), sample_rate, duration_ms, processing_time_ms, watermarked}",
     "POST /generate/wav": "Same body -> audio/wav attachment (speech.wav)",

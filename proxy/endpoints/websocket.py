@@ -37,12 +37,13 @@ from proxy.api import (
     parse_stream_config,
 )
 from proxy.audio import pcm_bytes, run_sized, wav_base64
+from proxy.auth import WS_PROTOCOL
 from proxy.context import ContextBudget, Conversation
 from proxy.cors import origin_allowed
 from proxy.settings import Settings
 from proxy.synthesis import Generation
 from proxy.triton_client import TritonPool, UpstreamError
-from proxy.web import SETTINGS, TRITON, WEBSOCKETS
+from proxy.web import METRICS, REQUEST_ID, SETTINGS, TRITON, WEBSOCKETS
 
 log = logging.getLogger("proxy.websocket")
 
@@ -66,10 +67,13 @@ async def stream_ws(request: web.Request) -> web.StreamResponse:
         max_msg_size=settings.max_body_bytes,
         writer_limit=settings.ws_write_buffer_bytes,
         compress=False,
+        # Browsers send the API key as a second subprotocol ("bearer.<key>", proxy/auth.py): select only ours.
+        protocols=(WS_PROTOCOL,),
     )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "WS /stream needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
     if len(app[WEBSOCKETS]) >= settings.max_websockets:
+        app[METRICS].rejections.labels("full").inc()
         raise ApiError(
             503,
             f"Too many WebSocket connections (limit {settings.max_websockets}); retry later",
@@ -361,10 +365,12 @@ class StreamSession:
                 )
 
     async def send_reply(self, body: dict, kind: str | None = None) -> None:
-        """A JSON message; in stream mode it also carries `type` (error, end, config, ...) and `seq`."""
+        """A JSON message; in stream mode it also carries `type` (error, end, config, ...), `seq` and the session's
+        `request_id` (message mode keeps the documented shape exactly: the id is in the upgrade's X-Request-ID)."""
         async with self.send_lock:
             if self.config.mode == "stream":
-                body = {"type": kind or ("error" if "error" in body else "message"), "seq": self._next_seq(), **body}
+                kind = kind or ("error" if "error" in body else "message")
+                body = {"type": kind, "seq": self._next_seq(), "request_id": self.request.get(REQUEST_ID, ""), **body}
             await self._send(json.dumps(body))
 
     def _next_seq(self) -> int:

@@ -1,6 +1,7 @@
 """Triton adapter for the CSM-1B streaming engine (decoupled). Logic: csm_tts.speech (engine, scheduler)."""
 
 import json
+import time
 import uuid
 
 import numpy as np
@@ -13,6 +14,8 @@ from csm_tts.speech.scheduler import ServerFull, StreamScheduler
 from csm_tts.triton.cancellation import take_cancel
 from csm_tts.triton.config import config_parameter
 from csm_tts.triton.errors import error_response
+from csm_tts.triton.metrics import CsmMetrics, instance_labels
+from csm_tts.triton.request_id import loggable_request_id
 from csm_tts.watermark.options import InvalidWatermarkOption, WatermarkSettings, resolve
 
 PREFIX = "[csm_1b]"
@@ -21,9 +24,11 @@ PREFIX = "[csm_1b]"
 class TritonSink:
     """Sends one stream's chunks through its response sender; the last response carries the final flag."""
 
-    def __init__(self, sender):
+    def __init__(self, sender, metrics=None):
         self.sender = sender
         self.stream_id = uuid.uuid4().hex
+        self.metrics = metrics
+        self.submitted = time.perf_counter()
 
     def send_chunk(self, stream, chunk):
         tensors = [
@@ -34,6 +39,8 @@ class TritonSink:
             pb_utils.Tensor("sample_offset", np.array([chunk.sample_offset], dtype=np.int64)),
         ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if chunk.is_last else 0
+        if chunk.index == 0 and self.metrics is not None:
+            self.metrics.first_chunk_sent(time.perf_counter() - self.submitted)
         if chunk.is_last:
             take_cancel(self.stream_id)  # a marker that came too late must not linger
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
@@ -72,11 +79,13 @@ class TritonPythonModel:
         # Invalid watermark settings must stop the model from loading (the watermarker checks them too).
         self.watermark_settings = WatermarkSettings.from_env()
         self.engine = CsmEngine.from_dir(model_dir, device=device, schedule=schedule)
+        self.metrics = CsmMetrics(pb_utils, instance_labels(args, "csm_1b"))
         self.scheduler = StreamScheduler(
             self.engine,
             max_active=number("max_active_streams", 8),
             max_queued=number("max_queued_streams", 32),
             logger=lambda msg: pb_utils.Logger.log_info(f"{PREFIX} {msg}"),
+            observer=self.metrics,
         )
         pb_utils.Logger.log_info(f"{PREFIX} loaded {model_dir} on {device}; chunk schedule {schedule}")
 
@@ -93,8 +102,13 @@ class TritonPythonModel:
                     context[name] = None if tensor is None else tensor.as_numpy()
                 generation = parse_request(text, parameters, context)
                 self.engine.validate(generation)
-                sink = TritonSink(sender)
+                sink = TritonSink(sender, self.metrics)
                 self.scheduler.submit(generation, sink, stream_id=sink.stream_id)
+                # The request id (the proxy's X-Request-ID) ties this stream's log lines to the client's request.
+                pb_utils.Logger.log_info(
+                    f"{PREFIX} request {loggable_request_id(request)}: stream {sink.stream_id} queued "
+                    f"({len(generation.text)} characters, up to {generation.max_audio_length_ms} ms)"
+                )
             except (InvalidRequest, InvalidWatermarkOption) as e:
                 send_error(sender, str(e), "INVALID_ARG")
             except ServerFull as e:
@@ -107,3 +121,4 @@ class TritonPythonModel:
     def finalize(self):
         pb_utils.Logger.log_info(f"{PREFIX} finalizing: waiting for streams in flight")
         self.scheduler.close()
+        self.metrics.close()

@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import numpy as np
 import torch
@@ -10,6 +11,8 @@ import triton_python_backend_utils as pb_utils
 from csm_tts.triton.cancellation import signal_cancel
 from csm_tts.triton.config import config_parameter
 from csm_tts.triton.errors import error_response
+from csm_tts.triton.metrics import WatermarkMetrics, instance_labels
+from csm_tts.triton.request_id import loggable_request_id
 from csm_tts.watermark.options import InvalidWatermarkOption, WatermarkSettings, resolve
 from csm_tts.watermark.streams import StreamError, StreamGone, TooManyStreams, WatermarkStreams
 from csm_tts.watermark.weights import load_watermark_model
@@ -65,6 +68,7 @@ class TritonPythonModel:
         except (FileNotFoundError, ValueError) as e:
             raise pb_utils.TritonModelException(f"{PREFIX} {e}") from None
         self._warm_up()
+        self.metrics = WatermarkMetrics(pb_utils, instance_labels(args, "watermarker"))
         if self.settings.key_is_public:
             pb_utils.Logger.log_warn(
                 f"{PREFIX} CSM_WATERMARK_KEY is not set: watermarking with Sesame's PUBLIC key (not secret; anyone "
@@ -93,7 +97,12 @@ class TritonPythonModel:
                 )
 
     def execute(self, requests):
-        return [self._respond(request) for request in requests]
+        responses = []
+        for request in requests:
+            started = time.perf_counter()
+            responses.append(self._respond(request))
+            self.metrics.chunk(time.perf_counter() - started, len(self.streams))
+        return responses
 
     def _respond(self, request):
         try:
@@ -118,13 +127,21 @@ class TritonPythonModel:
                 int(scalar(request, "sample_offset")),
                 bool(scalar(request, "is_last")),
             )
-        except (InvalidWatermarkOption, StreamError, json.JSONDecodeError) as e:
+        except (InvalidWatermarkOption, json.JSONDecodeError) as e:
             return error_response(pb_utils, str(e), "INVALID_ARG")
+        except StreamError as e:  # chunks out of order or unknown: the ensemble's fault, never the client's
+            pb_utils.Logger.log_error(f"{PREFIX} request {loggable_request_id(request)}: {e}")
+            return error_response(pb_utils, str(e), "INTERNAL")
         except (TooManyStreams, StreamGone) as e:
             return error_response(pb_utils, str(e), "UNAVAILABLE")
         except Exception as e:  # report, never raise out of execute
-            pb_utils.Logger.log_error(f"{PREFIX} chunk failed: {e}")
+            pb_utils.Logger.log_error(f"{PREFIX} request {loggable_request_id(request)}: chunk failed: {e}")
             return error_response(pb_utils, f"watermarking failed: {e}", "INTERNAL")
+        if result.is_last:
+            pb_utils.Logger.log_info(
+                f"{PREFIX} request {loggable_request_id(request)}: stream {stream_id} finished "
+                f"({result.chunk_index + 1} chunks, key id {result.key_id})"
+            )
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor("audio", result.audio.astype(np.float32)),
@@ -138,4 +155,5 @@ class TritonPythonModel:
     def finalize(self):
         self._stop.set()
         self._evictor.join(timeout=5)
+        self.metrics.close()
         pb_utils.Logger.log_info(f"{PREFIX} finalized; {len(self.streams)} streams dropped")
