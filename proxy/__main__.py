@@ -15,6 +15,7 @@ from proxy.settings import Settings, SettingsError
 def main() -> int:
     try:
         settings = Settings.from_env()
+        app = create_app(settings)
     except SettingsError as e:
         print(f"{NAME}: invalid configuration: {e}", file=sys.stderr)
         return 2
@@ -23,7 +24,7 @@ def main() -> int:
         "%s %s: Triton %s (model %s)", NAME, __version__, ", ".join(settings.triton_grpc_urls), settings.triton_model
     )
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         handler_cancellation=True,

@@ -16,10 +16,12 @@ from aiohttp import WSCloseCode, web
 
 from proxy.api import ApiError
 from proxy.cors import add_cors_headers, cors_middleware
+from proxy.endpoints.openai import openai_errors
 from proxy.routes import setup_routes
-from proxy.settings import Settings
+from proxy.settings import Settings, SettingsError
 from proxy.triton_client import TritonPool, UpstreamError
-from proxy.web import SETTINGS, STARTED, TRITON, WEBSOCKETS
+from proxy.voices import VoiceBook, VoiceConfigError
+from proxy.web import SETTINGS, STARTED, TRITON, VOICES, WEBSOCKETS
 
 log = logging.getLogger("proxy")
 
@@ -75,12 +77,23 @@ async def close_websockets(app: web.Application) -> None:
     )
 
 
+def load_voices(settings: Settings) -> VoiceBook:
+    """The voice presets are read (and their audio decoded) once, at start-up; a bad one stops the proxy."""
+    try:
+        return VoiceBook.from_settings(settings)
+    except VoiceConfigError as e:
+        raise SettingsError(str(e)) from None
+
+
 def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings if settings is not None else Settings.from_env()
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[cors_middleware, error_middleware])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[cors_middleware, error_middleware, openai_errors]
+    )
     app[SETTINGS] = settings
     app[WEBSOCKETS] = weakref.WeakSet()
     app[STARTED] = time.monotonic()
+    app[VOICES] = load_voices(settings)
     app.cleanup_ctx.append(triton_ctx)
     app.on_shutdown.append(close_websockets)
     app.on_response_prepare.append(add_cors_headers)

@@ -10,11 +10,13 @@ from aiohttp import web
 from proxy.api import ApiError
 from proxy.settings import Settings
 from proxy.triton_client import TritonPool
+from proxy.voices import VoiceBook
 
 SETTINGS = web.AppKey("settings", Settings)
 TRITON = web.AppKey("triton", TritonPool)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
 STARTED = web.AppKey("started", float)
+VOICES = web.AppKey("voices", VoiceBook)
 
 
 async def read_json(request: web.Request) -> object:

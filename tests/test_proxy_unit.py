@@ -282,8 +282,12 @@ async def test_index(down_client):
         "GET /health",
         "POST /generate",
         "POST /generate/wav",
+        "POST /generate/audio",
         "WS /stream",
         "POST /stream/chunks",
+        "POST /v1/audio/speech",
+        "GET /v1/models",
+        "GET /v1/audio/voices",
     }
 
 
