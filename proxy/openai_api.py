@@ -171,7 +171,8 @@ def error_from(exc: Exception) -> tuple[int, dict, Mapping]:
     if isinstance(exc, ApiError):
         status = openai_status(exc.status)
         param = exc.errors[0].get("field") if exc.errors else None
-        return status, openai_error_body(status, exc.message, param), exc.headers
+        code = "invalid_value" if exc.errors else {413: "request_too_large"}.get(status)
+        return status, openai_error_body(status, exc.message, param, code), exc.headers
     if isinstance(exc, UpstreamError):
         status = openai_status(exc.status)
         headers = {"Retry-After": "1"} if status == 503 else {}

@@ -95,8 +95,9 @@ def decode_reference(data: bytes, max_seconds: float, field: str = "reference_au
     try:
         sound = soundfile.SoundFile(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        reason = getattr(e, "error_string", None) or str(e)  # without "Error opening <BytesIO ...>"
         raise InvalidReference(
-            f"{field} is not a readable audio file (WAV, FLAC, MP3 or Ogg/Opus): {e}", field
+            f"{field} is not a readable audio file (WAV, FLAC, MP3 or Ogg/Opus): {reason}", field
         ) from None
     with sound:
         if sound.format not in REFERENCE_CONTAINERS:

@@ -349,7 +349,7 @@ def assert_openai_error(body: dict, param=None, code=None) -> dict:
         ("post", "/v1/audio/speech", {"json": {**BASE, "voice": "bob"}}, 400, "voice", "unknown_voice"),
         ("post", "/v1/audio/speech", {"data": b"{oops"}, 400, None, None),
         ("post", "/v1/audio/speech", {"data": b""}, 400, None, None),
-        ("post", "/v1/audio/speech", {"data": b"x" * 9000}, 413, None, None),
+        ("post", "/v1/audio/speech", {"data": b"x" * 9000}, 413, None, "request_too_large"),
         ("get", "/v1/audio/speech", {}, 405, None, "method_not_allowed"),
         ("get", "/v1/nothing", {}, 404, None, "not_found"),
         ("post", "/v1/audio/speech", {"json": BASE}, 503, None, "service_unavailable"),
