@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import openai
 import pytest
@@ -392,3 +394,77 @@ async def test_openai_client_raises_its_usual_exceptions(down_client):
         with pytest.raises(openai.InternalServerError) as e:
             await client.audio.speech.create(model="tts-1", voice="alloy", input="Hi.")
         assert e.value.status_code == 503 and e.value.code == "service_unavailable"
+
+
+# -- a failure after the first audio: the status is already 200 ------------------------------------------------------
+class FailingTriton:
+    """Stands in for the pool: one chunk of audio, then Triton goes away."""
+
+    def __init__(self):
+        self.contexts = []
+        self.closed = 0
+
+    def stream(self, text, parameters, context):
+        from proxy.triton_client import AudioChunk, UpstreamUnavailable
+
+        self.contexts.append(list(context))
+        pool = self
+        sent = []
+
+        class Stream:
+            async def __aenter__(self):
+                return self
+
+            async def __aexit__(self, *exc):
+                pool.closed += 1
+
+            async def __anext__(self):
+                if not sent:
+                    sent.append(1)
+                    return AudioChunk(speech_like(0.16), 0, False, False, None)
+                raise UpstreamUnavailable("Triton at 127.0.0.1:1 is unavailable (UNAVAILABLE: gone)")
+
+        return Stream()
+
+
+@pytest.fixture
+async def failing(aiohttp_client):
+    from proxy.web import TRITON
+
+    app = create_app(Settings(triton_grpc_urls=(f"127.0.0.1:{free_port()}",), health_timeout_s=0.3))
+    fake = FailingTriton()
+
+    async def use_fake(app):  # after the real pool was set up (cleanup_ctx runs first)
+        app[TRITON] = fake
+
+    app.on_startup.append(use_fake)
+    return await aiohttp_client(app), fake
+
+
+async def test_failure_mid_stream_cuts_the_audio_and_ends_sse_with_an_error(failing):
+    client, fake = failing
+    body = {**BASE, "response_format": "pcm"}
+    response = await client.post("/v1/audio/speech", json=body)
+    assert response.status == 200 and response.headers["Transfer-Encoding"] == "chunked"
+    with pytest.raises(aiohttp.ClientPayloadError):  # never a short file that looks complete
+        await response.read()
+    response = await client.post("/v1/audio/speech", json={**body, "stream_format": "sse"})
+    assert response.status == 200
+    events = [json.loads(b.removeprefix("data: ")) for b in (await response.text()).strip().split("\n\n")]
+    assert [e["type"] for e in events] == ["speech.audio.delta", "error"]
+    assert len(base64.b64decode(events[0]["audio"])) == 2 * 3840
+    assert events[1]["error"]["type"] == "server_error" and events[1]["error"]["code"] == "service_unavailable"
+    assert fake.closed == 2  # every Triton stream was left
+
+
+async def test_a_reference_becomes_the_first_context_segment(failing):
+    client, fake = failing
+    pcm = to_pcm16(speech_like(0.5))
+    fields = {"reference_audio": base64.b64encode(file_bytes(pcm, 24000, format="WAV")).decode()}
+    fields["reference_text"] = "Mine."
+    await client.post("/v1/audio/speech", json={**BASE, "voice": "echo", **fields, "stream_format": "sse"})
+    await client.post("/generate", json={"text": "Seed API.", "speaker_id": 7, **fields})
+    for context, speaker in zip(fake.contexts, (4, 7), strict=True):
+        (segment,) = context
+        assert (segment.speaker, segment.text) == (speaker, "Mine.")
+        assert np.array_equal(segment.audio, pcm.astype(np.float32) / 32768)
