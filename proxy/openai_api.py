@@ -23,7 +23,7 @@ from csm_tts.parsing import shown
 from proxy.api import ApiError, GenerateOptions, check_options, check_text
 from proxy.encoders import FORMATS, RESPONSE_FORMATS, AudioFormat
 from proxy.triton_client import UpstreamError
-from proxy.voices import InvalidReference, UnknownVoice, Voice, VoiceBook, parse_reference
+from proxy.voices import REFERENCE_FIELDS, InvalidReference, UnknownVoice, Voice, VoiceBook, parse_reference
 
 SERVED_MODEL = "csm-1b"
 # OpenAI's speech model names are accepted as aliases of the served model, so clients configured for OpenAI work.
@@ -34,7 +34,6 @@ STREAM_FORMATS = ("audio", "sse")
 MAX_INSTRUCTIONS_CHARS = 4096
 SPEECH_FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions", "stream_format")
 EXTRA_OPTIONS = ("seed", "temperature", "topk", "max_audio_length_ms", "watermark", "watermark_key")
-REFERENCE_FIELDS = ("reference_audio", "reference_text")
 
 
 class OpenAIError(ApiError):

@@ -31,6 +31,7 @@ from proxy.context import Segment
 
 MAX_SPEAKER_ID = 31  # the model's speaker tags (csm_tts Limits.max_speaker_id)
 MAX_REFERENCE_TEXT_CHARS = 2000
+REFERENCE_FIELDS = ("reference_audio", "reference_text")  # the request fields of a per-request reference clip
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")
 # libsndfile's names of the containers accepted as reference audio (WAV, FLAC, MP3, Ogg with Opus or Vorbis).
 REFERENCE_CONTAINERS = ("WAV", "WAVEX", "RF64", "FLAC", "MP3", "OGG")

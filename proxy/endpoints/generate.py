@@ -35,10 +35,8 @@ from proxy.encoders import FORMATS, RESPONSE_FORMATS
 from proxy.endpoints.audio_stream import content_disposition, reference_error, reference_segments, stream_speech
 from proxy.synthesis import synthesize
 from proxy.triton_client import UpstreamError
-from proxy.voices import InvalidReference, Limits, Voice, parse_reference
+from proxy.voices import REFERENCE_FIELDS, InvalidReference, Limits, Voice, parse_reference
 from proxy.web import SETTINGS, TRITON, read_json
-
-REFERENCE_FIELDS = ("reference_audio", "reference_text")
 
 log = logging.getLogger("proxy")
 
