@@ -639,13 +639,13 @@ def fmt(value, spec=".0f") -> str:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'target':<9} {'wm':<7} {'conc':>4} {'reqs':>4} {'err':>3}  {'TTFA ms p50/p90/p99':>20}  "
+        f"{'target':<10} {'wm':<7} {'conc':>4} {'reqs':>4} {'err':>3}  {'TTFA ms p50/p90/p99':>20}  "
         f"{'gap ms p50/p90/p99':>18}  {'stalls':>6} {'RTF p50':>7} {'audio s/s':>9}"
     )
     for r in rows:
         t, g = r["ttfa_ms"], r["gap_ms"]
         print(
-            f"{r['target']:<9} {r['watermark'] or '-':<7} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3}  "
+            f"{r['target']:<10} {r['watermark'] or '-':<7} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3}  "
             f"{fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['p99']):>20}  "
             f"{fmt(g['p50']) + '/' + fmt(g['p90']) + '/' + fmt(g['p99']):>18}  {r['stalls']:>6} "
             f"{fmt(r['rtf']['p50'], '.3f'):>7} {fmt(r['audio_s_per_s'], '.2f'):>9}"
