@@ -7,9 +7,14 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TINY_CSM := checkpoints/csm-tiny
 TINY_WATERMARK := checkpoints/silentcipher-tiny
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint bench clean ffprobe
 
-setup: $(VENV)/.installed .triton/.installed $(TINY_CSM)/.complete $(TINY_WATERMARK)/.complete
+setup: $(VENV)/.installed .triton/.installed $(TINY_CSM)/.complete $(TINY_WATERMARK)/.complete ffprobe
+
+# The tests check encoded audio with an independent decoder: Debian's ffmpeg (ffprobe, ffmpeg). No-op when present.
+ffprobe:
+	@command -v ffprobe >/dev/null && command -v ffmpeg >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

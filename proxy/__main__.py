@@ -23,7 +23,7 @@ def main() -> int:
     configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("proxy")
     try:
-        app = create_app(settings)
+        app = create_app(settings)  # reads the API keys and the voice presets: a bad one stops the proxy here
     except SettingsError as e:
         print(f"{NAME}: invalid configuration: {e}", file=sys.stderr)
         return 2

@@ -12,11 +12,14 @@ from dataclasses import dataclass, field, replace
 
 from csm_tts.parsing import parse_bool, shown
 from csm_tts.watermark.options import KEY_FORMAT, InvalidWatermarkOption, parse_key
+from proxy.encoders import RESPONSE_FORMATS
 
 MAX_TEXT_CHARS = 5000
 OPTION_NAMES = ("speaker_id", "max_audio_length_ms", "temperature", "topk", "watermark", "watermark_key", "seed")
 DEFAULTS = {"speaker_id": 0, "max_audio_length_ms": 30_000, "temperature": 0.9, "topk": 50}
 SAMPLE_FORMATS = ("s16le", "f32le")
+# Stream mode may also send each text chunk as one encoded file, in pieces as generated (proxy/encoders.py).
+ENCODED_FORMATS = tuple(name for name in RESPONSE_FORMATS if name != "pcm")
 MODES = ("message", "stream")
 NO_TEXT = "No text provided"  # the documented reply to a text chunk without text
 
@@ -259,7 +262,7 @@ class StreamConfig:
 
     mode: str = "message"
     binary: bool = False  # stream mode: audio as binary frames (16-byte header + PCM) instead of base64 JSON
-    sample_format: str = "s16le"  # stream mode PCM: s16le or f32le
+    sample_format: str = "s16le"  # stream mode: PCM (s16le, f32le) or an encoded format (mp3, opus, ...)
     context: bool = True  # voice continuity: earlier chunks of the session are context for the next
     options: dict = field(default_factory=dict)  # default generation options for the session's text chunks
 
@@ -288,11 +291,12 @@ def parse_stream_config(data: object, base: StreamConfig) -> StreamConfig:
         else:
             changes["mode"] = data["mode"]
     if "format" in data:
-        if data["format"] not in SAMPLE_FORMATS:
+        if data["format"] not in (*SAMPLE_FORMATS, *ENCODED_FORMATS):
             errors.append(
                 {
                     "field": "format",
-                    "message": f"must be one of {', '.join(SAMPLE_FORMATS)}, got {shown(data['format'])}",
+                    "message": f"must be one of {', '.join((*SAMPLE_FORMATS, *ENCODED_FORMATS))}, "
+                    f"got {shown(data['format'])}",
                 }
             )
         else:

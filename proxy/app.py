@@ -21,12 +21,14 @@ from proxy.auth import ApiKeys, KeyFileError
 from proxy.cors import add_cors_headers, cors_middleware
 from proxy.discovery import ServiceDiscovery
 from proxy.drain import Drain
+from proxy.endpoints.openai import openai_errors
 from proxy.logs import redact_keys_in_library_logs
 from proxy.metrics import ProxyMetrics, add_request_id_header, observe_middleware
 from proxy.routes import setup_routes
 from proxy.settings import Settings, SettingsError
 from proxy.triton_client import TritonPool, UpstreamError
-from proxy.web import API_KEYS, DRAIN, METRICS, RESOLVER, SETTINGS, STARTED, STREAM_HOOKS, TRITON, WEBSOCKETS
+from proxy.voices import VoiceBook, VoiceConfigError
+from proxy.web import API_KEYS, DRAIN, METRICS, RESOLVER, SETTINGS, STARTED, STREAM_HOOKS, TRITON, VOICES, WEBSOCKETS
 
 log = logging.getLogger("proxy")
 
@@ -93,13 +95,22 @@ async def close_websockets(app: web.Application) -> None:
     )
 
 
+def load_voices(settings: Settings) -> VoiceBook:
+    """The voice presets are read (and their audio decoded) once, at start-up; a bad one stops the proxy."""
+    try:
+        return VoiceBook.from_settings(settings)
+    except VoiceConfigError as e:
+        raise SettingsError(str(e)) from None
+
+
 def create_app(settings: Settings | None = None, resolver=None) -> web.Application:
     """`resolver(host, port) -> [address, ...]` replaces the system resolver for TRITON_GRPC_SERVICE (tests)."""
     settings = settings if settings is not None else Settings.from_env()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        # Outermost first: every response gets an id and is counted, errors become JSON, then keys and the drain.
-        middlewares=[observe_middleware, cors_middleware, error_middleware, guard_middleware],
+        # Outermost first: every response gets an id and is counted, errors become JSON (OpenAI's shape on /v1),
+        # then keys and the drain.
+        middlewares=[observe_middleware, cors_middleware, error_middleware, openai_errors, guard_middleware],
     )
     app[SETTINGS] = settings
     app[WEBSOCKETS] = weakref.WeakSet()
@@ -118,6 +129,7 @@ def create_app(settings: Settings | None = None, resolver=None) -> web.Applicati
     )
     app[STREAM_HOOKS] = Admission(metrics, policy, drain)
     redact_keys_in_library_logs()
+    app[VOICES] = load_voices(settings)
     app.cleanup_ctx.append(triton_ctx)
     app.on_shutdown.append(close_websockets)
     app.on_response_prepare.append(add_cors_headers)

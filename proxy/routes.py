@@ -5,7 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.drain import livez, readyz
-from proxy.endpoints.generate import generate, generate_wav, stream_chunks
+from proxy.endpoints import openai
+from proxy.endpoints.generate import generate, generate_audio, generate_wav, stream_chunks
 from proxy.endpoints.info import health, index
 from proxy.endpoints.websocket import stream_ws
 from proxy.metrics import metrics_endpoint
@@ -19,5 +20,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate/wav", generate_wav)
+    app.router.add_post("/generate/audio", generate_audio)
     app.router.add_get("/stream", stream_ws)
     app.router.add_post("/stream/chunks", stream_chunks)
+    app.router.add_post("/v1/audio/speech", openai.speech)
+    app.router.add_get("/v1/models", openai.models)
+    app.router.add_get("/v1/audio/voices", openai.voices)

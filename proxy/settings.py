@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 from csm_tts.parsing import parse_bool
 from csm_tts.watermark.options import WatermarkSettings
+from proxy.voices import DEFAULT_OPENAI_VOICES, parse_voice_table
 
 
 class SettingsError(ValueError):
@@ -50,6 +51,11 @@ class Settings:
     watermark_enabled: bool | None = None  # None: not set here, Triton's own default applies (true)
     watermark_key_source: str = "public"  # "private" when CSM_WATERMARK_KEY holds a key other than the public one
     wav_offload_seconds: float = 5.0  # encode WAV/base64 of longer clips in a worker thread
+    # Voices and voice cloning (proxy/voices.py): presets from a directory, OpenAI's names, per-request references.
+    voices_dir: str | None = None
+    openai_voices: tuple[tuple[str, str], ...] = DEFAULT_OPENAI_VOICES
+    reference_max_bytes: int = 768 << 10  # one reference clip, decoded from base64 (the body limit applies first)
+    reference_max_seconds: float = 20.0
     log_level: str = "INFO"
     # Running it in production (docs/deployment.md): replica discovery, API keys, watermark policy, drain, logs.
     triton_grpc_service: str | None = None  # host:port resolved to every replica's address (a headless Service)
@@ -212,4 +218,8 @@ _VARIABLES = [
     ("CSM_WATERMARK_ALLOW_CUSTOM_KEY", "watermark_allow_custom_key", _bool),
     ("PROXY_DRAIN_S", "drain_s", _positive_float),
     ("PROXY_LOG_FORMAT", "log_format", _log_format),
+    ("CSM_VOICES_DIR", "voices_dir", str),
+    ("PROXY_OPENAI_VOICES", "openai_voices", parse_voice_table),
+    ("PROXY_REFERENCE_MAX_BYTES", "reference_max_bytes", _positive_int),
+    ("PROXY_REFERENCE_MAX_SECONDS", "reference_max_seconds", _positive_float),
 ]

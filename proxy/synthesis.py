@@ -1,8 +1,9 @@
 """One text chunk through Triton, with voice-continuity context: `async with Generation(...) as g: async for c in g`.
 
-The context comes from the conversation (newest segments that fit the model's window). If Triton still finds the
-prompt too long (INVALID_ARG "... context holds ..."), the oldest segment is dropped and the request retried, down to
-no context at all; only then is the error the client's.
+The context is the voice's reference segments (a preset's or the request's clip: always sent, first) followed by the
+conversation's (newest segments that fit the model's window). If Triton still finds the prompt too long
+(INVALID_ARG "... context holds ..."), the oldest conversation segment is dropped and the request retried, down to
+none; only then is the error the client's.
 
 Every endpoint generates through here, so this is where the request's scope (proxy/scope.py) admits a stream
 (watermark policy, API key limits, drain) and hears its time to first audio and its end (metrics).
@@ -11,6 +12,7 @@ Every endpoint generates through here, so this is where the request's scope (pro
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +33,10 @@ class Generation:
         options: GenerateOptions,
         watermark_default: bool | None = None,
         conversation: Conversation | None = None,
+        reference: Sequence[Segment] = (),
     ):
         self.pool = pool
+        self.reference = list(reference)
         self.options = options
         self.parameters = options.triton_parameters(watermark_default)
         self.context: list[Segment] = (
@@ -64,7 +68,7 @@ class Generation:
 
     async def _open(self) -> None:
         while True:
-            stream = self.pool.stream(self.options.text, self.parameters, self.context)
+            stream = self.pool.stream(self.options.text, self.parameters, [*self.reference, *self.context])
             await stream.__aenter__()
             try:
                 self._first = await stream.__anext__()
@@ -130,10 +134,11 @@ async def synthesize(
     options: GenerateOptions,
     watermark_default: bool | None = None,
     conversation: Conversation | None = None,
+    reference: Sequence[Segment] = (),
 ) -> Clip:
     """The whole clip of one text (non-streaming endpoints)."""
     parts = []
-    async with Generation(pool, options, watermark_default, conversation) as generation:
+    async with Generation(pool, options, watermark_default, conversation, reference) as generation:
         async for chunk in generation:
             if chunk.audio.size:
                 parts.append(chunk.audio)

@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.api import ApiError
 from proxy.settings import Settings
 from proxy.triton_client import TritonPool
+from proxy.voices import VoiceBook
 
 SETTINGS = web.AppKey("settings", Settings)
 TRITON = web.AppKey("triton", TritonPool)
@@ -22,6 +23,7 @@ API_KEYS = web.AppKey("api_keys", object)
 DRAIN = web.AppKey("drain", object)
 RESOLVER = web.AppKey("resolver", object)
 REQUEST_ID = web.RequestKey("request_id", str)
+VOICES = web.AppKey("voices", VoiceBook)
 
 
 async def read_json(request: web.Request) -> object:

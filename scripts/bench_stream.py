@@ -10,6 +10,10 @@ Targets:
   ws        the proxy's WebSocket /stream in its low-latency mode (?mode=stream&binary=true&context=false):
             one socket per client, one text message per request, audio as binary frames until the `end` message
   generate  the proxy's POST /generate: not streaming, so its "first audio" is the whole clip
+  speech_pcm, speech_mp3
+            the proxy's OpenAI-compatible POST /v1/audio/speech with response_format pcm / mp3: the streamed file,
+            "first audio" being its first bytes (for mp3 a chunk's duration is estimated from its size at the
+            encoder's constant 64 kbit/s)
 
 Each of N requests (--requests; default 3 x concurrency, at least 8) takes the next text of the committed set
 benchmarks/texts.json (mixed lengths) and seed = its index, so every target gets the same requests. C clients
@@ -61,9 +65,11 @@ from csm_tts import FRAME_MS, SAMPLE_RATE  # noqa: E402
 from csm_tts.tooling.local_triton import free_port, start_local_triton  # noqa: E402
 from csm_tts.tooling.stream_stats import percentile, playback_stalls  # noqa: E402
 
-TARGETS = ("tts", "csm_1b", "ws", "generate")
+TARGETS = ("tts", "csm_1b", "ws", "generate", "speech_pcm", "speech_mp3")
+DEFAULT_TARGETS = ("tts", "csm_1b", "ws", "generate")
 GRPC_TARGETS = ("tts", "csm_1b")
-PROXY_TARGETS = ("ws", "generate")
+PROXY_TARGETS = ("ws", "generate", "speech_pcm", "speech_mp3")
+MP3_BYTES_PER_S = 64_000 / 8  # proxy/encoders.py: MP3 at a constant 64 kbit/s
 PROXY_MIN_AUDIO_MS = 1000  # proxy/api.py: max_audio_length_ms 1000-90000
 WS_FRAME_HEADER = struct.Struct("<IIII")  # proxy/endpoints/websocket.py: seq, chunk_id, index, samples
 TEXTS_FILE = ROOT / "benchmarks" / "texts.json"
@@ -279,6 +285,43 @@ class GenerateClient:
             await self.session.close()
 
 
+class SpeechClient:
+    """POST /v1/audio/speech (OpenAI's API), the file read as it streams in."""
+
+    def __init__(self, proxy_url: str, response_format: str):
+        self.proxy_url = proxy_url.rstrip("/")
+        self.response_format = response_format
+        self.session = None
+
+    async def open(self) -> SpeechClient:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession()
+        return self
+
+    async def exchange(
+        self, plan: Plan, index: int, watermark: bool | None, result: RequestResult, sent: float
+    ) -> None:
+        body = plan.proxy_body(index, watermark)
+        body.update(model="csm-1b", voice="alloy", input=body.pop("text"), response_format=self.response_format)
+        async with self.session.post(f"{self.proxy_url}/v1/audio/speech", json=body) as r:
+            if r.status != 200:
+                result.error = f"HTTP {r.status}: {(await r.text())[:200]}"
+                return
+            async for piece in r.content.iter_any():
+                if not piece:
+                    continue
+                result.arrivals.append(time.perf_counter() - sent)
+                if self.response_format == "pcm":
+                    result.durations.append(len(piece) / 2 / SAMPLE_RATE)
+                else:
+                    result.durations.append(len(piece) / MP3_BYTES_PER_S)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
 async def measure(client, plan: Plan, index: int, watermark: bool | None, timeout_s: float) -> RequestResult:
     """One request through any client: arrival times count from the send, and any failure (timeout, RPC or socket
     error) becomes this request's error rather than the end of the benchmark."""
@@ -298,6 +341,8 @@ async def open_client(target: str, stack: Stack):
         return GrpcClient(stack.grpc_url, target)
     if target == "ws":
         return await WebSocketClient(stack.proxy_url).open()
+    if target.startswith("speech_"):
+        return await SpeechClient(stack.proxy_url, target.removeprefix("speech_")).open()
     return await GenerateClient(stack.proxy_url).open()
 
 
@@ -430,7 +475,9 @@ def parse_list(value: str, kind=str) -> list:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=",".join(TARGETS), help=f"comma-separated subset of {', '.join(TARGETS)}")
+    parser.add_argument(
+        "--target", default=",".join(DEFAULT_TARGETS), help=f"comma-separated subset of {', '.join(TARGETS)}"
+    )
     parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated concurrency levels (default 1,2,4,8)")
     parser.add_argument("--requests", type=int, help="requests per level (default 3 x concurrency, at least 8)")
     parser.add_argument(
@@ -521,7 +568,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> list[dict]:
                 notes.append(f"target {model} skipped: the model is not ready on {stack.grpc_url}")
                 targets.remove(model)
     if any(t in PROXY_TARGETS for t in targets) and stack.proxy_url is None:
-        notes.append("targets ws/generate skipped: no proxy (proxy/ is missing and no --proxy-url)")
+        notes.append("proxy targets skipped: no proxy (proxy/ is missing and no --proxy-url)")
         targets = [t for t in targets if t not in PROXY_TARGETS]
     if (
         args.fixed_frames
@@ -529,7 +576,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> list[dict]:
         and any(t in PROXY_TARGETS for t in targets)
     ):
         notes.append(
-            f"the proxy needs max_audio_length_ms >= {PROXY_MIN_AUDIO_MS}: ws/generate requests generate "
+            f"the proxy needs max_audio_length_ms >= {PROXY_MIN_AUDIO_MS}: proxy requests generate "
             f"{PROXY_MIN_AUDIO_MS // FRAME_MS} frames, not {args.fixed_frames}"
         )
     for note in notes:
@@ -592,13 +639,13 @@ def fmt(value, spec=".0f") -> str:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'target':<9} {'wm':<7} {'conc':>4} {'reqs':>4} {'err':>3}  {'TTFA ms p50/p90/p99':>20}  "
+        f"{'target':<10} {'wm':<7} {'conc':>4} {'reqs':>4} {'err':>3}  {'TTFA ms p50/p90/p99':>20}  "
         f"{'gap ms p50/p90/p99':>18}  {'stalls':>6} {'RTF p50':>7} {'audio s/s':>9}"
     )
     for r in rows:
         t, g = r["ttfa_ms"], r["gap_ms"]
         print(
-            f"{r['target']:<9} {r['watermark'] or '-':<7} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3}  "
+            f"{r['target']:<10} {r['watermark'] or '-':<7} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3}  "
             f"{fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['p99']):>20}  "
             f"{fmt(g['p50']) + '/' + fmt(g['p90']) + '/' + fmt(g['p99']):>18}  {r['stalls']:>6} "
             f"{fmt(r['rtf']['p50'], '.3f'):>7} {fmt(r['audio_s_per_s'], '.2f'):>9}"
@@ -610,7 +657,14 @@ def print_table(rows: list[dict]) -> None:
 def ratios(rows: list[dict], proxy_model: str) -> list[str]:
     """Ratios between targets measured in the same run and level (the figures to trust on a noisy machine)."""
     lines = []
-    pairs = [("tts", "csm_1b"), ("ws", proxy_model), ("generate", proxy_model), ("ws", "csm_1b")]
+    pairs = [
+        ("tts", "csm_1b"),
+        ("ws", proxy_model),
+        ("generate", proxy_model),
+        ("ws", "csm_1b"),
+        ("speech_pcm", "ws"),
+        ("speech_mp3", "ws"),
+    ]
     by_key = {}
     for r in rows:
         by_key.setdefault((r["target"], r["concurrency"]), []).append(r)

@@ -1,5 +1,10 @@
-"""POST /generate (JSON with base64 WAV), POST /generate/wav (a WAV file) and POST /stream/chunks (NDJSON, one line
-per text as soon as it is ready)."""
+"""POST /generate (JSON with base64 WAV), POST /generate/wav (a WAV file), POST /generate/audio (any response_format,
+streamed as generated) and POST /stream/chunks (NDJSON, one line per text as soon as it is ready).
+
+/generate, /generate/wav and /generate/audio also take a voice to clone: `reference_audio` (base64 audio file) with
+`reference_text`. /generate/wav without `response_format` answers exactly as it always has (the whole WAV, with
+Content-Length); with it, it is /generate/audio.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,13 @@ import time
 from aiohttp import web
 
 from csm_tts import SAMPLE_RATE
+from csm_tts.parsing import shown
 from proxy.api import (
     NO_TEXT,
     ApiError,
+    GenerateOptions,
     StreamConfig,
+    ValidationError,
     parse_chunk_options,
     parse_generate,
     parse_query,
@@ -22,19 +30,33 @@ from proxy.api import (
     with_text,
 )
 from proxy.audio import run_sized, wav_base64, wav_bytes
-from proxy.context import ContextBudget, Conversation
+from proxy.context import ContextBudget, Conversation, Segment
+from proxy.encoders import FORMATS, RESPONSE_FORMATS
+from proxy.endpoints.audio_stream import content_disposition, reference_error, reference_segments, stream_speech
 from proxy.synthesis import synthesize
 from proxy.triton_client import UpstreamError
+from proxy.voices import REFERENCE_FIELDS, InvalidReference, Limits, Voice, parse_reference
 from proxy.web import SETTINGS, TRITON, read_json
 
 log = logging.getLogger("proxy")
 
 
+async def parse_seed_body(request: web.Request, data: object) -> tuple[GenerateOptions, list[Segment]]:
+    """The seed body (proxy/api.py's checks) plus an optional reference clip, decoded into a context segment."""
+    fields = {k: data.pop(k) for k in REFERENCE_FIELDS if k in data} if isinstance(data, dict) else {}
+    options = parse_generate(data)
+    try:
+        raw = parse_reference(fields, Limits.from_settings(request.app[SETTINGS]))
+        return options, await reference_segments(request, Voice("request", options.speaker_id), raw)
+    except InvalidReference as e:
+        raise reference_error(e) from None
+
+
 async def generate(request: web.Request) -> web.Response:
     started = time.perf_counter()
     settings, pool = request.app[SETTINGS], request.app[TRITON]
-    options = parse_generate(await read_json(request))
-    clip = await synthesize(pool, options, settings.watermark_enabled)
+    options, reference = await parse_seed_body(request, await read_json(request))
+    clip = await synthesize(pool, options, settings.watermark_enabled, reference=reference)
     encoded = await run_sized(wav_base64, clip.audio, int(settings.wav_offload_seconds * SAMPLE_RATE))
     return web.json_response(
         {
@@ -47,14 +69,32 @@ async def generate(request: web.Request) -> web.Response:
     )
 
 
-async def generate_wav(request: web.Request) -> web.Response:
+async def generate_wav(request: web.Request) -> web.StreamResponse:
     settings, pool = request.app[SETTINGS], request.app[TRITON]
-    options = parse_generate(await read_json(request))
-    clip = await synthesize(pool, options, settings.watermark_enabled)
+    data = await read_json(request)
+    if isinstance(data, dict) and "response_format" in data:
+        return await stream_generate(request, data)
+    options, reference = await parse_seed_body(request, data)
+    clip = await synthesize(pool, options, settings.watermark_enabled, reference=reference)
     body = await run_sized(wav_bytes, clip.audio, int(settings.wav_offload_seconds * SAMPLE_RATE))
     return web.Response(
         body=body, content_type="audio/wav", headers={"Content-Disposition": "attachment; filename=speech.wav"}
     )
+
+
+async def generate_audio(request: web.Request) -> web.StreamResponse:
+    return await stream_generate(request, await read_json(request))
+
+
+async def stream_generate(request: web.Request, data: object) -> web.StreamResponse:
+    """The seed body + `response_format` (default wav): the audio file streamed as it is generated."""
+    name = data.pop("response_format", "wav") if isinstance(data, dict) else "wav"
+    if name not in RESPONSE_FORMATS:
+        message = f"must be one of {', '.join(RESPONSE_FORMATS)}, got {shown(name)}"
+        raise ValidationError([{"field": "response_format", "message": message}])
+    options, reference = await parse_seed_body(request, data)
+    fmt = FORMATS[name]
+    return await stream_speech(request, options, fmt, reference, headers=content_disposition(fmt))
 
 
 async def stream_chunks(request: web.Request) -> web.StreamResponse:

@@ -19,11 +19,17 @@ ENDPOINTS = {
     "GET /metrics": "Prometheus metrics of the proxy (requests, time to first audio, streams, errors, rejections)",
     "POST /generate": "JSON {text, speaker_id, max_audio_length_ms, temperature, topk, watermark, watermark_key} -> "
     "JSON {audio_base64 (WAV), sample_rate, duration_ms, processing_time_ms, watermarked}",
-    "POST /generate/wav": "Same body -> audio/wav attachment (speech.wav)",
+    "POST /generate/wav": "Same body -> audio/wav attachment (speech.wav); with response_format: as /generate/audio",
+    "POST /generate/audio": "Same body + response_format (mp3, opus, aac, flac, wav, pcm; default wav) -> the audio "
+    "file, streamed as it is generated",
     "WS /stream": "One JSON message per text chunk; default: one reply per chunk; low-latency mode with "
     '?mode=stream or a first {"config": {"mode": "stream"}} message',
     "POST /stream/chunks": "JSON list of strings (query: speaker_id, watermark, ...) -> application/x-ndjson, "
     "one line {text, audio_base64, sample_rate} per text as soon as it is ready",
+    "POST /v1/audio/speech": "OpenAI's speech API: {model, input, voice, response_format, stream_format, ...} -> the "
+    "audio file (or SSE events), streamed as it is generated",
+    "GET /v1/models": "OpenAI's model list: the served model and the OpenAI names it answers to",
+    "GET /v1/audio/voices": "The voices: OpenAI names, presets from CSM_VOICES_DIR, speaker ids",
 }
 
 

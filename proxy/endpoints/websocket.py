@@ -27,6 +27,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from csm_tts import SAMPLE_RATE
 from proxy.api import (
     CONFIG_KEYS,
+    ENCODED_FORMATS,
     NO_TEXT,
     OPTION_NAMES,
     ApiError,
@@ -40,6 +41,7 @@ from proxy.audio import pcm_bytes, run_sized, wav_base64
 from proxy.auth import WS_PROTOCOL
 from proxy.context import ContextBudget, Conversation
 from proxy.cors import origin_allowed
+from proxy.encoders import FORMATS, StreamEncoder
 from proxy.settings import Settings
 from proxy.synthesis import Generation
 from proxy.triton_client import TritonPool, UpstreamError
@@ -290,6 +292,9 @@ class StreamSession:
         sent_messages = 0
         first_proxy_ms = first_audio_ms = None
         started = time.perf_counter()
+        # An encoded format: the chunk's audio messages concatenate to one file of that format.
+        encoded = streaming and self.config.sample_format in ENCODED_FORMATS
+        encoder = StreamEncoder(FORMATS[self.config.sample_format]) if encoded else None
         try:
             async with Generation(self.pool, options, self.settings.watermark_enabled, conversation) as generation:
                 async for chunk in generation:
@@ -298,16 +303,23 @@ class StreamSession:
                     parts.append(chunk.audio)
                     if streaming:
                         received = time.perf_counter()
-                        await self.send_audio(chunk.audio, chunk_id, sent_messages)
+                        payload = encoder.encode(chunk.audio) if encoder else None
+                        await self.send_audio(chunk.audio, chunk_id, sent_messages, payload)
                         if first_proxy_ms is None:
                             now = time.perf_counter()
                             first_proxy_ms = (now - received) * 1000.0
                             first_audio_ms = (now - started) * 1000.0
                         sent_messages += 1
+            if encoder is not None and (tail := encoder.finish()):  # the encoder's last frames and trailer
+                await self.send_audio(np.zeros(0, np.float32), chunk_id, sent_messages, tail)
+                sent_messages += 1
         except (UpstreamError, ApiError) as e:
             where = {"chunk_id": chunk_id} if streaming else {}
             await self.send_reply({"error": e.message, "text": options.text, **where})
             return
+        finally:
+            if encoder is not None:
+                encoder.close()
         audio = _concat(parts)
         processing_ms = (time.perf_counter() - started) * 1000.0
         if conversation is not None:
@@ -341,9 +353,11 @@ class StreamSession:
             )
 
     # -- sending -----------------------------------------------------------------------------------------------------
-    async def send_audio(self, audio, chunk_id: int, index: int) -> None:
+    async def send_audio(self, audio, chunk_id: int, index: int, payload: bytes | None = None) -> None:
+        """One audio message: `payload` is the encoded bytes of an encoded format, else the PCM of `audio`."""
         fmt = self.config.sample_format
-        payload = pcm_bytes(audio, fmt)
+        if payload is None:
+            payload = pcm_bytes(audio, fmt)
         async with self.send_lock:
             seq = self._next_seq()
             if self.config.binary:
