@@ -67,14 +67,15 @@ async def stream_ws(request: web.Request) -> web.StreamResponse:
         writer_limit=settings.ws_write_buffer_bytes,
         compress=False,
     )
-    if not ws.can_prepare(request).ok:
-        raise ApiError(400, "WS /stream needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
+    # Before the upgrade check: a plain GET then tells a browser why its handshake failed (the demo page does that).
     if len(app[WEBSOCKETS]) >= settings.max_websockets:
         raise ApiError(
             503,
             f"Too many WebSocket connections (limit {settings.max_websockets}); retry later",
             headers={"Retry-After": "1"},
         )
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "WS /stream needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
     await ws.prepare(request)
     bound_socket_buffers(request, settings)
     app[WEBSOCKETS].add(ws)
