@@ -105,6 +105,17 @@ async def test_index_is_html_for_browsers_and_json_for_everyone_else(aiohttp_cli
         assert body["name"] == "csm-tts-proxy" and "GET /demo" in body["endpoints"]
 
 
+async def test_a_plain_get_of_a_full_stream_endpoint_says_why(aiohttp_client):
+    """What the page's handshake diagnosis relies on: GET /stream without an upgrade gets the refusal a WebSocket
+    handshake would get (here: too many sockets), not only "needs a WebSocket upgrade"."""
+    client = await aiohttp_client(down_app(max_websockets=0))
+    response = await client.get("/stream?mode=stream&binary=true")
+    assert response.status == 503 and response.headers["Retry-After"] == "1"
+    assert "Too many WebSocket connections" in (await response.json())["error"]
+    response = await (await aiohttp_client(down_app())).get("/stream")
+    assert response.status == 400 and "upgrade" in (await response.json())["error"]
+
+
 def test_the_page_ships_in_the_package(tmp_path):
     """Dockerfile.proxy installs the proxy with `pip install .`: the wheel must carry the page (package data)."""
     source = tmp_path / "src"
@@ -447,3 +458,41 @@ async def test_the_api_key_travels_as_documented(triton_server, tab):
         assert stats["state"] == "done" and ("/stream", None, None) in seen, stats["errors"]
     finally:
         await keyed.runner.cleanup()
+
+
+# -- the page benchmark ----------------------------------------------------------------------------------------------
+def load_bench_demo():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_demo
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return bench_demo
+
+
+def test_bench_demo_arguments(capsys):
+    bench_demo = load_bench_demo()
+    args = bench_demo.parse_args(["--fixed-frames", "13", "--requests", "3", "--watermark", "off"])
+    assert (args.fixed_frames, args.requests, args.watermark_value) == (13, 3, False)
+    for argv in (["--fixed-frames", "12"], ["--requests", "0"], ["--watermark", "maybe"]):
+        with pytest.raises(SystemExit):
+            bench_demo.parse_args(argv)
+    assert "--fixed-frames" in capsys.readouterr().err
+
+
+async def test_bench_demo_runs_against_the_live_proxy(proxy, tmp_path):
+    """One request per client through the real script (its own Chromium), against this module's proxy."""
+    out = tmp_path / "bench.json"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "scripts" / "bench_demo.py"),
+        *("--proxy-url", proxy.url, "--fixed-frames", "13", "--requests", "1", "--no-warmup", "--json", str(out)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output = (await asyncio.wait_for(process.communicate(), 240))[0].decode()
+    assert process.returncode == 0, output
+    rows = json.loads(out.read_text())
+    assert [r["client"] for r in rows] == ["ws", "page", "page heard"]
+    assert all(r["requests"] == 1 and r["errors"] == 0 and r["p50"] > 0 for r in rows), rows
+    assert "page / ws: TTFA p50 x" in output

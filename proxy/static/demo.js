@@ -151,7 +151,6 @@ class Session {
       return this.finished; // the drained player ends the session
     }
     setState("speaking");
-    this.startedAt = performance.now();
     if (this.options.mode === "all") {
       this.cut(this.options.text.trim());
       this.typingDone = true;
@@ -171,7 +170,8 @@ class Session {
     try {
       this.ws = new WebSocket(url, wsProtocols(this.options.key));
     } catch (e) {
-      this.fail(`Cannot open the WebSocket: ${e.message}${this.options.key ? " (the API key may only contain letters, digits and -._~!#$&'*+^`|)" : ""}`);
+      const hint = this.options.key ? " (an API key may only hold letters, digits and !#$%&'*+-.^_`|~)" : "";
+      this.fail(`Cannot open the WebSocket: ${e.message}${hint}`);
       return false;
     }
     this.ws.binaryType = "arraybuffer";
