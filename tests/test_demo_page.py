@@ -212,9 +212,10 @@ async def tab(browser):
     await context.close()
 
 
-def playback_gaps(played: np.ndarray, messages: list[np.ndarray]) -> list[int]:
+def playback_gaps(played: np.ndarray, messages: list[np.ndarray], atol: float = 0.0) -> list[int]:
     """Walk the page's output: every audio message must be played whole, in order, and only silence may come
-    between two messages. Returns the length of each silence between messages (none: perfectly gapless)."""
+    between two messages. Returns the length of each silence between messages (none: perfectly gapless).
+    `atol`: how far a played sample may be from the streamed one (0: bit-exact)."""
     nonzero = np.flatnonzero(played)
     assert nonzero.size, "nothing was played"
     pos = int(nonzero[0]) - int(np.argmax(messages[0] != 0))
@@ -227,8 +228,15 @@ def playback_gaps(played: np.ndarray, messages: list[np.ndarray]) -> list[int]:
             pos -= min(int(np.argmax(message != 0)), pos - start)  # a message may begin with exact zeros
             if pos > start:
                 gaps.append(pos - start)
-        assert np.array_equal(played[pos : pos + message.size], message), (
-            f"audio message {k} ({message.size} samples) is not played intact at output sample {pos}"
+        segment = played[pos : pos + message.size]
+        intact = segment.size == message.size and bool(np.all(np.abs(segment - message) <= atol))
+        if segment.size == message.size and not intact:
+            differ = np.flatnonzero(np.abs(segment - message) > atol)
+            detail = f"{differ.size} samples differ, first at {differ[0]}, max {np.abs(segment - message).max():.3g}"
+        else:
+            detail = f"{segment.size} samples left"
+        assert intact, (
+            f"audio message {k} ({message.size} samples) is not played intact at output sample {pos}: {detail}"
         )
         pos += message.size
     assert not np.any(played[pos:]), "something was played after the last audio message"
@@ -266,8 +274,8 @@ def check_stream(tab: Tab, stats: dict, texts: list[str], fmt: str) -> list[np.n
     return messages
 
 
-def check_gapless(played: np.ndarray, messages: list[np.ndarray], stats: dict) -> list[int]:
-    gaps = playback_gaps(played, messages)
+def check_gapless(played: np.ndarray, messages: list[np.ndarray], stats: dict, atol: float = 0.0) -> list[int]:
+    gaps = playback_gaps(played, messages, atol)
     # One silence per underrun or wait, no other; with no waits, the underrun time is exactly that silence.
     assert len(gaps) == stats["underruns"] + stats["waits"], (gaps, stats["underruns"], stats["waits"])
     if stats["waits"] == 0:
@@ -341,7 +349,9 @@ async def test_scheduled_buffers_play_gaplessly_too(proxy, tab):
     assert stats["state"] == "done" and stats["player"] == "buffers", stats["errors"]
     assert len([m for _, m in tab.json_sent() if "text" in m]) == 1
     messages = check_stream(tab, stats, [text], "s16le")
-    check_gapless(await played_samples(page), messages, stats)
+    # Buffers start with sub-sample interpolation (a millionth of a sample early, see pcm-player.js): not bit-exact,
+    # but far below one 16-bit step; any gap, overlap or reordering is off by whole samples.
+    check_gapless(await played_samples(page), messages, stats, atol=1e-5)
     async with page.expect_download() as download_info:
         await page.click("#download")
     wav = await (await download_info.value).path()

@@ -129,8 +129,12 @@ export class BufferPlayer extends PlayerBase {
       const source = this.context.createBufferSource();
       source.buffer = buffer;
       source.connect(this.analyser);
-      const start = this.nextFrame / SAMPLE_RATE;
-      source.start(start); // one clock: each chunk starts exactly where the previous one ends
+      // One clock: each chunk starts on the sample after the previous one ends. Browsers start buffers with
+      // sub-sample accuracy, and frame / rate * rate is not always exactly the frame in doubles: a start a hair
+      // late would slip a whole sample (a one-sample gap), so the time asked for is a millionth of a sample early
+      // (the interpolation that costs is below 16-bit resolution).
+      const start = (this.nextFrame - 1e-6) / SAMPLE_RATE;
+      source.start(start);
       if (seq <= this.stats.lastSeq) this.stats.orderErrors++;
       this.stats.lastSeq = seq;
       if (this.startedAt === null) this.startedAt = this.heardAt(start);
