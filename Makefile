@@ -7,6 +7,10 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TINY_CSM := checkpoints/csm-tiny
 TINY_WATERMARK := checkpoints/silentcipher-tiny
 
+# Debian's Chromium for the demo page's browser test (tests/test_demo_page.py); Playwright drives it and never
+# downloads a browser build. Installed only when missing.
+CHROMIUM := /usr/bin/chromium
+
 .PHONY: setup serve test lint bench clean ffprobe
 
 setup: $(VENV)/.installed .triton/.installed $(TINY_CSM)/.complete $(TINY_WATERMARK)/.complete ffprobe
@@ -33,10 +37,15 @@ $(TINY_CSM)/.complete: scripts/make_tiny_checkpoint.py $(VENV)/.installed
 $(TINY_WATERMARK)/.complete: scripts/make_tiny_watermark_checkpoint.py $(VENV)/.installed
 	$(PY) scripts/make_tiny_watermark_checkpoint.py $(TINY_WATERMARK)
 
+$(CHROMIUM):
+	command -v apt-get >/dev/null || { echo "install Chromium as $(CHROMIUM) (Debian: apt-get install chromium)" >&2; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
 serve: setup
 	$(PY) scripts/serve.py
 
-test: setup lint
+test: setup $(CHROMIUM) lint
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from proxy.drain import livez, readyz
 from proxy.endpoints import openai
+from proxy.endpoints.demo import demo_asset, demo_page
 from proxy.endpoints.generate import generate, generate_audio, generate_wav, stream_chunks
 from proxy.endpoints.info import health, index
 from proxy.endpoints.websocket import stream_ws
@@ -26,3 +27,5 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/audio/speech", openai.speech)
     app.router.add_get("/v1/models", openai.models)
     app.router.add_get("/v1/audio/voices", openai.voices)
+    app.router.add_get("/demo", demo_page)
+    app.router.add_get("/demo/{name}", demo_asset)

@@ -56,7 +56,7 @@ def main() -> int:
         proxy = subprocess.Popen([sys.executable, "-m", "proxy"], cwd=ROOT, env=proxy_env)
         print(
             f"proxy: http://{proxy_env['PROXY_HOST']}:{proxy_env['PROXY_PORT']} "
-            "(GET /health, POST /generate, WS /stream)"
+            "(GET /health, POST /generate, WS /stream, GET /demo in a browser)"
         )
     print("Ctrl-C to stop.", flush=True)
 

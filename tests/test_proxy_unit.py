@@ -283,6 +283,7 @@ async def test_index(down_client):
     assert response.status == 200 and body["name"] == "csm-tts-proxy" and body["version"] == "0.1.0"
     assert set(body["endpoints"]) == {
         "GET /",
+        "GET /demo",
         "GET /health",
         "GET /livez",
         "GET /readyz",

@@ -8,10 +8,12 @@ from aiohttp import web
 
 from csm_tts import SAMPLE_RATE
 from proxy import NAME, __version__
+from proxy.endpoints.demo import index_page, wants_html
 from proxy.web import SETTINGS, STARTED, TRITON, WEBSOCKETS
 
 ENDPOINTS = {
-    "GET /": "This description: name, version, endpoints",
+    "GET /": "This description: name, version, endpoints (HTML with a link to /demo when a browser asks)",
+    "GET /demo": "A browser page: type like an LLM, hear the streamed audio (WS /stream), download it as WAV",
     "GET /health": "Proxy, Triton (live/ready per replica), each model, watermark state; 200 when all is ready, "
     "else 503",
     "GET /livez": "Liveness: 200 while the proxy answers",
@@ -35,16 +37,17 @@ ENDPOINTS = {
 
 async def index(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    return web.json_response(
-        {
-            "name": NAME,
-            "version": __version__,
-            "model": settings.triton_model,
-            "sample_rate": SAMPLE_RATE,
-            "endpoints": ENDPOINTS,
-            "docs": "docs/api.md",
-        }
-    )
+    info = {
+        "name": NAME,
+        "version": __version__,
+        "model": settings.triton_model,
+        "sample_rate": SAMPLE_RATE,
+        "endpoints": ENDPOINTS,
+        "docs": "docs/api.md",
+    }
+    if wants_html(request):
+        return index_page(info)
+    return web.json_response(info, headers={"Vary": "Accept"})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -72,8 +72,7 @@ async def stream_ws(request: web.Request) -> web.StreamResponse:
         # Browsers send the API key as a second subprotocol ("bearer.<key>", proxy/auth.py): select only ours.
         protocols=(WS_PROTOCOL,),
     )
-    if not ws.can_prepare(request).ok:
-        raise ApiError(400, "WS /stream needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
+    # Before the upgrade check: a plain GET then tells a browser why its handshake failed (the demo page does that).
     if len(app[WEBSOCKETS]) >= settings.max_websockets:
         app[METRICS].rejections.labels("full").inc()
         raise ApiError(
@@ -81,6 +80,8 @@ async def stream_ws(request: web.Request) -> web.StreamResponse:
             f"Too many WebSocket connections (limit {settings.max_websockets}); retry later",
             headers={"Retry-After": "1"},
         )
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "WS /stream needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
     await ws.prepare(request)
     bound_socket_buffers(request, settings)
     app[WEBSOCKETS].add(ws)
