@@ -250,7 +250,10 @@ def test_bench_gpu_runs_from_a_bare_python(tmp_path):
         "1",
         "--concurrency",
         "2",
-        "--no-breakdown",
+        "--breakdown-streams",
+        "2",
+        "--step-frames",
+        "2",
         "--cpu-threads",
         "1",
         "--json",
@@ -276,6 +279,9 @@ def test_bench_gpu_runs_from_a_bare_python(tmp_path):
     assert all(r["old"] > 0 and r["new-eager"] > 0 for r in result["frame_step"])
     assert [r["streams"] for r in result["concurrency_by_path"]["old"]] == [2]
     assert [r["streams"] for r in result["concurrency"]] == [2]
+    assert [(b["path"], b["streams"]) for b in result["breakdown"]] == [("old", 2), ("new-eager", 2)]
+    assert all(b["codes_ms_per_frame"] > 0 and b["backbone_step_ms_per_frame"] > 0 for b in result["breakdown"])
+    assert "silentcipher" in result["watermark"]["skipped"]  # not in a bare Python: said, not silently left out
     for row in result["concurrency"]:
         assert row["errors"] == 0 and row["completed"] == row["streams"]
         assert row["audio_s"] == pytest.approx(row["streams"] * 2 * 0.08)
