@@ -585,7 +585,8 @@ def print_report(result: dict) -> None:
         print("\nframe step (one batched frame, ms; real time needs <= 80, no stall with the default chunks <= 40)")
         print(f"{'streams':>7} " + " ".join(f"{n:>10}" for n in names) + f" {'old/new':>8}")
         for r in steps:
-            ratio = r.get("old") and r.get(result["best_path"]) and r["old"] / r[result["best_path"]]
+            best = r.get(result["best_path"])
+            ratio = r["old"] / best if r.get("old") and best else None
             print(f"{r['streams']:>7} " + " ".join(f"{fmt(r.get(n)):>10}" for n in names) + f" {fmt(ratio, '.2f'):>8}")
         for n in names:
             print(
@@ -609,6 +610,8 @@ def print_report(result: dict) -> None:
             )
     if watermark.get("skipped"):
         print(f"watermark: skipped ({watermark['skipped']})")
+    if watermark.get("error"):
+        print(f"watermark: failed ({watermark['error']})")
     for name, single in result.get("single_stream_by_path", {}).items():
         print(
             f"\n{name}: one stream, {single['frames']} frames ({single['frames'] * FRAME_MS / 1000:.1f} s of audio), "
@@ -836,9 +839,15 @@ def main(argv=None) -> dict:
     window = next((w for w in paths.new.windows if w >= longest), paths.new.max_positions)
     if cuda:
         started = time.monotonic()
-        count = paths.new.capture_graphs(max_window=window)
-        result["graphs"] = {"count": count, "capture_s": time.monotonic() - started, "window": window}
-        print(f"captured {count} CUDA graphs in {result['graphs']['capture_s']:.1f} s", flush=True)
+        try:
+            count = paths.new.capture_graphs(max_window=window)
+            result["graphs"] = {"count": count, "capture_s": time.monotonic() - started, "window": window}
+            print(f"captured {count} CUDA graphs in {result['graphs']['capture_s']:.1f} s", flush=True)
+        except Exception as e:  # the eager paths are still worth measuring
+            notes.append(f"CUDA graph capture failed, graphs left out: {type(e).__name__}: {e}"[:2000])
+            paths.names.remove("new")
+            paths.new.cuda_graphs = False
+            result["paths"], result["best_path"] = paths.names, paths.best
         save()
 
     # Warm-up: kernels, allocator, both paths.
@@ -854,9 +863,13 @@ def main(argv=None) -> dict:
             break
         row = {"streams": level}
         for name in paths.names:
-            row[name] = in_thread(frame_step_ms, paths.engine(name), texts, level, args.step_frames)
+            try:
+                row[name] = in_thread(frame_step_ms, paths.engine(name), texts, level, args.step_frames)
+            except Exception as e:  # out of memory at a high level, say: the other paths and levels still count
+                row[name] = None
+                notes.append(f"frame step, {name} at {level} streams failed: {type(e).__name__}: {e}"[:500])
         result["frame_step"].append(row)
-        print(f"frame step, {level} streams: " + ", ".join(f"{n} {row[n]:.1f} ms" for n in paths.names), flush=True)
+        print(f"frame step, {level} streams: " + ", ".join(f"{n} {fmt(row[n])} ms" for n in paths.names), flush=True)
     save()
 
     # 3. Per part (eager paths), and 4. the watermark.
@@ -866,28 +879,41 @@ def main(argv=None) -> dict:
                 if budget.left() < 60:
                     notes.append(f"per-part timing of {name} at {level} streams skipped: time budget")
                     continue
-                row = in_thread(breakdown, paths.engine(name), name, texts, level, min(args.frames, 16))
-                result["breakdown"].append({"path": name, **row})
+                try:
+                    row = in_thread(breakdown, paths.engine(name), name, texts, level, min(args.frames, 16))
+                    result["breakdown"].append({"path": name, **row})
+                except Exception as e:
+                    notes.append(f"per-part timing of {name} at {level} streams failed: {type(e).__name__}: {e}"[:500])
         save()
-        result["watermark"] = watermark_cost(device, args.concurrency, min(args.frames, 24), budget)
+        try:
+            result["watermark"] = watermark_cost(device, args.concurrency, min(args.frames, 24), budget)
+        except Exception as e:
+            result["watermark"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         save()
 
     # 5. One stream, each path (the best new path first: it is the figure that matters).
     for name in reversed(paths.names):
         if name == "new-eager" and cuda:
             continue  # on CUDA the frame-step table already compares eager and graphs
-        result["single_stream_by_path"][name] = one_stream_runs(
-            paths.engine(name), texts, args.single_frames, args.runs, budget, notes, name
-        )
+        try:
+            result["single_stream_by_path"][name] = one_stream_runs(
+                paths.engine(name), texts, args.single_frames, args.runs, budget, notes, name
+            )
+        except Exception as e:  # one failing part must not cost the others
+            notes.append(f"{name}: one-stream runs failed: {type(e).__name__}: {e}"[:500])
         save()
-    result["single_stream"] = result["single_stream_by_path"][paths.best]
+    result["single_stream"] = result["single_stream_by_path"].get(paths.best)
 
     # 6. Concurrent streams: the best new path at every level, the old one up to --old-max-streams.
     for name, levels in (
         (paths.best, args.concurrency),
         ("old", [c for c in args.concurrency if c <= args.old_max_streams]),
     ):
-        rows = sweep(paths.engine(name), name, texts, levels, args.frames, budget, notes, args.max_active)
+        try:
+            rows = sweep(paths.engine(name), name, texts, levels, args.frames, budget, notes, args.max_active)
+        except Exception as e:
+            rows = []
+            notes.append(f"{name}: concurrency sweep failed: {type(e).__name__}: {e}"[:500])
         result["concurrency_by_path"][name] = rows
         real_time = [r["streams"] for r in rows if r["real_time"]]
         result["largest_real_time"][name] = max(real_time) if real_time else None

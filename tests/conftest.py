@@ -10,9 +10,11 @@ import torch
 from csm_tts.tooling.local_triton import TritonServer, start_local_triton
 
 # The suite checks behaviour, not speed. torch's default two intra-op threads make the CPU models 5-50x slower
-# whenever the shared machine is busy (docs/benchmarks.md); one thread keeps the in-process tests steady. The Triton
-# server of the live tests is another process and keeps its own setting.
-torch.set_num_threads(1)
+# whenever the shared machine is busy (docs/benchmarks.md); one thread keeps the tests steady. The suite's Triton
+# gets one thread too (OMP_NUM_THREADS below): tests compare its audio bit for bit with the in-process engine, and
+# the thread count changes how the codec's sums are split, hence the last bit.
+CPU_THREADS = 1
+torch.set_num_threads(CPU_THREADS)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CSM = ROOT / "checkpoints" / "csm-tiny"
@@ -53,6 +55,7 @@ def start_triton(repo_dir: Path, csm_dir: Path, watermark_dir: Path, **env) -> T
         "CSM_WATERMARK_KEY": "",
         "CSM_WATERMARK_ENABLED": "true",
         "CSM_WATERMARK_IDLE_TIMEOUT_S": WATERMARK_IDLE_TIMEOUT_S,
+        "OMP_NUM_THREADS": str(CPU_THREADS),
         **env,
     }
     return start_local_triton(repo_dir, csm_dir, watermark_dir, env)
