@@ -190,7 +190,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the old vs new comparison")
-    parser.add_argument("--cpu-threads", type=int, help="torch intra-op threads (default torch's; 1 is steadier)")
+    parser.add_argument(
+        "--cpu-threads", type=int, help="torch intra-op threads, here and in the Triton it starts (1 is steadier)"
+    )
     args = parser.parse_args()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
@@ -207,7 +209,10 @@ def main() -> None:
         if url is None:
             tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
             server = start_local_triton(
-                tmp / "model_repository", Path(args.model_dir), ROOT / "checkpoints" / "silentcipher-tiny"
+                tmp / "model_repository",
+                Path(args.model_dir),
+                ROOT / "checkpoints" / "silentcipher-tiny",
+                {"OMP_NUM_THREADS": str(args.cpu_threads)} if args.cpu_threads else None,  # the same threads
             )
             url = server.grpc_url
         try:
