@@ -1,31 +1,42 @@
-"""CSM-1B at its real size with random weights, in-process (no Triton): speed of one stream and of many.
+"""CSM-1B at its real size with random weights, in-process (no Triton): the old and the new engine path side by side.
 
-    python scripts/bench_gpu.py --json out.json              # one CUDA GPU, bf16: under 6 minutes on an H100
-    python scripts/bench_gpu.py --quick                      # a shorter pass (about 2-3 minutes)
+    python scripts/bench_gpu.py --json out.json              # one CUDA GPU, bf16: the whole measurement, ~3-5 min
+    python scripts/bench_gpu.py --quick --json out.json      # a shorter pass
     python scripts/bench_gpu.py --device cpu --frames 4 --single-frames 4 --runs 1 --concurrency 1,2   # shows it works
 
 Needs only torch, transformers (and what transformers itself installs: tokenizers) and numpy, plus this repository's
 `csm_tts` package, which it imports from the checkout: no download, no network, no other project dependency. The
 model is `CsmConfig()` as transformers defines it, i.e. the shapes of `sesame/csm-1b`: a Llama-3.2-1B-sized backbone
 (16 layers x 2048), the depth decoder (4 layers x 1024) and the full Mimi codec, with random weights, in bf16 on
-CUDA (fp32 on CPU). Text goes through a tiny byte-level tokenizer whose ids stay inside the 128256-entry text vocab,
-so nothing has to be downloaded; prompt lengths therefore differ a little from the real Llama tokenizer's.
+CUDA (fp32 on CPU), SDPA attention as the server loads it. Text goes through a tiny byte-level tokenizer whose ids stay
+inside the 128256-entry text vocab, so nothing has to be downloaded; prompt lengths therefore differ a little from the
+real Llama tokenizer's.
 
-Every request is seeded and fixed-length (ignore EOS, exactly --frames frames): random weights give comparable
-numbers. Measured:
+Two engine paths share the model: "old" is the engine before fixed slots (`csm_tts.tooling.baseline_engine`:
+per-stream caches, left-padded batches, host synchronisation inside a frame), "new" is `CsmEngine` (fixed batch
+slots, sync-free frame), run eagerly ("new-eager") and, on CUDA, replaying the frame step as CUDA graphs ("new").
+Every request is seeded and fixed-length (ignore EOS). In this order, each part saved to the JSON as soon as it ends:
 
-- one stream (`CsmEngine.generate`): time to first audio with the default chunk schedule (first chunk after 2
-  frames), frames/s, real-time factor (generation time / audio duration), and where a frame's time goes;
-- bytes of KV cache per stream (backbone per position, at the measured length and at the full 2048-position context;
-  the codec decoder's cache);
-- concurrency sweep (default 1, 4, 8, 16, 32, 64 streams, all submitted at once to
-  `csm_tts.speech.scheduler.StreamScheduler`,
-  which batches whatever it batches at the time): aggregate audio seconds per wall second, p50/p99 time to first
-  audio, worst stream's real-time factor, stalls (a chunk that arrives after the audio delivered before it has
-  finished playing, i.e. an audible gap), peak GPU memory.
+1. model build and CUDA graph capture (count, seconds);
+2. frame step: the wall time of one batched frame at each --concurrency level, per path, and the largest batch whose
+   frame fits the real-time budget (80 ms) and the no-stall budget of the default chunk schedule (40 ms: chunks that
+   double need RTF <= 0.5);
+3. per part, at --breakdown-streams (default 1 and 8), device synchronised around each part: prefill (per stream),
+   codebook 0 + the 31 depth-decoder steps, the backbone step, codec decode (per stream and frame); old and
+   new-eager;
+4. the watermark (silentcipher's full-size networks, random weights) per chunk at each level, one chunk at a time
+   as one Triton instance runs it: only when silentcipher, soxr and pyyaml are importable (a note says otherwise);
+5. one stream through `CsmEngine.generate`: time to first audio (default chunk schedule), frames/s, RTF; both paths;
+6. concurrent streams through `StreamScheduler` (all submitted at once): aggregate audio s/s, TTFA p50/p99, worst
+   RTF, stalls (a chunk arriving after the audio before it finished playing), peak GPU memory; the new path at every
+   level, the old one up to --old-max-streams. The largest level with no error, worst RTF < 1 and no stall is the
+   real-time count;
+7. with --compile: `torch.compile(fullgraph=True, dynamic=False)` of the frame step, eagerly and inside the CUDA
+   graphs, at 1 and 8 streams (compiling takes minutes: opt-in).
 
-A global time budget (--budget-s, counted from start-up) cancels a concurrency level that would overrun it and skips
-the remaining ones, with a note, so the script always finishes and writes its JSON.
+A global time budget (--budget-s, counted from start-up) skips what would overrun, with a note, so the script always
+finishes and writes its JSON. The full stack (Triton, the `tts` ensemble, the watermark) is measured by
+`scripts/bench_stream.py` against a running server.
 """
 
 from __future__ import annotations
@@ -36,10 +47,12 @@ START = time.monotonic()  # the time budget counts imports and model constructio
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -52,10 +65,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # csm_tts from the checkout (it is not installed on a bare GPU machine)
 
 from csm_tts import FRAME_MS, SAMPLE_RATE  # noqa: E402
-from csm_tts.speech.checkpoint import CHAT_TEMPLATE  # noqa: E402
+from csm_tts.speech.checkpoint import ATTENTION, CHAT_TEMPLATE  # noqa: E402
 from csm_tts.speech.chunk_schedule import ChunkSchedule  # noqa: E402
 from csm_tts.speech.engine import CsmEngine, GenerationRequest  # noqa: E402
 from csm_tts.speech.scheduler import StreamScheduler  # noqa: E402
+from csm_tts.tooling.baseline_engine import BaselineEngine  # noqa: E402
 from csm_tts.tooling.stream_stats import percentile, playback_stalls  # noqa: E402
 from csm_tts.tooling.tiny_checkpoints import (  # noqa: E402
     TINY_SPECIAL_TOKENS,
@@ -65,8 +79,10 @@ from csm_tts.tooling.tiny_checkpoints import (  # noqa: E402
 )
 
 TEXTS_FILE = ROOT / "benchmarks" / "texts.json"
-DEFAULT_CONCURRENCY = "1,4,8,16,32,64"
-QUICK = {"frames": 24, "single_frames": 40, "runs": 1, "concurrency": "1,8,32", "budget_s": 170.0}
+DEFAULT_CONCURRENCY = "1,2,4,8,16,24,32,40,48,56,64"
+QUICK = {"frames": 24, "single_frames": 40, "runs": 1, "concurrency": "1,8,32,64", "budget_s": 170.0}
+REAL_TIME_FRAME_MS = FRAME_MS  # one frame of audio per frame step
+NO_STALL_FRAME_MS = FRAME_MS / ChunkSchedule().growth  # chunks growing by g need RTF <= 1/g
 # The real CSM-1B (sesame/csm-1b config.json) as transformers' CsmConfig() defaults describe it; checked at start-up
 # so that a transformers release with other defaults cannot silently benchmark another model.
 REAL_SHAPES = {
@@ -105,7 +121,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_engine(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool, schedule: ChunkSchedule):
+def build_model(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool):
     """CSM with random weights at the real shapes (or tiny ones, for tests), and a processor that needs no download."""
     from transformers import CsmConfig, CsmForConditionalGeneration, CsmProcessor, EncodecFeatureExtractor
 
@@ -127,10 +143,7 @@ def build_engine(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool
         raise SystemExit("the tiny tokenizer's ids do not fit the text vocabulary")
     torch.manual_seed(seed)
     with torch.device(device):
-        try:
-            model = CsmForConditionalGeneration._from_config(config, dtype=dtype)
-        except TypeError:  # transformers releases before `dtype` replaced `torch_dtype`
-            model = CsmForConditionalGeneration._from_config(config, torch_dtype=dtype)
+        model = CsmForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=ATTENTION)
     model.eval()
     randomize_codec(model)
     processor = CsmProcessor(
@@ -138,7 +151,7 @@ def build_engine(device: torch.device, dtype: torch.dtype, seed: int, tiny: bool
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
-    return CsmEngine(model, processor, schedule=schedule)
+    return model, processor
 
 
 def check_real_shapes(config) -> list[str]:
@@ -153,8 +166,7 @@ def check_real_shapes(config) -> list[str]:
     return differences
 
 
-def model_summary(engine: CsmEngine) -> dict:
-    model = engine.model
+def model_summary(model) -> dict:
     # Shared (tied) tensors count once, for the first part that names them: the depth decoder and the backbone
     # share the audio-codebook embeddings.
     parts = {"codec": 0, "depth_decoder": 0, "backbone": 0}
@@ -169,12 +181,12 @@ def model_summary(engine: CsmEngine) -> dict:
             else ("depth_decoder" if name.startswith("depth_decoder.") else "backbone")
         )
         parts[part] += param.numel()
-    total = sum(parts.values())
     config = model.config
     return {
-        "parameters": {**parts, "total": total},
+        "parameters": {**parts, "total": sum(parts.values())},
         "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "dtype": str(model.dtype).replace("torch.", ""),
+        "attention": config._attn_implementation,
         "backbone": {k: getattr(config, k) for k in REAL_SHAPES["backbone"]},
         "depth_decoder": {k: getattr(config.depth_decoder_config, k) for k in REAL_SHAPES["depth_decoder"]},
         "codec": {k: getattr(config.codec_config, k) for k in REAL_SHAPES["codec"]},
@@ -191,7 +203,27 @@ def cache_bytes(cache) -> int:
     return total
 
 
-# -- one stream -------------------------------------------------------------------------------------------------------
+class Paths:
+    """The engine paths under test, sharing one model: old, new-eager, and new (CUDA graphs) on CUDA."""
+
+    def __init__(self, model, processor, schedule: ChunkSchedule, max_streams: int, cuda: bool):
+        self.old = BaselineEngine(model, processor, schedule=schedule)
+        # One new engine; "new-eager" runs it with graphs switched off (same slots, same code, no replay).
+        self.new = CsmEngine(model, processor, schedule=schedule, max_streams=max_streams, cuda_graphs=cuda)
+        self.names = ["old", "new-eager"] + (["new"] if cuda else [])
+
+    def engine(self, name: str):
+        if name == "old":
+            return self.old
+        self.new.cuda_graphs = name == "new"
+        return self.new
+
+    @property
+    def best(self) -> str:
+        return self.names[-1]
+
+
+# -- measurements -----------------------------------------------------------------------------------------------------
 def in_thread(fn, *args):
     """Run fn on a thread of its own, as StreamScheduler runs the engine, so that one-stream and scheduled numbers
     are taken under the same threading conditions."""
@@ -219,7 +251,119 @@ def fixed_request(text: str, frames: int, seed: int) -> GenerationRequest:
     return GenerationRequest(text, seed=seed, max_audio_length_ms=frames * FRAME_MS, ignore_eos=True)
 
 
-def single_stream(engine: CsmEngine, text: str, frames: int, seed: int) -> dict:
+def frame_step_ms(engine, texts: list[str], streams: int, frames: int) -> float:
+    """Median wall time of one batched frame step of `streams` streams, after two warm-up steps. A step ends with its
+    codes on the host (both paths read them back), so no extra synchronisation is needed."""
+    running = [engine.start(fixed_request(texts[i % len(texts)], frames + 2, seed=i)) for i in range(streams)]
+    times = []
+    for step in range(frames + 2):
+        started = time.perf_counter()
+        engine.step_many(running)
+        if step >= 2:
+            times.append(time.perf_counter() - started)
+    for stream in running:
+        engine.release(stream)
+    return statistics.median(times) * 1000
+
+
+def breakdown(engine, kind: str, texts: list[str], streams: int, frames: int) -> dict:
+    """Where a frame's time goes at `streams` streams, device synchronised around each part (eager paths only)."""
+    device = engine.device
+    timings: dict[str, list[float]] = {}
+    parts = {
+        "old": {"start": "prefill", "frame_codes": "codes", "backbone_step": "backbone", "take_chunk": "codec"},
+        "new-eager": {"start": "prefill", "_frame": "frame", "_backbone_step": "backbone", "take_chunk": "codec"},
+    }[kind]
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            sync(device)
+            started = time.perf_counter()
+            result = fn(*args, **kwargs)
+            sync(device)
+            timings.setdefault(name, []).append(time.perf_counter() - started)
+            return result
+
+        return wrapper
+
+    for attribute, name in parts.items():
+        setattr(engine, attribute, timed(name, getattr(engine, attribute)))  # instance attributes shadow methods
+    try:
+        running = [engine.start(fixed_request(texts[i % len(texts)], frames, seed=i)) for i in range(streams)]
+        ended = set()
+        while len(ended) < len(running):
+            engine.step_many(running)
+            for stream in running:
+                if stream not in ended and engine.chunk_ready(stream):
+                    engine.take_chunk(stream)
+                    if stream.finished:
+                        ended.add(stream)
+    finally:
+        for attribute in parts:
+            delattr(engine, attribute)
+    total = lambda name: sum(timings.get(name, [])) * 1000  # noqa: E731
+    row = {
+        "streams": streams,
+        "frames": frames,
+        "prefill_ms_per_stream": total("prefill") / streams,
+        "backbone_step_ms_per_frame": total("backbone") / frames,
+        "codec_decode_ms_per_stream_frame": total("codec") / (frames * streams),
+    }
+    codes = total("codes") if kind == "old" else total("frame") - total("backbone")
+    row["codes_ms_per_frame"] = codes / frames  # codebook 0 head + 31 depth-decoder steps (+ sampling)
+    return row
+
+
+def watermark_cost(device: torch.device, levels: list[int], frames: int, budget) -> dict:
+    """Per-chunk cost of silentcipher's full-size networks (random weights) on `device`: each level's streams push
+    one chunk each in turn, as one watermarker instance serves them; chunks follow the default schedule."""
+    missing = [m for m in ("silentcipher", "soxr", "yaml") if importlib.util.find_spec(m) is None]
+    if missing:
+        return {"skipped": f"needs {', '.join(missing)} (pip install soxr pyyaml; silentcipher --no-deps)"}
+    from csm_tts.watermark.options import PUBLIC_KEY
+    from csm_tts.watermark.streaming import StreamingWatermarker
+    from csm_tts.watermark.weights import load_watermark_model, write_random_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="bench-watermark-") as tmp:
+        model = load_watermark_model(write_random_checkpoint(tmp), device=str(device))
+    schedule = ChunkSchedule()
+    sizes, left, index = [], frames, 0
+    while left > 0:
+        sizes.append(min(schedule.frames_in_chunk(index), left))
+        left -= sizes[-1]
+        index += 1
+    rng = np.random.default_rng(0)
+    rows = []
+    for level in levels:
+        if budget.left() < 10:
+            return {"rows": rows, "skipped": f"levels from {level} on: time budget"}
+        marks = [StreamingWatermarker(model, PUBLIC_KEY) for _ in range(level)]
+        per_chunk = []
+        started = time.perf_counter()
+        for size in sizes:
+            audio = (rng.standard_normal(size * SAMPLE_RATE * FRAME_MS // 1000) * 0.1).astype(np.float32)
+            for mark in marks:
+                t = time.perf_counter()
+                mark.push(audio)
+                sync(device)
+                per_chunk.append((time.perf_counter() - t) * 1000 / size)
+        for mark in marks:
+            mark.flush()
+        wall = time.perf_counter() - started
+        audio_s = level * frames * FRAME_MS / 1000
+        rows.append(
+            {
+                "streams": level,
+                "ms_per_frame_of_audio_p50": percentile(per_chunk, 50),
+                "ms_per_frame_of_audio_p99": percentile(per_chunk, 99),
+                "audio_s_per_s": audio_s / wall,
+                "keeps_up": audio_s / wall >= level,  # every stream's audio watermarked at least in real time
+            }
+        )
+    return {"rows": rows, "chunk_frames": sizes}
+
+
+def single_stream(engine, text: str, frames: int, seed: int) -> dict:
     request = fixed_request(text, frames, seed)
     start = time.perf_counter()
     arrivals, durations = [], []
@@ -242,43 +386,29 @@ def single_stream(engine: CsmEngine, text: str, frames: int, seed: int) -> dict:
     }
 
 
-def frame_breakdown(engine: CsmEngine, text: str, frames: int) -> dict:
-    """Where one stream's time goes: prefill, codes of a frame (backbone head + 31 depth steps), the backbone step
-    that feeds a frame back, and codec decoding (per frame). The device is synchronised around each part."""
-    device = engine.device
-    timings: dict[str, list[float]] = {}
-    originals = {}
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            sync(device)
-            t = time.perf_counter()
-            result = fn(*args, **kwargs)
-            sync(device)
-            timings.setdefault(name, []).append(time.perf_counter() - t)
-            return result
-
-        return wrapper
-
-    for name in ("start", "frame_codes", "backbone_step", "take_chunk"):
-        originals[name] = getattr(engine, name)
-        setattr(engine, name, timed(name, originals[name]))  # instance attributes shadow the methods
-    try:
-        for _ in engine.generate(fixed_request(text, frames, seed=1)):
-            pass
-    finally:
-        for name in originals:
-            delattr(engine, name)
-    per_frame = lambda name: sum(timings.get(name, [])) * 1000 / frames  # noqa: E731
-    return {
-        "prefill_ms": sum(timings.get("start", [])) * 1000,
-        "frame_codes_ms_per_frame": per_frame("frame_codes"),
-        "backbone_step_ms_per_frame": per_frame("backbone_step"),
-        "codec_decode_ms_per_frame": per_frame("take_chunk"),
+def one_stream_runs(engine, texts: list[str], frames: int, runs: int, budget, notes: list[str], name: str) -> dict:
+    results = []
+    for i in range(runs):
+        if results and budget.left() < results[-1]["total_s"] * 2:
+            notes.append(f"{name}: one-stream runs stopped after {len(results)} of {runs}: time budget")
+            break
+        results.append(in_thread(single_stream, engine, texts[(i + 1) % len(texts)], frames, i))
+        print(f"{name}, one stream, run {i + 1}: TTFA {results[-1]['ttfa_ms']:.0f} ms, "
+              f"{results[-1]['frames_per_s']:.2f} frames/s", flush=True)  # fmt: skip
+    single = {
+        key: statistics.median(r[key] for r in results)
+        for key in ("ttfa_ms", "total_s", "audio_s", "frames_per_s", "rtf", "first_chunk_audio_ms")
     }
+    single.update(
+        frames=frames,
+        runs=len(results),
+        stalls=sum(r["stalls"] for r in results),
+        ttfa_ms_all=[r["ttfa_ms"] for r in results],
+        frames_per_s_all=[r["frames_per_s"] for r in results],
+    )
+    return single
 
 
-# -- many streams -----------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class RecordingSink:
     """One scheduled stream: arrival time and duration of each chunk; cancelled when the time budget runs out."""
@@ -299,7 +429,7 @@ class RecordingSink:
         if chunk.is_last:
             self.kv_bytes = stream.kv_cache_bytes
             self.codec_cache_bytes = cache_bytes(getattr(stream.codec, "cache", None))
-            self.positions = stream.prompt_length + stream.frames_generated
+            self.positions = stream.positions
             self.done.set()
 
     def send_error(self, message: str, code: str) -> None:
@@ -310,9 +440,7 @@ class RecordingSink:
         return time.perf_counter() > self.deadline
 
 
-def concurrent_streams(
-    engine: CsmEngine, texts: list[str], streams: int, frames: int, deadline: float, max_active: int | None = None
-) -> dict:
+def concurrent_streams(engine, texts: list[str], streams: int, frames: int, deadline: float, max_active=None) -> dict:
     device = engine.device
     if device.type == "cuda":
         sync(device)
@@ -369,60 +497,138 @@ def concurrent_streams(
     return row
 
 
+def sweep(engine, name: str, texts, levels, frames, budget, notes, max_active=None) -> list[dict]:
+    rows, previous = [], None
+    for level in levels:
+        left = budget.left() - 5  # keep a few seconds to write the results
+        if left <= 0:
+            notes.append(f"{name}: concurrency {level} and above skipped: time budget spent")
+            break
+        if previous is not None:
+            # Pessimistic: cost grows linearly with streams (batching only makes it cheaper).
+            estimate = previous["wall_s"] * level / previous["streams"]
+            if estimate > left * 1.5:
+                notes.append(
+                    f"{name}: concurrency {level} and above skipped: estimated {estimate:.0f} s, {left:.0f} s left"
+                )
+                break
+        print(f"{name}: {level} concurrent streams ...", flush=True)
+        # Failures inside the scheduler (out of memory included) come back as stream errors in the row.
+        row = concurrent_streams(engine, texts, level, frames, time.perf_counter() + left, max_active)
+        rows.append(row)
+        previous = row
+        if row["completed"] < level:
+            notes.append(
+                f"{name}: concurrency {level}: {level - row['completed']} stream(s) did not finish "
+                f"({'; '.join(row['error_samples']) or 'time budget'}); higher levels skipped"
+            )
+            break
+        if engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def compiled_frame_steps(paths: Paths, texts, frames: int, levels=(1, 8)) -> dict:
+    """torch.compile (fullgraph, static shapes) of the new frame step: eagerly, and inside the CUDA graphs."""
+    engine = paths.new
+    result = {}
+    compiled = torch.compile(CsmEngine._frame.__get__(engine), fullgraph=True, dynamic=False)
+    engine._frame = compiled  # an instance attribute shadows the method: start/step_many call it
+    saved_graphs, engine._graphs = engine._graphs, {}
+    try:
+        for variant, graphs in (("compiled", False), ("compiled+graphs", engine.device.type == "cuda")):
+            if variant == "compiled+graphs" and not graphs:
+                continue
+            engine.cuda_graphs = graphs
+            started = time.perf_counter()
+            frame_step_ms(engine, texts, 1, 1)  # compiles (or captures) the first shape
+            result[f"{variant}_first_call_s"] = time.perf_counter() - started
+            for level in levels:
+                result[f"{variant}_{level}"] = frame_step_ms(engine, texts, level, frames)
+    finally:
+        del engine._frame
+        engine._graphs = saved_graphs
+    return result
+
+
 # -- output ------------------------------------------------------------------------------------------------------------
 def fmt(value, spec: str = ".1f", missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def largest(rows: list[dict], key, limit: float) -> int | None:
+    fits = [r["streams"] for r in rows if r.get(key) is not None and r[key] <= limit]
+    return max(fits) if fits else None
+
+
 def print_report(result: dict) -> None:
-    env, model, single = result["environment"], result["model"], result.get("single_stream")
+    env, model = result["environment"], result["model"]
     params = model["parameters"]
     print(
         f"\nCSM-1B shapes{' (TINY, not the real size)' if result['config']['tiny'] else ''}, random weights, "
-        f"{model['dtype']} on {env['device_name']} -- torch {env['torch']}, transformers {env['transformers']}, "
+        f"{model['dtype']}, {model['attention']} attention, on {env['device_name']} -- torch {env['torch']}, "
+        f"transformers {env['transformers']}, CUDA {env['cuda'] or '-'}, driver {env['driver'] or '-'}, "
         f"{result['date']}"
     )
     print(
         f"parameters: backbone {params['backbone'] / 1e9:.3f} B, depth decoder {params['depth_decoder'] / 1e9:.3f} B, "
         f"codec {params['codec'] / 1e9:.3f} B, total {params['total'] / 1e9:.3f} B "
-        f"({model['weights_bytes'] / 2**30:.2f} GiB of weights); model built in {result['build_s']:.1f} s"
+        f"({model['weights_bytes'] / 2**30:.2f} GiB of weights); model built in {result['build_s']:.1f} s; "
+        f"{result['slots']}"
     )
-    kv = result["kv_cache"]
-    print(
-        f"KV cache per stream: {kv['backbone_bytes_per_position'] / 1024:.0f} KiB per position; "
-        f"{kv['backbone_bytes_measured'] / 2**20:.1f} MiB at {kv['positions_measured']} positions (prompt + frames); "
-        f"{kv['backbone_bytes_full_context'] / 2**20:.1f} MiB at the full {kv['full_context_positions']}-position "
-        f"context; codec decoder cache "
-        f"{fmt(kv['codec_bytes_measured'] and kv['codec_bytes_measured'] / 2**20, '.2f')} MiB"
-    )
-    if single:
-        print(
-            f"\none stream, {single['frames']} frames ({single['frames'] * FRAME_MS / 1000:.1f} s of audio), "
-            f"median of {single['runs']} run(s), first chunk {single['first_chunk_audio_ms']:.0f} ms of audio"
-        )
-        print(
-            f"  time to first audio {single['ttfa_ms']:.0f} ms | {single['frames_per_s']:.2f} frames/s | "
-            f"RTF {single['rtf']:.3f} ({'faster' if single['rtf'] < 1 else 'slower'} than real time; "
-            f"real time needs {1000 / FRAME_MS:.1f} frames/s)"
-        )
-        b = single.get("breakdown")
-        if b:
+    graphs = result.get("graphs")
+    if graphs:
+        print(f"CUDA graphs: {graphs['count']} captured in {graphs['capture_s']:.1f} s (windows <= {graphs['window']})")
+    steps = result.get("frame_step", [])
+    if steps:
+        names = result["paths"]
+        print("\nframe step (one batched frame, ms; real time needs <= 80, no stall with the default chunks <= 40)")
+        print(f"{'streams':>7} " + " ".join(f"{n:>10}" for n in names) + f" {'old/new':>8}")
+        for r in steps:
+            best = r.get(result["best_path"])
+            ratio = r["old"] / best if r.get("old") and best else None
+            print(f"{r['streams']:>7} " + " ".join(f"{fmt(r.get(n)):>10}" for n in names) + f" {fmt(ratio, '.2f'):>8}")
+        for n in names:
             print(
-                f"  per frame: codes (backbone head + 31 depth-decoder steps) {b['frame_codes_ms_per_frame']:.1f} ms, "
-                f"backbone step {b['backbone_step_ms_per_frame']:.1f} ms, codec decode "
-                f"{b['codec_decode_ms_per_frame']:.1f} ms; prefill {b['prefill_ms']:.0f} ms"
+                f"  {n}: largest batch within 80 ms {fmt(largest(steps, n, REAL_TIME_FRAME_MS), 'd')}, "
+                f"within 40 ms {fmt(largest(steps, n, NO_STALL_FRAME_MS), 'd')}"
             )
-    rows = result["concurrency"]
-    if rows:
+    for b in result.get("breakdown", []):
         print(
-            f"\nconcurrent streams through StreamScheduler, {rows[0]['frames_per_stream']} frames each, "
+            f"per part, {b['path']}, {b['streams']} stream(s): prefill {b['prefill_ms_per_stream']:.1f} ms/stream; "
+            f"per frame: codes (codebook 0 + 31 depth steps) {b['codes_ms_per_frame']:.1f} ms, backbone step "
+            f"{b['backbone_step_ms_per_frame']:.1f} ms; codec decode {b['codec_decode_ms_per_stream_frame']:.1f} ms "
+            "per stream and frame"
+        )
+    watermark = result.get("watermark") or {}
+    if watermark.get("rows"):
+        print("watermark (full-size silentcipher, random weights), one chunk at a time:")
+        for r in watermark["rows"]:
+            print(
+                f"  {r['streams']:>3} streams: {fmt(r['ms_per_frame_of_audio_p50'])} ms per 80 ms of audio (p50), "
+                f"{r['audio_s_per_s']:.2f} audio s/s, keeps up: {'yes' if r['keeps_up'] else 'no'}"
+            )
+    if watermark.get("skipped"):
+        print(f"watermark: skipped ({watermark['skipped']})")
+    if watermark.get("error"):
+        print(f"watermark: failed ({watermark['error']})")
+    for name, single in result.get("single_stream_by_path", {}).items():
+        print(
+            f"\n{name}: one stream, {single['frames']} frames ({single['frames'] * FRAME_MS / 1000:.1f} s of audio), "
+            f"median of {single['runs']} run(s): time to first audio {single['ttfa_ms']:.0f} ms | "
+            f"{single['frames_per_s']:.2f} frames/s | RTF {single['rtf']:.3f}"
+        )
+    for name, rows in result.get("concurrency_by_path", {}).items():
+        if not rows:
+            continue
+        print(
+            f"\n{name}: concurrent streams through StreamScheduler, {rows[0]['frames_per_stream']} frames each, "
             "all submitted at once (seeded, fixed length)"
         )
-        header = (
+        print(
             f"{'streams':>7} {'audio s/s':>9} {'frames/s':>9} {'TTFA p50':>9} {'TTFA p99':>9} "
             f"{'worst RTF':>9} {'stalls':>6} {'errors':>6} {'mem/stream':>10} {'real time':>9}"
         )
-        print(header)
         for r in rows:
             mem = r.get("peak_extra_memory_bytes_per_stream")
             print(
@@ -432,12 +638,26 @@ def print_report(result: dict) -> None:
                 f"{fmt(mem and mem / 2**20, '.0f', '-') + (' MiB' if mem else ''):>10} "
                 f"{'yes' if r['real_time'] else 'no':>9}"
             )
+        count = result["largest_real_time"].get(name)
+        print(f"largest real-time count ({name}): {count if count is not None else 'none'}")
+    if result.get("compile"):
+        print(f"\ntorch.compile frame step (ms): {json.dumps(result['compile'])}")
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"total {result['total_s']:.0f} s (budget {result['config']['budget_s']:.0f} s)")
 
 
 # -- main -------------------------------------------------------------------------------------------------------------
+def int_list(parser, flag: str, text: str) -> list[int]:
+    try:
+        values = [int(c) for c in str(text).split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"{flag} must be comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        parser.error(f"{flag} needs at least one value, each >= 1")
+    return values
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
@@ -454,6 +674,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--concurrency",
         help=f"comma-separated stream counts (default {DEFAULT_CONCURRENCY}; quick {QUICK['concurrency']})",
     )
+    parser.add_argument("--old-max-streams", type=int, default=8, help="highest level the old path's sweep runs")
+    parser.add_argument("--breakdown-streams", default="1,8", help="stream counts of the per-part timing")
+    parser.add_argument("--step-frames", type=int, default=8, help="timed frames per frame-step measurement")
     parser.add_argument(
         "--max-active", type=int, help="scheduler's max active streams (default: all streams of a level)"
     )
@@ -465,7 +688,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--budget-s", type=float, help="whole-run time budget in seconds (default 330; quick 170)")
     parser.add_argument("--quick", action="store_true", help="fewer frames, runs and concurrency levels")
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing of one stream")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing and the watermark")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile of the frame step (slow)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes instead of the real size (tests only)")
     parser.add_argument(
         "--cpu-threads",
@@ -474,19 +698,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "stable: 2-thread ops ran 5-50x slower there",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=Path, help="write the results here (after every part)")
     args = parser.parse_args(argv)
     defaults = {"frames": 64, "single_frames": 125, "runs": 3, "concurrency": DEFAULT_CONCURRENCY, "budget_s": 330.0}
     for key, value in (QUICK if args.quick else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    try:
-        args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
-    except ValueError:
-        parser.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
-    if not args.concurrency or min(args.concurrency) < 1:
-        parser.error("--concurrency needs at least one level, each >= 1")
-    for name in ("frames", "single_frames", "runs", "first_chunk_frames"):
+    args.concurrency = int_list(parser, "--concurrency", args.concurrency)
+    args.breakdown_streams = int_list(parser, "--breakdown-streams", args.breakdown_streams)
+    for name in ("frames", "single_frames", "runs", "first_chunk_frames", "old_max_streams", "step_frames"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.budget_s <= 0:
@@ -507,46 +727,74 @@ def resolve_device(args) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device, dtype = resolve_device(args)
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
-    budget_end = START + args.budget_s
-    remaining = lambda: budget_end - time.monotonic()  # noqa: E731
-    notes: list[str] = []
-    texts = load_texts()
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = START + seconds
 
-    built = time.monotonic()
-    schedule = ChunkSchedule(
-        first_frames=args.first_chunk_frames, max_frames=max(ChunkSchedule().max_frames, args.first_chunk_frames)
-    )
-    engine = build_engine(device, dtype, args.seed, args.tiny, schedule)
-    sync(device)
-    build_s = time.monotonic() - built
-    mismatches = [] if args.tiny else check_real_shapes(engine.model.config)
-    if mismatches:
-        notes.append("NOT the real CSM-1B shapes: " + "; ".join(mismatches))
-    env = {
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def environment(device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    driver = None
+    if cuda:
+        try:  # the driver version as NVML reports it (nvidia-smi's), when the bindings exist
+            import pynvml
+
+            pynvml.nvmlInit()
+            driver = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            driver = None
+    return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "driver": driver,
+        "gpu_memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
     }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device, dtype = resolve_device(args)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    budget = Budget(args.budget_s)
+    notes: list[str] = []
+    texts = load_texts()
+    cuda = device.type == "cuda"
+
+    built = time.monotonic()
+    schedule = ChunkSchedule(
+        first_frames=args.first_chunk_frames, max_frames=max(ChunkSchedule().max_frames, args.first_chunk_frames)
+    )
+    model, processor = build_model(device, dtype, args.seed, args.tiny)
+    max_level = max(args.concurrency + args.breakdown_streams)
+    paths = Paths(model, processor, schedule, max_level, cuda)
+    sync(device)
+    build_s = time.monotonic() - built
+    mismatches = [] if args.tiny else check_real_shapes(model.config)
+    if mismatches:
+        notes.append("NOT the real CSM-1B shapes: " + "; ".join(mismatches))
     result = {
         "benchmark": "bench_gpu",
         "date": datetime.date.today().isoformat(),
-        "environment": env,
+        "environment": environment(device),
         "config": {
             "tiny": args.tiny,
             "frames": args.frames,
             "single_frames": args.single_frames,
             "runs": args.runs,
             "concurrency": args.concurrency,
+            "old_max_streams": args.old_max_streams,
+            "breakdown_streams": args.breakdown_streams,
+            "step_frames": args.step_frames,
             "max_active": args.max_active,
             "budget_s": args.budget_s,
             "chunk_schedule": {
@@ -560,110 +808,145 @@ def main(argv=None) -> dict:
             "quick": args.quick,
             "cpu_threads": args.cpu_threads,
         },
-        "model": model_summary(engine),
+        "model": model_summary(model),
         "build_s": build_s,
+        "slots": paths.new.slot_summary,
+        "paths": paths.names,
+        "best_path": paths.best,
         "notes": notes,
-        "concurrency": [],
+        "frame_step": [],
+        "breakdown": [],
+        "single_stream_by_path": {},
+        "concurrency_by_path": {},
+        "largest_real_time": {},
     }
+
+    def save() -> None:
+        result["total_s"] = time.monotonic() - START
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+
     print(
         f"built {'tiny' if args.tiny else 'real-size'} CSM on {device} ({dtype}) in {build_s:.1f} s; "
-        f"{remaining():.0f} s of the {args.budget_s:.0f} s budget left",
+        f"{budget.left():.0f} s of the {args.budget_s:.0f} s budget left; {paths.new.slot_summary}",
         flush=True,
     )
+    save()
 
-    # Warm-up: kernels, allocator, the batched path.
-    in_thread(single_stream, engine, texts[1], 3, 0)
-    concurrent_streams(engine, texts, 2, 2, deadline=time.perf_counter() + max(remaining(), 1))
+    # 1. CUDA graphs, captured for the windows the requests here need (a server captures them all at load).
+    longest = max(len(t) for t in texts) + max(args.frames, args.single_frames) + 64  # byte tokens + frames + slack
+    window = next((w for w in paths.new.windows if w >= longest), paths.new.max_positions)
+    if cuda:
+        started = time.monotonic()
+        try:
+            count = paths.new.capture_graphs(max_window=window)
+            result["graphs"] = {"count": count, "capture_s": time.monotonic() - started, "window": window}
+            print(f"captured {count} CUDA graphs in {result['graphs']['capture_s']:.1f} s", flush=True)
+        except Exception as e:  # the eager paths are still worth measuring
+            notes.append(f"CUDA graph capture failed, graphs left out: {type(e).__name__}: {e}"[:2000])
+            paths.names.remove("new")
+            paths.new.cuda_graphs = False
+            result["paths"], result["best_path"] = paths.names, paths.best
+        save()
 
-    # One stream.
-    runs = []
-    for i in range(args.runs):
-        if runs and remaining() < runs[-1]["total_s"] * 2:
-            notes.append(f"one-stream runs stopped after {len(runs)} of {args.runs}: time budget")
-            break
-        runs.append(in_thread(single_stream, engine, texts[(i + 1) % len(texts)], args.single_frames, i))
-        print(
-            f"one stream, run {i + 1}: TTFA {runs[-1]['ttfa_ms']:.0f} ms, {runs[-1]['frames_per_s']:.2f} frames/s",
-            flush=True,
-        )
-    single = {
-        key: statistics.median(r[key] for r in runs)
-        for key in ("ttfa_ms", "total_s", "audio_s", "frames_per_s", "rtf", "first_chunk_audio_ms")
-    }
-    single.update(
-        frames=args.single_frames,
-        runs=len(runs),
-        stalls=sum(r["stalls"] for r in runs),
-        ttfa_ms_all=[r["ttfa_ms"] for r in runs],
-        frames_per_s_all=[r["frames_per_s"] for r in runs],
-    )
-    if not args.no_breakdown:
-        frames = min(args.single_frames, 25)
-        if remaining() > frames / single["frames_per_s"] * 3:
-            single["breakdown"] = in_thread(frame_breakdown, engine, texts[1], frames)
-        else:
-            notes.append("per-part breakdown skipped: time budget")
-    result["single_stream"] = single
+    # Warm-up: kernels, allocator, both paths.
+    for name in paths.names:
+        engine = paths.engine(name)
+        in_thread(single_stream, engine, texts[1], 3, 0)
+        frame_step_ms(engine, texts, 2, 1)
 
-    # Concurrency sweep.
-    previous = None
+    # 2. Frame step per batch size and path.
     for level in args.concurrency:
-        left = remaining() - 5  # keep a few seconds to write the results
-        if left <= 0:
-            notes.append(f"concurrency {level} and above skipped: time budget spent")
+        if budget.left() < 60:
+            notes.append(f"frame step: levels from {level} on skipped: time budget")
             break
-        if previous is not None:
-            # Pessimistic: cost grows linearly with streams (batching only makes it cheaper).
-            estimate = previous["wall_s"] * level / previous["streams"]
-            if estimate > left * 1.5:
-                notes.append(f"concurrency {level} and above skipped: estimated {estimate:.0f} s, {left:.0f} s left")
-                break
-        print(f"{level} concurrent streams ...", flush=True)
-        # Failures inside the scheduler (out of memory included) come back as stream errors in the row.
-        row = concurrent_streams(
-            engine, texts, level, args.frames, deadline=time.perf_counter() + left, max_active=args.max_active
-        )
-        result["concurrency"].append(row)
-        previous = row
-        if row["completed"] < level:
-            notes.append(
-                f"concurrency {level}: {level - row['completed']} stream(s) did not finish "
-                f"({'; '.join(row['error_samples']) or 'time budget'}); higher levels skipped"
+        row = {"streams": level}
+        for name in paths.names:
+            try:
+                row[name] = in_thread(frame_step_ms, paths.engine(name), texts, level, args.step_frames)
+            except Exception as e:  # out of memory at a high level, say: the other paths and levels still count
+                row[name] = None
+                notes.append(f"frame step, {name} at {level} streams failed: {type(e).__name__}: {e}"[:500])
+        result["frame_step"].append(row)
+        print(f"frame step, {level} streams: " + ", ".join(f"{n} {fmt(row[n])} ms" for n in paths.names), flush=True)
+    save()
+
+    # 3. Per part (eager paths), and 4. the watermark.
+    if not args.no_breakdown:
+        for level in args.breakdown_streams:
+            for name in ("old", "new-eager"):
+                if budget.left() < 60:
+                    notes.append(f"per-part timing of {name} at {level} streams skipped: time budget")
+                    continue
+                try:
+                    row = in_thread(breakdown, paths.engine(name), name, texts, level, min(args.frames, 16))
+                    result["breakdown"].append({"path": name, **row})
+                except Exception as e:
+                    notes.append(f"per-part timing of {name} at {level} streams failed: {type(e).__name__}: {e}"[:500])
+        save()
+        try:
+            result["watermark"] = watermark_cost(device, args.concurrency, min(args.frames, 24), budget)
+        except Exception as e:
+            result["watermark"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        save()
+
+    # 5. One stream, each path (the best new path first: it is the figure that matters).
+    for name in reversed(paths.names):
+        if name == "new-eager" and cuda:
+            continue  # on CUDA the frame-step table already compares eager and graphs
+        try:
+            result["single_stream_by_path"][name] = one_stream_runs(
+                paths.engine(name), texts, args.single_frames, args.runs, budget, notes, name
             )
-            break
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        except Exception as e:  # one failing part must not cost the others
+            notes.append(f"{name}: one-stream runs failed: {type(e).__name__}: {e}"[:500])
+        save()
+    result["single_stream"] = result["single_stream_by_path"].get(paths.best)
+
+    # 6. Concurrent streams: the best new path at every level, the old one up to --old-max-streams.
+    for name, levels in (
+        (paths.best, args.concurrency),
+        ("old", [c for c in args.concurrency if c <= args.old_max_streams]),
+    ):
+        try:
+            rows = sweep(paths.engine(name), name, texts, levels, args.frames, budget, notes, args.max_active)
+        except Exception as e:
+            rows = []
+            notes.append(f"{name}: concurrency sweep failed: {type(e).__name__}: {e}"[:500])
+        result["concurrency_by_path"][name] = rows
+        real_time = [r["streams"] for r in rows if r["real_time"]]
+        result["largest_real_time"][name] = max(real_time) if real_time else None
+        save()
+    result["concurrency"] = result["concurrency_by_path"][paths.best]
+
+    # 7. torch.compile, opt-in (minutes of compilation; last, after everything else is saved).
+    if args.compile:
+        try:
+            result["compile"] = compiled_frame_steps(paths, texts, args.step_frames)
+        except Exception as e:  # a compiler failure is a result too
+            result["compile"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        save()
 
     # KV cache per stream.
-    positions_measured = next(
-        (r["positions_per_stream"] for r in result["concurrency"] if r["positions_per_stream"]), None
-    )
-    kv_measured = next(
-        (r["kv_cache_bytes_per_stream"] for r in result["concurrency"] if r["kv_cache_bytes_per_stream"]), None
-    )
-
-    def one_chunk():
-        stream = engine.start(fixed_request(texts[1], 2, seed=0))
-        engine.step(stream)
-        engine.take_chunk(stream)
-        return stream
-
-    stream = in_thread(one_chunk)
+    stream = paths.engine(paths.best).start(fixed_request(texts[1], 2, seed=0))
+    positions = next((r["positions_per_stream"] for r in result["concurrency"] if r["positions_per_stream"]), None)
     result["kv_cache"] = {
-        "backbone_bytes_per_position": engine.kv_bytes_per_position,
-        "positions_measured": int(positions_measured or stream.prompt_length + stream.frames_generated),
-        "backbone_bytes_measured": int(kv_measured or stream.kv_cache_bytes),
-        "full_context_positions": engine.max_positions,
-        "backbone_bytes_full_context": engine.kv_bytes_per_position * engine.max_positions,
+        "backbone_bytes_per_position": paths.new.kv_bytes_per_position,
+        "positions_measured": int(positions or stream.positions),
+        "backbone_bytes_measured": int((positions or stream.positions) * paths.new.kv_bytes_per_position),
+        "full_context_positions": paths.new.max_positions,
+        "backbone_bytes_full_context": paths.new.slot_bytes,
+        "slots": paths.new.max_streams,
         "codec_bytes_measured": cache_bytes(stream.codec.cache),
-        "note": "backbone KV grows by one position per 80 ms frame; the codec decoder's cache is bounded by its "
-        "sliding window; the depth decoder's cache lives only during one frame",
+        "note": "each stream slot holds the full context, preallocated; a stream fills one position per 80 ms "
+        "frame; the codec decoder's cache is bounded by its sliding window; the depth decoder's 32-position cache is "
+        "shared by all slots and reused every frame",
     }
-    result["total_s"] = time.monotonic() - START
+    paths.new.release(stream)
+    save()
     print_report(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return result
 

@@ -106,11 +106,20 @@ def test_bench_gpu_arguments():
     bench_gpu = load_script("bench_gpu")  # torch and transformers are installed here; the bare-Python check is below
 
     args = bench_gpu.parse_args(["--quick", "--json", "x.json"])
-    assert (args.frames, args.single_frames, args.runs, args.concurrency) == (24, 40, 1, [1, 8, 32])
+    assert (args.frames, args.single_frames, args.runs, args.concurrency) == (24, 40, 1, [1, 8, 32, 64])
     args = bench_gpu.parse_args(["--device", "cpu", "--frames", "4", "--concurrency", "1,2"])
     assert (args.device, args.frames, args.concurrency, args.budget_s) == ("cpu", 4, [1, 2], 330.0)
-    assert bench_gpu.parse_args([]).concurrency == [1, 4, 8, 16, 32, 64]
-    for bad in (["--concurrency", "0"], ["--frames", "0"], ["--concurrency", "x"], ["--budget-s", "0"]):
+    defaults = bench_gpu.parse_args([])
+    assert defaults.concurrency == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert (defaults.breakdown_streams, defaults.old_max_streams, defaults.compile) == ([1, 8], 8, False)
+    bad_arguments = (
+        ["--concurrency", "0"],
+        ["--frames", "0"],
+        ["--concurrency", "x"],
+        ["--budget-s", "0"],
+        ["--breakdown-streams", "0"],
+    )
+    for bad in bad_arguments:
         with pytest.raises(SystemExit):
             bench_gpu.parse_args(bad)
 
@@ -241,7 +250,10 @@ def test_bench_gpu_runs_from_a_bare_python(tmp_path):
         "1",
         "--concurrency",
         "2",
-        "--no-breakdown",
+        "--breakdown-streams",
+        "2",
+        "--step-frames",
+        "2",
         "--cpu-threads",
         "1",
         "--json",
@@ -261,7 +273,15 @@ def test_bench_gpu_runs_from_a_bare_python(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["config"]["tiny"] is True and result["environment"]["device"] == "cpu"
+    assert result["model"]["attention"] == "sdpa" and result["paths"] == ["old", "new-eager"]  # no graphs on a CPU
+    # Old and new path side by side: the frame step at each level, the scheduler sweep of each path.
+    assert [r["streams"] for r in result["frame_step"]] == [2]
+    assert all(r["old"] > 0 and r["new-eager"] > 0 for r in result["frame_step"])
+    assert [r["streams"] for r in result["concurrency_by_path"]["old"]] == [2]
     assert [r["streams"] for r in result["concurrency"]] == [2]
+    assert [(b["path"], b["streams"]) for b in result["breakdown"]] == [("old", 2), ("new-eager", 2)]
+    assert all(b["codes_ms_per_frame"] > 0 and b["backbone_step_ms_per_frame"] > 0 for b in result["breakdown"])
+    assert "silentcipher" in result["watermark"]["skipped"]  # not in a bare Python: said, not silently left out
     for row in result["concurrency"]:
         assert row["errors"] == 0 and row["completed"] == row["streams"]
         assert row["audio_s"] == pytest.approx(row["streams"] * 2 * 0.08)

@@ -746,8 +746,15 @@ def test_gpu_and_cpu_repositories_differ_only_where_the_profiles_say(tmp_path):
     assert configs, "model_repository/ has no config.pbtxt"
     differing_keys = {k for k in PROFILES["cpu"] if PROFILES["cpu"][k] != PROFILES["gpu"][k]}
     differing_keys |= {k for k in DEFAULT_PATHS["cpu"] if DEFAULT_PATHS["cpu"][k] != DEFAULT_PATHS["gpu"][k]}
-    # What may differ: the instance kind (and count) and the checkpoint paths, nothing else.
-    assert differing_keys <= {"instance_kind", "csm_instance_count", "csm_model_dir", "watermark_model_dir"}
+    # What may differ: the instance kind (and count), the stream capacity and the checkpoint paths, nothing else.
+    assert differing_keys <= {
+        "instance_kind",
+        "csm_instance_count",
+        "max_active_streams",
+        "max_queue_wait_ms",
+        "csm_model_dir",
+        "watermark_model_dir",
+    }
     kinds_on_gpu = set()
     for config in configs:
         template = (source / config).read_text().splitlines()

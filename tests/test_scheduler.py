@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from csm_tts.speech.engine import GenerationRequest, InvalidRequest
+from csm_tts.speech.engine import CsmEngine, GenerationRequest, InvalidRequest
 from csm_tts.speech.request_parsing import parse_parameters, parse_request
 from csm_tts.speech.scheduler import ServerFull, StreamScheduler
 
@@ -102,6 +102,7 @@ def test_cancel_stops_within_a_frame_and_others_continue(scheduler):
     assert cancelled.errors == [("the request was cancelled", "CANCELLED")]  # its one final response
     assert other.chunks[-1].is_last
     assert scheduler.in_flight == 0
+    assert scheduler.engine.streams_active == 0  # the cancelled stream gave its slot back
 
 
 def test_full_queue_is_refused(engine):
@@ -114,6 +115,40 @@ def test_full_queue_is_refused(engine):
         with pytest.raises(ServerFull, match="retry"):
             sched.submit(GenerationRequest("Hello.", max_audio_length_ms=160), RecordingSink())
         assert all(s.done.wait(60) for s in sinks)
+    finally:
+        sched.close()
+
+
+def test_a_queued_stream_waits_a_bounded_time(engine):
+    """Waiting for a slot is bounded: past max_queue_wait_s the request is refused, retry-able, instead of waiting
+    for a whole clip to end."""
+    messages = []
+    sched = StreamScheduler(engine, max_active=1, max_queued=4, logger=messages.append, max_queue_wait_s=0.3)
+    try:
+        running, late = RecordingSink(), RecordingSink()
+        sched.submit(GenerationRequest("Hello.", max_audio_length_ms=4000), running)
+        sched.submit(GenerationRequest("Hello.", max_audio_length_ms=160), late)
+        assert late.done.wait(30)
+        assert not late.chunks and len(late.errors) == 1
+        message, code = late.errors[0]
+        assert code == "UNAVAILABLE" and "no stream slot became free within" in message and "retry" in message
+        assert running.done.wait(60) and running.chunks[-1].is_last and not running.errors
+        assert any("refusing a queued request" in m for m in messages)
+    finally:
+        sched.close()
+
+
+def test_active_streams_are_capped_by_the_engine_slots(tiny_csm_dir):
+    engine = CsmEngine.from_dir(tiny_csm_dir, max_streams=2)
+    messages = []
+    sched = StreamScheduler(engine, max_active=8, max_queued=8, logger=messages.append)
+    try:
+        assert sched.max_active == 2 and "lowered to the engine's 2 stream slots" in messages[0]
+        sinks = [RecordingSink() for _ in range(4)]
+        for i, sink in enumerate(sinks):
+            sched.submit(GenerationRequest("Hello.", seed=i, max_audio_length_ms=320), sink)
+        assert all(s.done.wait(60) and s.chunks[-1].is_last and not s.errors for s in sinks)
+        assert engine.streams_active == 0
     finally:
         sched.close()
 

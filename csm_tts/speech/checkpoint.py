@@ -23,6 +23,11 @@ CHAT_TEMPLATE = (
 )
 
 
+# The engine's depth decoder feeds its first two positions with no mask and relies on SDPA treating that as causal
+# (eager attention would make that step bidirectional); transformers' default may change, so it is pinned.
+ATTENTION = "sdpa"
+
+
 class CheckpointError(FileNotFoundError):
     pass
 
@@ -50,6 +55,8 @@ def load_csm(model_dir: str | Path, device: str | torch.device = "cpu", dtype: t
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     processor = CsmProcessor.from_pretrained(path, local_files_only=True)
-    model = CsmForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+    model = CsmForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, dtype=dtype, attn_implementation=ATTENTION
+    )
     model.to(device).eval()
     return model, processor

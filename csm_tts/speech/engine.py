@@ -3,14 +3,23 @@
 One frame = one backbone step (Llama with KV cache) that samples codebook 0 through `lm_head`, then 31 depth-decoder
 steps for codebooks 1..31. This is the loop of transformers' `CsmForConditionalGeneration.generate`, written out so
 that a caller can stop between frames (cancellation), emit audio as it is produced (chunk schedule), and advance many
-streams from one scheduler. Everything a stream needs lives in one `Stream` object.
+streams from one scheduler. Per-stream bookkeeping lives in one `Stream` object; the tensors live in the engine.
+
+Fixed batch slots: the engine preallocates one backbone KV cache of `max_streams` slots x the model's context, and a
+stream owns one slot from `start` until it finishes or is released. A frame runs the first `rows` slots (a batch-size
+bucket) as one batch: each row writes its new key/value at its own position with an index operation and attends
+under a mask of its own length, so caches are never copied, padded or concatenated. The whole frame (codebook 0,
+31 depth steps, the backbone step) reads and writes only these fixed buffers and never waits for the device, so on a
+GPU it is captured once per shape as a CUDA graph and replayed; on the CPU the same code runs eagerly.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+import threading
 import uuid
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,9 +28,14 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from csm_tts import FRAME_MS, SAMPLE_RATE
-from csm_tts.speech.checkpoint import load_csm
+from csm_tts.speech.checkpoint import ATTENTION, load_csm
 from csm_tts.speech.chunk_schedule import ChunkSchedule
 from csm_tts.speech.codec_stream import StreamingCodecDecoder
+
+# Static shapes of a frame step (a CUDA graph per combination): batch rows are rounded up to a power of two (and
+# `max_streams`), the attended context to one of these windows, the top-k to a small or the full bound.
+WINDOWS = (256, 512, 1024, 2048)
+SMALL_TOPK = 64  # covers the default top-k (50) with a cheap selection; larger top-k use the whole codebook
 
 
 class InvalidRequest(ValueError):
@@ -66,19 +80,24 @@ class AudioChunk:
     finish_reason: str | None = None  # "eos" or "length" on the last chunk
 
 
+class NoFreeSlot(RuntimeError):
+    """Every batch slot is taken; the caller admits at most `max_streams` streams at a time."""
+
+
 @dataclass(eq=False)
 class Stream:
-    """All per-stream state: KV cache, next backbone hidden state, RNG, codec decoder state, counters."""
+    """Per-stream bookkeeping: its slot in the engine's batch, RNG, codec decoder state, frames and counters."""
 
     request: GenerationRequest
     stream_id: str
     max_frames: int
     prompt_length: int
-    cache: DynamicCache
-    hidden: torch.Tensor  # backbone output for the last position, [1, hidden]
     generator: torch.Generator | None
     codec: StreamingCodecDecoder
-    pending: list[torch.Tensor] = field(default_factory=list)  # frames not yet decoded, each [32]
+    kv_bytes_per_position: int
+    slot: int | None = None  # the engine's batch slot, owned until the stream finishes or is released
+    positions: int = 0  # positions of the backbone context filled (prompt, then one per frame fed back)
+    pending: list[torch.Tensor] = field(default_factory=list)  # frames not yet decoded, each [32] on the CPU
     codes: list[torch.Tensor] = field(default_factory=list)  # every frame generated so far
     chunk_index: int = 0
     samples_sent: int = 0
@@ -94,8 +113,8 @@ class Stream:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Memory held by this stream's backbone KV cache (freed with the stream)."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers if layer.is_initialized)
+        """Backbone KV cache this stream's positions occupy (in its preallocated slot)."""
+        return self.positions * self.kv_bytes_per_position
 
 
 def validate_request(request: GenerationRequest, limits: Limits, codebook_size: int) -> None:
@@ -138,7 +157,12 @@ def validate_request(request: GenerationRequest, limits: Limits, codebook_size: 
 
 
 def sample_codes(
-    logits: torch.Tensor, temperatures: torch.Tensor, topks: torch.Tensor, uniforms: torch.Tensor, valid_ids: int
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    topks: torch.Tensor,
+    uniforms: torch.Tensor,
+    valid_ids: int,
+    topk_bound: int | None = None,
 ) -> torch.Tensor:
     """Sample one id per row of [batch, vocab] logits, each row with its own temperature, top-k and uniform draw.
 
@@ -146,11 +170,13 @@ def sample_codes(
     (argmax, like transformers). Otherwise: temperature, top-k, softmax, then inverse-CDF sampling with the row's
     uniform number. Each stream draws its uniforms from its own generator, so what a stream samples does not depend
     on which other streams share the batch (a multinomial call over the batch would interleave their randomness).
+    `topk_bound` (>= every row's top-k; default: all valid ids) is a fixed size known without reading `topks`
+    back from the device, so sampling never synchronises and keeps static shapes; each row masks its own top-k.
     """
     logits = logits.float()
     logits[..., valid_ids:] = -math.inf
     greedy = logits.argmax(dim=-1)
-    k = min(int(topks.max()), valid_ids)
+    k = min(topk_bound or valid_ids, valid_ids)
     top_values, top_ids = torch.topk(logits / temperatures.clamp(min=1e-5)[:, None], k, dim=-1)
     ranks = torch.arange(k, device=logits.device)
     top_values = top_values.masked_fill(ranks[None, :] >= topks[:, None], -math.inf)
@@ -161,8 +187,114 @@ def sample_codes(
     return torch.where(temperatures == 0, greedy, sampled)
 
 
+def batch_buckets(max_streams: int) -> tuple[int, ...]:
+    """Batch sizes a frame step runs at: powers of two below `max_streams`, and `max_streams` itself."""
+    sizes, size = [], 1
+    while size < max_streams:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_streams)
+
+
+def fit_slots(requested: int, slot_bytes: int, free_bytes: int, total_bytes: int) -> tuple[int, str]:
+    """How many stream slots of `slot_bytes` to preallocate on a GPU, and a sentence for the log. Keeps a reserve
+    (10% of the GPU, at least 2 GiB) for activations, CUDA graphs, the codec and the watermarker."""
+    reserve = max(2 * 2**30, total_bytes // 10)
+    fits = max(0, (free_bytes - reserve) // slot_bytes)
+    slots = max(1, min(requested, fits))
+    why = "as configured" if slots == requested else f"reduced from {requested}: free GPU memory"
+    return slots, (
+        f"{slots} stream slots x {slot_bytes / 2**20:.0f} MiB of KV cache = {slots * slot_bytes / 2**30:.2f} GiB "
+        f"({why}; {free_bytes / 2**30:.1f} GiB free of {total_bytes / 2**30:.1f} GiB, room for {fits})"
+    )
+
+
+class SlotCache:
+    """What the backbone's attention layers see as their cache during a batched frame step.
+
+    Keys/values of every slot, [slots, kv_heads, context, head_dim] per layer, allocated once. `update` (called by
+    transformers' attention) writes each row's new key/value at that row's own position and returns the first
+    `window` positions of the batch's slots: views, never copies. Positions past a row's length hold leftovers
+    (of this stream or of the slot's previous owner); the attention mask hides them.
+    """
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, context: int, head_dim: int, dtype, device):
+        shape = (slots, kv_heads, context, head_dim)
+        # Zeros, not empty: a masked position still multiplies its value by a zero weight, and 0 x NaN is NaN.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.row_ids = torch.arange(slots, device=device)
+        self.rows, self.window, self.positions = 0, 0, None
+
+    def bind(self, rows: int, window: int, positions: torch.Tensor) -> None:
+        self.rows, self.window, self.positions = rows, window, positions
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        rows = self.row_ids[: self.rows]
+        keys[rows, :, self.positions] = key_states[:, :, 0]
+        values[rows, :, self.positions] = value_states[:, :, 0]
+        return keys[: self.rows, :, : self.window], values[: self.rows, :, : self.window]
+
+    def fill(self, slot: int, prefill: DynamicCache) -> None:
+        """Copy a prefill's keys/values (batch of one) into positions 0.. of `slot` (once per stream)."""
+        for layer, own in enumerate(prefill.layers):
+            length = own.keys.shape[2]
+            self.keys[layer][slot, :, :length] = own.keys[0]
+            self.values[layer][slot, :, :length] = own.values[0]
+
+
+class DepthCache:
+    """The depth decoder's cache: 32 positions (backbone state, codebooks 0..30) per row, reused every frame. A
+    frame writes positions 0, 1, 2, ... in order, so earlier frames' leftovers are overwritten before being read."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, positions: int, head_dim: int, dtype, device):
+        shape = (rows, kv_heads, positions, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.rows, self.start = 0, 0
+
+    def bind(self, rows: int, start: int) -> None:
+        self.rows, self.start = rows, start
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        end = self.start + key_states.shape[2]
+        keys, values = self.keys[layer_idx][: self.rows], self.values[layer_idx][: self.rows]
+        keys[:, :, self.start : end] = key_states
+        values[:, :, self.start : end] = value_states
+        return keys[:, :, :end], values[:, :, :end]
+
+
+@dataclass
+class SlotState:
+    """Every tensor a frame step reads or writes, allocated once (fixed addresses, as CUDA graphs need)."""
+
+    backbone: SlotCache
+    depth: DepthCache
+    lengths: torch.Tensor  # [slots] positions filled per slot
+    hidden: torch.Tensor  # [slots, hidden] backbone output at each slot's last position
+    temperature: torch.Tensor  # [slots]
+    topk: torch.Tensor  # [slots]
+    inputs: torch.Tensor  # [slots, num_codebooks + 1]: each row's uniforms for the frame, then 1 if it steps
+    staging: torch.Tensor  # the same on the CPU (pinned on CUDA): filled on the host, moved in one copy
+    codes: torch.Tensor  # [slots, num_codebooks] the frame's codes
+    window_ids: torch.Tensor  # arange(context), for the length masks
+    depth_rotary: tuple[torch.Tensor, torch.Tensor]  # the depth decoder's cos/sin for its positions
+
+
 class CsmEngine:
-    def __init__(self, model, processor, schedule: ChunkSchedule | None = None, limits: Limits | None = None):
+    """Generation for many streams at once. The slots' tensors are shared by all streams, so calls that touch them
+    (start, step_many, release, capture_graphs) take one lock: threads may share an engine, their calls take turns."""
+
+    def __init__(
+        self,
+        model,
+        processor,
+        schedule: ChunkSchedule | None = None,
+        limits: Limits | None = None,
+        max_streams: int = 8,
+        cuda_graphs: bool | None = None,
+    ):
         self.model = model
         self.processor = processor
         self.schedule = schedule or ChunkSchedule()
@@ -175,11 +307,41 @@ class CsmEngine:
         self.max_positions = config.max_position_embeddings
         self.depth_config = model.depth_decoder.config
         self.depth = model.depth_decoder.model
-        # Keys and values of every backbone layer, per position: a stream at full context holds
-        # max_positions times this (32 KiB x 2048 = 64 MiB for CSM-1B in bf16).
+        for part in (config, self.depth_config):
+            # The depth decoder's first step feeds two positions with no mask: only SDPA makes that causal.
+            if part._attn_implementation != ATTENTION:
+                raise ValueError(
+                    f"CsmEngine needs attn_implementation={ATTENTION!r}, got {part._attn_implementation!r} "
+                    f"for {type(part).__name__}: load the model with csm_tts.speech.checkpoint.load_csm"
+                )
+        # Keys and values of every backbone layer, per position: a slot holds max_positions times this
+        # (32 KiB x 2048 = 64 MiB for CSM-1B in bf16).
         self.kv_bytes_per_position = (
             2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * model.dtype.itemsize
         )
+        self.slot_bytes = self.kv_bytes_per_position * self.max_positions
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            max_streams, self.slot_summary = fit_slots(max_streams, self.slot_bytes, free, total)
+        else:
+            self.slot_summary = (
+                f"{max_streams} stream slots x {self.slot_bytes / 2**20:.0f} MiB of KV cache "
+                f"= {max_streams * self.slot_bytes / 2**30:.2f} GiB"
+            )
+        self.max_streams = max_streams
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device")
+        self.batch_sizes = batch_buckets(max_streams)
+        self.windows = tuple(sorted({min(w, self.max_positions) for w in WINDOWS}))
+        self.topk_bounds = (min(SMALL_TOPK, self.codebook_size), self.codebook_size)
+        self._owners: list[weakref.ref | None] = [None] * max_streams  # slot -> its stream
+        self._state: SlotState | None = None  # allocated by the first start (or capture)
+        self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self._lock = threading.RLock()
 
     @classmethod
     def from_dir(cls, model_dir, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> CsmEngine:
@@ -207,10 +369,68 @@ class CsmEngine:
         )
         return merged["inputs_embeds"]
 
+    # -- slots --------------------------------------------------------------------------------------------------
+    def _slot_state(self) -> SlotState:
+        if self._state is None:
+            config, depth, device, dtype = self.model.config, self.depth_config, self.device, self.model.dtype
+            slots = self.max_streams
+            staging = torch.zeros(slots, self.num_codebooks + 1)
+            depth_positions = torch.arange(self.num_codebooks, device=device)[None]
+            probe = torch.zeros(1, dtype=dtype, device=device)
+            self._state = SlotState(
+                backbone=SlotCache(
+                    config.num_hidden_layers,
+                    slots,
+                    config.num_key_value_heads,
+                    self.max_positions,
+                    config.head_dim,
+                    dtype,
+                    device,
+                ),
+                depth=DepthCache(
+                    depth.num_hidden_layers,
+                    slots,
+                    depth.num_key_value_heads,
+                    self.num_codebooks,
+                    depth.head_dim,
+                    dtype,
+                    device,
+                ),
+                lengths=torch.zeros(slots, dtype=torch.long, device=device),
+                hidden=torch.zeros(slots, config.hidden_size, dtype=dtype, device=device),
+                temperature=torch.zeros(slots, device=device),
+                topk=torch.ones(slots, dtype=torch.long, device=device),
+                inputs=torch.zeros(slots, self.num_codebooks + 1, device=device),
+                staging=staging.pin_memory() if device.type == "cuda" else staging,
+                codes=torch.zeros(slots, self.num_codebooks, dtype=torch.long, device=device),
+                window_ids=torch.arange(self.max_positions, device=device),
+                depth_rotary=self.depth.rotary_emb(probe, depth_positions),
+            )
+        return self._state
+
+    def _free_slot(self) -> int:
+        for slot, owner in enumerate(self._owners):
+            if owner is None or owner() is None:  # a stream dropped without release frees its slot too
+                return slot
+        raise NoFreeSlot(f"all {self.max_streams} stream slots are taken")
+
+    @property
+    def streams_active(self) -> int:
+        return sum(1 for owner in self._owners if owner is not None and owner() is not None)
+
+    def release(self, stream: Stream) -> None:
+        """Give the stream's slot back (idempotent). Finished streams release theirs themselves; a caller that drops
+        an unfinished stream (cancelled, failed) calls this."""
+        with self._lock:
+            slot, stream.slot = stream.slot, None
+            if slot is not None and self._owners[slot] is not None and self._owners[slot]() is stream:
+                self._owners[slot] = None
+
     # -- generation ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def start(self, request: GenerationRequest, stream_id: str | None = None) -> Stream:
-        """Validate, build the prompt and run the prefill. Raises InvalidRequest."""
+        """Validate, build the prompt, take a free slot and run the prefill into it. Raises InvalidRequest, or
+        NoFreeSlot when `max_streams` streams are running."""
         self.validate(request)
         embeds = self.prompt_embeds(request)
         prompt_length = embeds.shape[1]
@@ -221,136 +441,193 @@ class CsmEngine:
                 f"{request.max_audio_length_ms} needs {max_frames} more; the model's context holds "
                 f"{self.max_positions}: shorten the text or context, or lower max_audio_length_ms"
             )
-        cache = DynamicCache(config=self.model.config)
-        out = self.model.backbone_model(inputs_embeds=embeds, cache=cache, use_cache=True)
+        if self.streams_active >= self.max_streams:  # fail before the prefill; the locked check below decides
+            raise NoFreeSlot(f"all {self.max_streams} stream slots are taken")
+        # Prefill stays eager (transformers' own forward, one per step at most), then its keys/values move into
+        # the slot once; positions past the prompt keep the previous owner's leftovers, masked by the length.
+        prefill = DynamicCache(config=self.model.config)
+        out = self.model.backbone_model(inputs_embeds=embeds, cache=prefill, use_cache=True)
         generator = None
         if request.temperature > 0:
             # On the CPU whatever the model's device: 32 uniforms a frame cost nothing, and CPU generators give the
             # same numbers on every machine, so a seed means the same audio on a laptop and on a GPU server.
             generator = torch.Generator()
             generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
-        return Stream(
-            request=request,
-            stream_id=stream_id or uuid.uuid4().hex,
-            max_frames=max_frames,
-            prompt_length=prompt_length,
-            cache=cache,
-            hidden=out.last_hidden_state[:, -1],
-            generator=generator,
-            codec=StreamingCodecDecoder(self.model.codec_model),
-        )
+        with self._lock:
+            slot = self._free_slot()
+            state = self._slot_state()
+            state.backbone.fill(slot, prefill)
+            state.lengths[slot] = prompt_length
+            state.hidden[slot] = out.last_hidden_state[0, -1]
+            state.temperature[slot] = float(request.temperature)
+            state.topk[slot] = request.topk
+            stream = Stream(
+                request=request,
+                stream_id=stream_id or uuid.uuid4().hex,
+                max_frames=max_frames,
+                prompt_length=prompt_length,
+                generator=generator,
+                codec=StreamingCodecDecoder(self.model.codec_model),
+                kv_bytes_per_position=self.kv_bytes_per_position,
+                slot=slot,
+                positions=prompt_length,
+            )
+            self._owners[slot] = weakref.ref(stream)
+        return stream
 
-    @torch.inference_mode()
-    def frame_codes(self, streams: list[Stream]) -> torch.Tensor:
-        """One frame for each stream, batched: codebook 0 from the backbone's hidden state, then codebooks 1..31
-        from the depth decoder, whose 31 sequential steps dominate the cost of a frame. Returns [batch, 32]."""
-        device = self.device
-        hidden = torch.cat([s.hidden for s in streams])
-        temperatures = torch.tensor([float(s.request.temperature) for s in streams], device=device)
-        topks = torch.tensor([s.request.topk for s in streams], device=device)
-        # One draw per codebook per frame from each stream's own generator (greedy streams have none).
-        uniforms = torch.stack(
-            [
-                torch.rand(self.num_codebooks, generator=s.generator)
-                if s.generator
-                else torch.zeros(self.num_codebooks)
-                for s in streams
-            ]
-        ).to(device)
+    def _frame(self, rows: int, window: int, topk_bound: int) -> None:
+        """One frame for slots 0..rows-1, on the state's fixed buffers only (what a CUDA graph captures): codebook 0
+        from each slot's hidden state, codebooks 1..31 from the depth decoder, then the backbone step that feeds
+        the frame back. Rows whose step flag is 0 (idle slots, streams not stepped now) compute too, but their
+        length and hidden state stay as they were; what they write lands past their length, masked."""
+        state = self._state
+        hidden = state.hidden[:rows]
+        temperature, topk = state.temperature[:rows], state.topk[:rows]
+        uniforms, stepping = state.inputs[:rows, :-1], state.inputs[:rows, -1] > 0
 
         def sample(logits, codebook):
-            return sample_codes(logits, temperatures, topks, uniforms[:, codebook], self.codebook_size)
+            return sample_codes(
+                logits, temperature, topk, uniforms[:, codebook], self.codebook_size, topk_bound=topk_bound
+            )
 
         c0 = sample(self.model.lm_head(hidden), 0)
-        depth_cache = DynamicCache(config=self.depth_config)
         # Position 0 is the backbone's hidden state, position 1 codebook 0; then one codebook per step.
         first = self.depth.embed_tokens(c0)[:, None]
-        logits = self._depth_logits(torch.cat([hidden[:, None].to(first.dtype), first], dim=1), depth_cache, 0)
+        logits = self._depth_logits(torch.cat([hidden[:, None].to(first.dtype), first], dim=1), rows, 0)
         codes = [c0]
         for codebook in range(1, self.num_codebooks):
             code = sample(logits, codebook)
             codes.append(code)
             if codebook < self.num_codebooks - 1:
                 embeds = self.depth.embed_tokens(code + codebook * self.depth_config.vocab_size)[:, None]
-                logits = self._depth_logits(embeds, depth_cache, codebook + 1)
-        return torch.stack(codes, dim=1)
+                logits = self._depth_logits(embeds, rows, codebook + 1)
+        frame = torch.stack(codes, dim=1)
+        state.codes[:rows] = frame
+        self._backbone_step(frame, rows, window, stepping)
 
-    def _depth_logits(self, embeds: torch.Tensor, cache: DynamicCache, position: int) -> torch.Tensor:
+    def _depth_logits(self, embeds: torch.Tensor, rows: int, position: int) -> torch.Tensor:
         """The depth decoder's forward pass for new positions, returning the logits of the next codebook.
 
         The same modules and operations as `CsmDepthDecoderForCausalLM.forward`, called directly: its wrappers
         (output capturing, config merging, mask construction) cost as much as the layers themselves at these sizes,
-        31 times per frame. SDPA infers the causal mask when no mask is given (tests check equality with
-        transformers' `generate`).
+        31 times per frame. SDPA infers the causal mask when no mask is given (pinned at load; a test checks that
+        the two-position first step equals feeding the positions one by one).
         """
+        length = embeds.shape[1]
         hidden = self.depth.inputs_embeds_projector(embeds)
-        positions = torch.arange(position, position + embeds.shape[1], device=embeds.device)[None]
-        rotary = self.depth.rotary_emb(hidden, positions)
+        cos, sin = self._state.depth_rotary
+        rotary = (cos[:, position : position + length], sin[:, position : position + length])
+        cache = self._state.depth
+        cache.bind(rows, position)
         for layer in self.depth.layers:
-            hidden = layer(hidden, position_ids=positions, cache=cache, use_cache=True, position_embeddings=rotary)
+            hidden = layer(hidden, cache=cache, use_cache=True, position_embeddings=rotary)
         hidden = self.depth.norm(hidden[:, -1])
         # Codebook c (1..31) has its own head; position p predicts codebook p.
-        head = self.model.depth_decoder.codebooks_head.weight[position + embeds.shape[1] - 2]
+        head = self.model.depth_decoder.codebooks_head.weight[position + length - 2]
         return hidden @ head
 
-    @torch.inference_mode()
-    def backbone_step(self, streams: list[Stream], frames: torch.Tensor) -> None:
-        """Feed each stream's new frame to the backbone, all streams in one call.
+    def _backbone_step(self, frame: torch.Tensor, rows: int, window: int, stepping: torch.Tensor) -> None:
+        """Feed each row's new frame to the backbone: one call for the batch, each row at its own position."""
+        state, backbone = self._state, self.model.backbone_model
+        embeds = backbone.embed_tokens(frame[:, None, :])
+        positions = state.lengths[:rows].clamp(max=self.max_positions - 1)
+        # A row attends to its own filled positions and the new one; [rows, 1, 1, window], shared by all heads.
+        mask = (state.window_ids[None, :window] <= positions[:, None])[:, None, None, :]
+        rotary = backbone.rotary_emb(embeds, positions[:, None])
+        state.backbone.bind(rows, window, positions)
+        hidden = embeds
+        for layer in backbone.layers[: self.model.config.num_hidden_layers]:
+            hidden = layer(
+                hidden, attention_mask=mask, cache=state.backbone, use_cache=True, position_embeddings=rotary
+            )
+        hidden = backbone.norm(hidden[:, -1])
+        state.hidden[:rows] = torch.where(stepping[:, None], hidden, state.hidden[:rows])
+        state.lengths[:rows] += stepping.long()
 
-        Streams have KV caches of different lengths: they are left-padded to a common length for the call (padding
-        masked out, each stream at its own position) and each stream keeps only its own new key/value row.
-        """
-        embeds = self.model.backbone_model.embed_tokens(frames[:, None, :])
-        if len(streams) == 1:
-            out = self.model.backbone_model(inputs_embeds=embeds, cache=streams[0].cache, use_cache=True)
-            streams[0].hidden = out.last_hidden_state[:, -1]
-            return
-        lengths = [s.cache.get_seq_length() for s in streams]
-        longest = max(lengths)
-        batch_cache = DynamicCache(config=self.model.config)
-        for layer_index, layer in enumerate(batch_cache.layers):
-            own = [s.cache.layers[layer_index] for s in streams]
-            pad = [(0, 0, longest - n, 0) for n in lengths]  # left-pad the sequence dimension
-            keys = torch.cat([torch.nn.functional.pad(o.keys, p) for o, p in zip(own, pad, strict=True)])
-            values = torch.cat([torch.nn.functional.pad(o.values, p) for o, p in zip(own, pad, strict=True)])
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-        mask = torch.zeros(len(streams), longest + 1, dtype=torch.long, device=self.device)
-        for row, n in enumerate(lengths):
-            mask[row, longest - n :] = 1
-        positions = torch.tensor(lengths, device=self.device)[:, None]
-        out = self.model.backbone_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=batch_cache, use_cache=True
-        )
-        for row, stream in enumerate(streams):
-            stream.hidden = out.last_hidden_state[row : row + 1, -1]
-            for layer_index, layer in enumerate(batch_cache.layers):
-                stream.cache.layers[layer_index].update(
-                    layer.keys[row : row + 1, :, -1:], layer.values[row : row + 1, :, -1:]
-                )
+    def _shape(self, streams: list[Stream]) -> tuple[int, int, int]:
+        """The static shape a frame of these streams runs at: batch rows, context window, top-k bound."""
+        rows = next(b for b in self.batch_sizes if b > max(s.slot for s in streams))
+        window = next(w for w in self.windows if w > max(s.positions for s in streams))
+        topk = max((s.request.topk for s in streams if s.request.temperature > 0), default=1)
+        return rows, window, next(k for k in self.topk_bounds if k >= topk)
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_window: int | None = None) -> int:
+        """Capture the frame step as a CUDA graph for every batch size, window (up to `max_window`) and top-k bound,
+        so that no stream pays for a capture later (at model load). Returns how many graphs exist."""
+        if not self.cuda_graphs:
+            return 0
+        with self._lock:
+            for rows in self.batch_sizes:
+                for window in self.windows:
+                    if max_window is None or window <= max_window:
+                        for topk in self.topk_bounds:
+                            self._graph((rows, window, topk))
+            return len(self._graphs)
+
+    def _graph(self, shape: tuple[int, int, int]):
+        graph = self._graphs.get(shape)
+        if graph is None:
+            state = self._slot_state()
+            state.inputs.zero_()  # no row steps: the warm-up run leaves every length and hidden state as it was
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._frame(*shape)  # warm-up outside the capture (library handles, workspaces)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):  # graphs never run at once: one memory pool
+                self._frame(*shape)
+            self._graphs[shape] = graph
+        return graph
 
     @torch.inference_mode()
     def step_many(self, streams: list[Stream]) -> None:
         """Advance every unfinished stream by one frame (or finish it at EOS / its length limit), in one batch."""
         streams = [s for s in streams if not s.finished]
-        if not streams:
-            return
-        frames = self.frame_codes(streams)
-        continuing = []
-        for stream, frame in zip(streams, frames, strict=True):
+        if streams:
+            with self._lock:
+                self._step_locked(streams)
+
+    def _step_locked(self, streams: list[Stream]) -> None:
+        for stream in streams:
+            owner = None if stream.slot is None else self._owners[stream.slot]
+            if owner is None or owner() is not stream:
+                raise ValueError(f"stream {stream.stream_id} has no slot (it was released)")
+        shape = self._shape(streams)
+        graph = self._graph(shape) if self.cuda_graphs else None  # a capture (once per shape) resets the inputs
+        state = self._state
+        rows = shape[0]
+        # Each stream's uniforms come from its own generator, on the CPU; with the step flags they reach the device
+        # in one copy. Rows that do not step get zeros (and flag 0).
+        staging = state.staging[:rows]
+        staging.zero_()
+        for stream in streams:
+            if stream.generator is not None:
+                staging[stream.slot, :-1] = torch.rand(self.num_codebooks, generator=stream.generator)
+            staging[stream.slot, -1] = 1
+        state.inputs[:rows].copy_(staging, non_blocking=True)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._frame(*shape)
+        # The frame's one synchronisation: its codes, for the whole batch, to the host (EOS test, chunks).
+        frames = state.codes[:rows].to("cpu", copy=True)
+        for stream in streams:
+            frame = frames[stream.slot]
+            stream.positions += 1
             # transformers' EOS rule: codebooks 0..30 all equal to the EOS id (an all-zero frame).
             if not stream.request.ignore_eos and bool((frame[:-1] == self.eos_id).all()):
                 stream.finish_reason = "eos"
-                continue
-            stream.pending.append(frame)
-            stream.codes.append(frame)
-            if stream.frames_generated >= stream.max_frames:
-                stream.finish_reason = "length"
-                continue
-            continuing.append(stream)
-        if continuing:
-            index = [streams.index(s) for s in continuing]
-            self.backbone_step(continuing, frames[index])
+            else:
+                stream.pending.append(frame)
+                stream.codes.append(frame)
+                if stream.frames_generated >= stream.max_frames:
+                    stream.finish_reason = "length"
+            if stream.finished:
+                self.release(stream)  # its keys/values are no longer needed; its pending frames are on the host
 
     def step(self, stream: Stream) -> None:
         self.step_many([stream])
@@ -362,7 +639,7 @@ class CsmEngine:
         """Decode the pending frames into the next chunk (empty audio when a stream ends on a chunk border)."""
         codes = torch.stack(stream.pending) if stream.pending else torch.zeros(0, self.num_codebooks, dtype=torch.long)
         stream.pending = []
-        audio = stream.codec.decode(codes)
+        audio = stream.codec.decode(codes.to(self.device))
         chunk = AudioChunk(
             index=stream.chunk_index,
             audio=audio,
@@ -377,10 +654,13 @@ class CsmEngine:
     def generate(self, request: GenerationRequest) -> Iterator[AudioChunk]:
         """Stream one request on its own: chunks in order, the last with is_last=True."""
         stream = self.start(request)
-        while True:
-            self.step(stream)
-            if self.chunk_ready(stream):
-                chunk = self.take_chunk(stream)
-                yield chunk
-                if chunk.is_last:
-                    return
+        try:
+            while True:
+                self.step(stream)
+                if self.chunk_ready(stream):
+                    chunk = self.take_chunk(stream)
+                    yield chunk
+                    if chunk.is_last:
+                        return
+        finally:
+            self.release(stream)  # a consumer that stops early frees the slot at once

@@ -3,7 +3,9 @@
 Triton's `execute()` only validates and hands a request over (`submit`), so it returns at once and many requests
 can be in flight on one instance; the scheduler thread admits queued streams (prefill), advances every active
 stream by one frame per round, and sends a chunk whenever a stream's chunk schedule says so. A full queue is refused
-(`ServerFull`, retry-able) instead of growing latency without bound. Cancelled streams are dropped between frames.
+(`ServerFull`, retry-able) instead of growing latency without bound, and a stream that waits longer than
+`max_queue_wait_s` for a free slot is refused too (`UNAVAILABLE`, retry-able: another replica may have room).
+Cancelled streams are dropped between frames. Every stream that leaves gives its engine slot back.
 An optional `observer` (csm_tts/triton/metrics.py in production) hears how many streams are active and queued and how
 long each batched step took.
 """
@@ -35,7 +37,7 @@ class StreamSink(Protocol):
 
     def send_error(
         self, message: str, code: str
-    ) -> None: ...  # code: INVALID_ARG, INTERNAL or CANCELLED; ends the request
+    ) -> None: ...  # code: INVALID_ARG, UNAVAILABLE, INTERNAL or CANCELLED; ends the request
 
     def is_cancelled(self) -> bool: ...
 
@@ -46,6 +48,7 @@ class _Job:
     sink: StreamSink
     stream_id: str | None = None
     stream: Stream | None = None
+    queued_at: float = 0.0
 
 
 class SchedulerObserver(Protocol):
@@ -62,11 +65,15 @@ class StreamScheduler:
         max_queued: int = 32,
         logger=log.info,
         observer: SchedulerObserver | None = None,
+        max_queue_wait_s: float | None = None,
     ):
         self.engine = engine
         self.observer = observer
-        self.max_active = max_active
+        self.max_active = min(max_active, engine.max_streams)  # a stream needs one of the engine's slots
+        if self.max_active < max_active:
+            logger(f"max_active_streams {max_active} lowered to the engine's {engine.max_streams} stream slots")
         self.max_queued = max_queued
+        self.max_queue_wait_s = max_queue_wait_s
         self.log = logger
         self._queue: collections.deque[_Job] = collections.deque()
         self._active: list[_Job] = []
@@ -88,7 +95,7 @@ class StreamScheduler:
                 raise ServerFull(
                     f"server is full ({len(self._active)} active streams, {len(self._queue)} queued); retry later"
                 )
-            self._queue.append(_Job(request, sink, stream_id))
+            self._queue.append(_Job(request, sink, stream_id, queued_at=time.monotonic()))
             self._wake.notify()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -106,13 +113,36 @@ class StreamScheduler:
                     self._wake.wait()
                 if self._stopping and not self._queue and not self._active:
                     return
+                expired = self._expired_jobs()
                 # At most one prefill between two batched steps, so a burst of new streams cannot freeze running ones.
                 job = self._queue.popleft() if self._queue and len(self._active) < self.max_active else None
+            for waited, late in expired:
+                self._refuse_late(late, waited)
             if job is not None:
                 self._admit(job)
             if self._active:
                 self._round()
             self._observe(lambda o: o.occupancy(len(self._active), len(self._queue)))
+
+    def _expired_jobs(self) -> list[tuple[float, _Job]]:
+        """Queued jobs that waited longer than `max_queue_wait_s` (oldest first); called holding the lock."""
+        expired = []
+        now = time.monotonic()
+        while self.max_queue_wait_s is not None and self._queue:
+            waited = now - self._queue[0].queued_at
+            if waited <= self.max_queue_wait_s:
+                break
+            expired.append((waited, self._queue.popleft()))
+        return expired
+
+    def _refuse_late(self, job: _Job, waited: float) -> None:
+        message = (
+            f"no stream slot became free within {waited:.1f} s ({len(self._active)} streams active, "
+            f"{len(self._queue)} queued); retry in a moment or on another server"
+        )
+        self.log(f"refusing a queued request: {message}")
+        with contextlib.suppress(Exception):  # the client may be gone already
+            job.sink.send_error(message, "UNAVAILABLE")
 
     def _admit(self, job: _Job) -> None:
         if job.sink.is_cancelled():
@@ -167,6 +197,8 @@ class StreamScheduler:
                 continue
             if stream.finished and not stream.pending:
                 done.append(job)
+        for job in done:
+            self.engine.release(job.stream)  # cancelled or failed streams still hold their slot
         if done:
             with self._wake:
                 self._active = [j for j in self._active if j not in done]

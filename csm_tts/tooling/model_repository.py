@@ -17,9 +17,24 @@ SOURCE = ROOT / "model_repository"
 PLACEHOLDER = re.compile(r"\$\{([a-z_][a-z0-9_]*)\}")
 
 # What differs between the local CPU stack and the GPU image. Paths are filled by the caller (render(..., values)).
+# The GPU profile's stream counts are the CSM-1B fast path's target (32 real-time streams per GPU), NOT measured
+# yet: change them to what `scripts/bench_gpu.py` reports as the largest real-time count. A queued stream waits at
+# most 2 s on a GPU (a slot frees within a clip or two) and 30 s on the slow CPU stack.
 PROFILES: dict[str, dict[str, str]] = {
-    "cpu": {"instance_kind": "KIND_CPU", "csm_instance_count": "1"},
-    "gpu": {"instance_kind": "KIND_GPU", "csm_instance_count": "1"},
+    "cpu": {
+        "instance_kind": "KIND_CPU",
+        "csm_instance_count": "1",
+        "max_active_streams": "8",
+        "max_queued_streams": "32",
+        "max_queue_wait_ms": "30000",
+    },
+    "gpu": {
+        "instance_kind": "KIND_GPU",
+        "csm_instance_count": "1",
+        "max_active_streams": "32",
+        "max_queued_streams": "32",
+        "max_queue_wait_ms": "2000",
+    },
 }
 DEFAULT_PATHS: dict[str, dict[str, str]] = {
     "cpu": {

@@ -78,16 +78,23 @@ class TritonPythonModel:
         )
         # Invalid watermark settings must stop the model from loading (the watermarker checks them too).
         self.watermark_settings = WatermarkSettings.from_env()
-        self.engine = CsmEngine.from_dir(model_dir, device=device, schedule=schedule)
+        max_active = number("max_active_streams", 8)
+        self.engine = CsmEngine.from_dir(model_dir, device=device, schedule=schedule, max_streams=max_active)
+        log = lambda msg: pb_utils.Logger.log_info(f"{PREFIX} {msg}")  # noqa: E731
+        log(f"loaded {model_dir} on {device}; chunk schedule {schedule}; {self.engine.slot_summary}")
+        if self.engine.cuda_graphs:
+            started = time.perf_counter()
+            graphs = self.engine.capture_graphs()
+            log(f"captured {graphs} CUDA graphs of the frame step in {time.perf_counter() - started:.1f} s")
         self.metrics = CsmMetrics(pb_utils, instance_labels(args, "csm_1b"))
         self.scheduler = StreamScheduler(
             self.engine,
-            max_active=number("max_active_streams", 8),
+            max_active=max_active,
             max_queued=number("max_queued_streams", 32),
-            logger=lambda msg: pb_utils.Logger.log_info(f"{PREFIX} {msg}"),
+            logger=log,
             observer=self.metrics,
+            max_queue_wait_s=number("max_queue_wait_ms", 5000) / 1000,
         )
-        pb_utils.Logger.log_info(f"{PREFIX} loaded {model_dir} on {device}; chunk schedule {schedule}")
 
     def execute(self, requests):
         for request in requests:
