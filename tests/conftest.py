@@ -36,8 +36,13 @@ def tiny_watermark_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def engine(tiny_csm_dir):
+    import torch
+
     from csm_tts.speech.engine import CsmEngine
 
+    # The served csm_1b runs one torch thread (cpu_threads in its config); the same count here keeps float
+    # reductions in the same order, so in-process audio equals served audio bit for bit.
+    torch.set_num_threads(1)
     return CsmEngine.from_dir(tiny_csm_dir)
 
 

@@ -17,9 +17,20 @@ SOURCE = ROOT / "model_repository"
 PLACEHOLDER = re.compile(r"\$\{([a-z_][a-z0-9_]*)\}")
 
 # What differs between the local CPU stack and the GPU image. Paths are filled by the caller (render(..., values)).
+# csm_instance_count is per device: KIND_GPU without a `gpus` list gives each visible GPU that many instances. The
+# watermarker keeps per-stream state in one process, so it is exactly one instance, pinned to one GPU (GPU 0; another
+# one with `--set 'watermark_instance_group={ kind: KIND_GPU, count: 1, gpus: [ 1 ] }'`) however many GPUs Triton sees.
 PROFILES: dict[str, dict[str, str]] = {
-    "cpu": {"instance_kind": "KIND_CPU", "csm_instance_count": "1"},
-    "gpu": {"instance_kind": "KIND_GPU", "csm_instance_count": "1"},
+    "cpu": {
+        "instance_kind": "KIND_CPU",
+        "csm_instance_count": "1",
+        "watermark_instance_group": "{ kind: KIND_CPU, count: 1 }",
+    },
+    "gpu": {
+        "instance_kind": "KIND_GPU",
+        "csm_instance_count": "1",
+        "watermark_instance_group": "{ kind: KIND_GPU, count: 1, gpus: [ 0 ] }",
+    },
 }
 DEFAULT_PATHS: dict[str, dict[str, str]] = {
     "cpu": {

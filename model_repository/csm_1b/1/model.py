@@ -1,17 +1,21 @@
 """Triton adapter for the CSM-1B streaming engine (decoupled). Logic: csm_tts.speech (engine, scheduler)."""
 
 import json
+import os
+import signal
 import uuid
+from pathlib import Path
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 from csm_tts.speech.chunk_schedule import ChunkSchedule
-from csm_tts.speech.engine import CsmEngine, InvalidRequest
+from csm_tts.speech.engine import CsmEngine, InvalidRequest, Limits
 from csm_tts.speech.request_parsing import CONTEXT_INPUTS, parse_parameters, parse_request
-from csm_tts.speech.scheduler import ServerFull, StreamScheduler
-from csm_tts.triton.cancellation import take_cancel
-from csm_tts.triton.config import config_parameter
+from csm_tts.speech.scheduler import EngineBroken, ServerFull, StreamScheduler
+from csm_tts.triton import cancellation
+from csm_tts.triton.config import ConfigError, bool_parameter, config_parameter, float_parameter, int_parameter
 from csm_tts.triton.errors import error_response
 from csm_tts.watermark.options import InvalidWatermarkOption, WatermarkSettings, resolve
 
@@ -19,11 +23,13 @@ PREFIX = "[csm_1b]"
 
 
 class TritonSink:
-    """Sends one stream's chunks through its response sender; the last response carries the final flag."""
+    """Sends one stream's chunks through its response sender; the last response carries the final flag. Owns the
+    stream's cancellation marker (csm_tts/triton/cancellation.py) from acceptance to its final response."""
 
     def __init__(self, sender):
         self.sender = sender
         self.stream_id = uuid.uuid4().hex
+        self.marked = cancellation.open_marker(self.stream_id)
 
     def send_chunk(self, stream, chunk):
         tensors = [
@@ -33,17 +39,28 @@ class TritonSink:
             pb_utils.Tensor("is_last", np.array([chunk.is_last], dtype=bool)),
             pb_utils.Tensor("sample_offset", np.array([chunk.sample_offset], dtype=np.int64)),
         ]
-        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if chunk.is_last else 0
-        if chunk.is_last:
-            take_cancel(self.stream_id)  # a marker that came too late must not linger
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+        if not chunk.is_last:
+            self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=0)
+            return
+        try:
+            self.sender.send(
+                pb_utils.InferenceResponse(output_tensors=tensors), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            )
+        finally:
+            self.close()
 
     def send_error(self, message, code_name):
-        send_error(self.sender, message, code_name)
+        try:
+            send_error(self.sender, message, code_name)
+        finally:
+            self.close()
+
+    def close(self):
+        cancellation.close_marker(self.stream_id)
 
     def is_cancelled(self):
-        # Direct clients cancel this request; clients of the tts ensemble cancel through the watermarker.
-        return self.sender.is_cancelled() or take_cancel(self.stream_id)
+        # Direct clients cancel this request; for tts streams the watermarker removes the marker (cancellation.py).
+        return self.sender.is_cancelled() or (self.marked and cancellation.marker_gone(self.stream_id))
 
 
 def send_error(sender, message, code):
@@ -51,38 +68,87 @@ def send_error(sender, message, code):
     sender.send(error_response(pb_utils, message, code), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
+def read_config(model_config):
+    """Every parameter, typed and range-checked (ConfigError names the parameter and its range)."""
+
+    def integer(key, default, low, high=None):
+        return int_parameter(model_config, key, default, low, high)
+
+    first = integer("first_chunk_frames", 2, 1, 1125)
+    growth = float_parameter(model_config, "chunk_growth", 2.0, 1.0, 16.0)
+    largest = integer("max_chunk_frames", 10, 1, 1125)
+    if largest < first:
+        raise ConfigError(f"parameter 'max_chunk_frames' ({largest}) must be >= first_chunk_frames ({first})")
+    return {
+        "model_dir": config_parameter(model_config, "model_dir", env="CSM_MODEL_DIR"),
+        "schedule": ChunkSchedule(first_frames=first, growth=growth, max_frames=largest),
+        "limits": Limits(
+            max_audio_length_ms=integer("max_audio_length_ms", 90_000, 80, 163_840),  # 2048 frames at most
+            max_context_audio_s=float_parameter(model_config, "max_context_audio_s", 120.0, 0.0, 163.84),
+            max_context_segments=integer("max_context_segments", 32, 0, 1024),
+        ),
+        "max_active": integer("max_active_streams", 8, 1, 1024),
+        "max_queued": integer("max_queued_streams", 32, 1, 100_000),
+        "cpu_threads": integer("cpu_threads", 0, 0, 1024),
+        "exit_on_engine_failure": bool_parameter(model_config, "exit_on_engine_failure", True),
+    }
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(self.model_config):
             raise pb_utils.TritonModelException(f"{PREFIX} must be decoupled: set model_transaction_policy.decoupled")
-        device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
-        model_dir = config_parameter(self.model_config, "model_dir", env="CSM_MODEL_DIR")
-        if model_dir is None:
+        try:
+            config = read_config(self.model_config)
+        except ConfigError as e:
+            raise pb_utils.TritonModelException(f"{PREFIX} invalid config: {e}") from None
+        if config["model_dir"] is None:
             raise pb_utils.TritonModelException(f"{PREFIX} no checkpoint: set the model_dir parameter or CSM_MODEL_DIR")
-
-        def number(key, default, kind=int):
-            return kind(config_parameter(self.model_config, key, default=str(default)))
-
-        schedule = ChunkSchedule(
-            first_frames=number("first_chunk_frames", 2),
-            growth=number("chunk_growth", 2.0, float),
-            max_frames=number("max_chunk_frames", 10),
-        )
+        if args["model_instance_kind"] == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        else:
+            device = "cpu"
+            if config["cpu_threads"]:  # one thread per instance: steadier on a shared CPU (docs/benchmarks.md)
+                torch.set_num_threads(config["cpu_threads"])
+        self.exit_on_engine_failure = config["exit_on_engine_failure"]
         # Invalid watermark settings must stop the model from loading (the watermarker checks them too).
         self.watermark_settings = WatermarkSettings.from_env()
-        self.engine = CsmEngine.from_dir(model_dir, device=device, schedule=schedule)
+        for stale in cancellation.remove_stale_dirs():
+            pb_utils.Logger.log_info(f"{PREFIX} removed {stale}, left by a server that no longer runs")
+        self.engine = CsmEngine.from_dir(
+            config["model_dir"], device=device, schedule=config["schedule"], limits=config["limits"]
+        )
         self.scheduler = StreamScheduler(
             self.engine,
-            max_active=number("max_active_streams", 8),
-            max_queued=number("max_queued_streams", 32),
+            max_active=config["max_active"],
+            max_queued=config["max_queued"],
             logger=lambda msg: pb_utils.Logger.log_info(f"{PREFIX} {msg}"),
+            error_logger=lambda msg: pb_utils.Logger.log_error(f"{PREFIX} {msg}"),
+            on_broken=self._on_broken,
         )
-        pb_utils.Logger.log_info(f"{PREFIX} loaded {model_dir} on {device}; chunk schedule {schedule}")
+        pb_utils.Logger.log_info(
+            f"{PREFIX} loaded {config['model_dir']} on {device} ({torch.get_num_threads()} torch threads); "
+            f"chunk schedule {config['schedule']}; {config['limits']}"
+        )
+
+    def _on_broken(self, reason):
+        """The engine cannot serve any more (e.g. a CUDA error): its streams have failed and new requests are refused
+        with UNAVAILABLE. Triton 2.51 cannot mark one Python model unready, so unless exit_on_engine_failure is off
+        the whole server is asked to shut down: readiness fails, and the orchestrator restarts it."""
+        parent = os.getppid()
+        try:
+            is_triton = Path(f"/proc/{parent}/comm").read_text().strip() == "tritonserver"
+        except OSError:
+            is_triton = False
+        if self.exit_on_engine_failure and is_triton:
+            pb_utils.Logger.log_error(f"{PREFIX} stopping tritonserver (pid {parent}) for a restart: {reason}")
+            os.kill(parent, signal.SIGTERM)
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            sink = None
             try:
                 parameters = parse_parameters(request.parameters())
                 resolve(parameters, self.watermark_settings)  # fail fast on bad watermark options
@@ -95,15 +161,22 @@ class TritonPythonModel:
                 self.engine.validate(generation)
                 sink = TritonSink(sender)
                 self.scheduler.submit(generation, sink, stream_id=sink.stream_id)
-            except (InvalidRequest, InvalidWatermarkOption) as e:
-                send_error(sender, str(e), "INVALID_ARG")
-            except ServerFull as e:
-                send_error(sender, str(e), "UNAVAILABLE")
             except Exception as e:  # never raise out of execute once a sender is in use
-                pb_utils.Logger.log_error(f"{PREFIX} request failed: {e}")
-                send_error(sender, f"request failed: {e}", "INTERNAL")
+                if isinstance(e, (InvalidRequest, InvalidWatermarkOption)):
+                    code = "INVALID_ARG"
+                elif isinstance(e, (ServerFull, EngineBroken)):
+                    code = "UNAVAILABLE"
+                else:
+                    code = "INTERNAL"
+                    pb_utils.Logger.log_error(f"{PREFIX} request failed: {type(e).__name__}: {e}")
+                    e = f"request failed: {e}"
+                if sink is not None:
+                    sink.send_error(str(e), code)
+                else:
+                    send_error(sender, str(e), code)
         return None
 
     def finalize(self):
         pb_utils.Logger.log_info(f"{PREFIX} finalizing: waiting for streams in flight")
         self.scheduler.close()
+        cancellation.close_all()
