@@ -15,6 +15,7 @@ import weakref
 from aiohttp import WSCloseCode, web
 
 from proxy.api import ApiError
+from proxy.bad_requests import quiet_malformed_requests
 from proxy.cors import add_cors_headers, cors_middleware
 from proxy.routes import setup_routes
 from proxy.settings import Settings
@@ -77,6 +78,7 @@ async def close_websockets(app: web.Application) -> None:
 
 def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings if settings is not None else Settings.from_env()
+    quiet_malformed_requests()
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[cors_middleware, error_middleware])
     app[SETTINGS] = settings
     app[WEBSOCKETS] = weakref.WeakSet()
