@@ -18,7 +18,9 @@ scheduler's own code fails), every stream fails at once with INTERNAL, `submit` 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import threading
 import time
 import traceback
@@ -29,6 +31,7 @@ from typing import Protocol
 from csm_tts.speech.engine import AudioChunk, CsmEngine, GenerationRequest, InvalidRequest, Prompt, Stream
 
 log = logging.getLogger("csm_tts.speech.scheduler")
+PREPARER_NICE = 5  # the prompt-building thread's CPU priority below the stepping thread's (Linux nice, 0-19)
 
 
 class ServerFull(RuntimeError):
@@ -91,7 +94,7 @@ class StreamScheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._threads = [
-            threading.Thread(target=self._loop, args=(self._prepare_next,), name="csm-preparer", daemon=True),
+            threading.Thread(target=self._prepare_loop, name="csm-preparer", daemon=True),
             threading.Thread(target=self._loop, args=(self._step_next,), name="csm-stepper", daemon=True),
         ]
         for thread in self._threads:
@@ -138,6 +141,13 @@ class StreamScheduler:
             except Exception as e:
                 self._break(f"the scheduler failed: {type(e).__name__}: {e}", traceback.format_exc())
                 time.sleep(0.05)  # a loop that keeps failing must not spin
+
+    def _prepare_loop(self) -> None:
+        # Linux schedules threads as tasks with their own nice value: building a long prompt (seconds of Mimi
+        # encoding on a CPU) then yields to the stepping thread, so a busy CPU slows the newcomer, not the streams.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREPARER_NICE)
+        self._loop(self._prepare_next)
 
     def _prepare_next(self) -> bool:
         with self._wake:
