@@ -220,3 +220,22 @@ def test_every_watermarker_parameter_is_checked_at_load(tiny_watermark_dir, monk
             {"model_config": config, "model_instance_kind": "CPU", "model_instance_device_id": "0"}
         )
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("exit_on_failure", [True, False])
+def test_a_broken_engine_stops_tritonserver_for_a_restart_unless_told_not_to(model, monkeypatch, exit_on_failure):
+    """Triton 2.51 cannot mark one Python model unready: the model asks its server to shut down (readiness fails and
+    the orchestrator restarts it). Only a parent that is tritonserver is ever signalled."""
+    import os
+    import signal
+
+    adapter = type(model).initialize.__globals__  # the model.py module's namespace
+    signals = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: signals.append((pid, sig)))
+    monkeypatch.setitem(adapter, "process_name", lambda pid: "tritonserver")
+    model.exit_on_engine_failure = exit_on_failure
+    model.scheduler._break("injected CUDA error")
+    assert signals == ([(os.getppid(), signal.SIGTERM)] if exit_on_failure else [])
+    monkeypatch.setitem(adapter, "process_name", lambda pid: "pytest")
+    model._on_broken("again")
+    assert len(signals) == (1 if exit_on_failure else 0)

@@ -109,6 +109,12 @@ BAD_PARAMETERS = [
     ({"seed": -1}, "seed"),
     ({"watermark_key": "1,2,3"}, "watermark_key"),
     ({"watermark": "maybe"}, "watermark"),
+    # Hostile numbers: the largest int64, digit strings past Python's parsing limit, floats that overflow.
+    ({"speaker_id": 2**63 - 1}, "speaker_id"),
+    ({"seed": "9" * 5000}, "seed"),
+    ({"temperature": "1e400"}, "temperature"),
+    ({"max_audio_length_ms": -(2**63)}, "max_audio_length_ms"),
+    ({"topk": 1e300}, "topk"),
 ]
 
 

@@ -182,3 +182,25 @@ async def test_an_evicted_streams_next_chunk_ends_the_request_with_a_clear_error
     assert await wait_until_no_markers(evicting.markers) == []
     short = await stream(evicting.grpc_url, "tts", TEXT, {"max_audio_length_ms": 160})  # one chunk: no idle time
     assert short.error is None and bool(short.chunks[-1]["is_last"][0])
+
+
+async def test_a_direct_request_cancelled_while_queued_is_never_prefilled(multi):
+    """Every batch slot busy (2 instances x 4), a queued csm_1b request is cancelled: it is dropped before its prompt
+    is built. (A tts request queued in csm_1b is noticed only at its first chunk: nothing of the ensemble's
+    cancellation reaches csm_1b before that.)"""
+    log_start = len(multi.log_text())
+    blockers = [
+        asyncio.create_task(stream(multi.grpc_url, "csm_1b", f"Blocker {i}.", {"seed": i, **LONG})) for i in range(8)
+    ]
+    await wait_for_log(multi, r"joined: prefill", log_start)
+    queued = [
+        asyncio.create_task(asyncio.wait_for(stream(multi.grpc_url, "csm_1b", f"Queued {i}.", LONG), 0.5))
+        for i in range(4)
+    ]
+    await asyncio.gather(*queued, return_exceptions=True)
+    results = await asyncio.gather(*blockers)
+    assert all(r.error is None for r in results)
+    before_start = await wait_for_log(multi, r"Cancelling the request before it started", log_start)
+    assert len(before_start) >= 1
+    assert len(re.findall(r"joined: prefill", multi.log_text()[log_start:])) <= 8 + 4 - len(before_start)
+    assert await wait_until_no_markers(multi.markers) == []

@@ -68,6 +68,13 @@ def send_error(sender, message, code):
     sender.send(error_response(pb_utils, message, code), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
+def process_name(pid):
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
 def read_config(model_config):
     """Every parameter, typed and range-checked (ConfigError names the parameter and its range)."""
 
@@ -137,11 +144,7 @@ class TritonPythonModel:
         with UNAVAILABLE. Triton 2.51 cannot mark one Python model unready, so unless exit_on_engine_failure is off
         the whole server is asked to shut down: readiness fails, and the orchestrator restarts it."""
         parent = os.getppid()
-        try:
-            is_triton = Path(f"/proc/{parent}/comm").read_text().strip() == "tritonserver"
-        except OSError:
-            is_triton = False
-        if self.exit_on_engine_failure and is_triton:
+        if self.exit_on_engine_failure and process_name(parent) == "tritonserver":
             pb_utils.Logger.log_error(f"{PREFIX} stopping tritonserver (pid {parent}) for a restart: {reason}")
             os.kill(parent, signal.SIGTERM)
 
