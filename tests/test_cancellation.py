@@ -20,21 +20,32 @@ def markers(tmp_path, monkeypatch):
 
 def test_a_marker_lives_from_acceptance_to_the_end_of_its_stream(markers):
     assert cancellation.open_marker(STREAM)
-    assert [p.name for p in markers.iterdir()] == [STREAM] and not cancellation.marker_gone(STREAM)
+    assert [p.name for p in markers.iterdir()] == [STREAM] and cancellation.stop_reason(STREAM) is None
     cancellation.close_marker(STREAM)
     assert not any(markers.iterdir())
 
 
-def test_the_watermarker_stops_a_stream_by_removing_its_marker(markers):
+def test_a_cancelled_stream_loses_its_marker(markers):
     assert cancellation.open_marker(STREAM)
-    assert cancellation.stop_stream(STREAM) and cancellation.marker_gone(STREAM)
+    assert cancellation.stop_stream(STREAM) and cancellation.stop_reason(STREAM) == ""
     assert not cancellation.stop_stream(STREAM)  # a second stop (another cancelled chunk) creates nothing
+    assert not cancellation.stop_stream(STREAM, "INTERNAL: late")
+    cancellation.close_marker(STREAM)
+    assert not any(markers.iterdir())
+
+
+def test_a_failed_stream_carries_the_watermarkers_error_to_csm_1b(markers):
+    assert cancellation.open_marker(STREAM)
+    assert cancellation.stop_stream(STREAM, "UNAVAILABLE: stream was dropped\nafter 30 s")
+    assert cancellation.stop_stream(STREAM, "INTERNAL: a second failure")  # the first error is the one reported
+    assert cancellation.stop_reason(STREAM) == "UNAVAILABLE: stream was dropped after 30 s"
     cancellation.close_marker(STREAM)
     assert not any(markers.iterdir())
 
 
 def test_stopping_an_ended_or_unknown_stream_leaves_nothing(markers):
     assert not cancellation.stop_stream(STREAM)  # the stream ended before its last chunk was cancelled
+    assert not cancellation.stop_stream(STREAM, "INTERNAL: failed after its end")  # never creates the file
     assert not markers.exists() or not any(markers.iterdir())
     assert not cancellation.stop_stream("../../etc/passwd") and not cancellation.open_marker("../x")
 

@@ -174,7 +174,8 @@ async def test_an_evicted_streams_next_chunk_ends_the_request_with_a_clear_error
     started = time.monotonic()
     result = await stream(evicting.grpc_url, "tts", TEXT, {"seed": 1, "max_audio_length_ms": 60_000})
     took = time.monotonic() - started
-    assert len(result.chunks) == 1 and result.error is not None
+    # The first chunk's audio, the evicted chunk's empty response, then the error csm_1b ends the stream with.
+    assert [c["audio"].size > 0 for c in result.chunks] in ([True], [True, False]) and result.error is not None
     assert re.match(r"(in ensemble 'tts', )?UNAVAILABLE: stream \w+ was dropped after", result.error.message())
     assert took < 20, f"the client waited {took:.1f} s for the end of a stream evicted after its first chunk"
     frames = await wait_for_log(evicting, r"Cancelling the request \w+ after (\d+) frames", 0)
@@ -204,3 +205,22 @@ async def test_a_direct_request_cancelled_while_queued_is_never_prefilled(multi)
     assert len(before_start) >= 1
     assert len(re.findall(r"joined: prefill", multi.log_text()[log_start:])) <= 8 + 4 - len(before_start)
     assert await wait_until_no_markers(multi.markers) == []
+
+
+def in_flight_at_shutdown(server: TritonServer) -> str:
+    """Stop the server; its first report of inferences still in flight. Triton 2.51's ensemble keeps a request
+    whose step answered with an error while another step ran in flight forever: a leak shows here."""
+    server.stop()
+    log = server.log_text()
+    waiting = log[log.index("Waiting for in-flight requests to complete.") :]
+    return re.search(r"Found \d+ model versions that have in-flight inferences", waiting).group(0)
+
+
+def test_cancelled_and_failed_streams_leave_no_request_in_flight(multi, evicting):
+    """Run last: after every stream above (50 cancelled, queued cancels, an evicted one), no tts request is left in
+    flight when the servers stop (before, every one of them was, and the server could never shut down cleanly)."""
+    for server in (multi, evicting):
+        assert in_flight_at_shutdown(server) == "Found 0 model versions that have in-flight inferences", (
+            server.log_tail(20)
+        )
+        assert markers_left(server.markers) == []

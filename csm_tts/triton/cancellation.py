@@ -2,15 +2,19 @@
 
 Triton 2.51 passes a client's cancellation of an ensemble only to the requests of later steps (core PR #263): the
 watermarker's requests see `is_cancelled()`, csm_1b's running request never does; and when the watermarker fails a
-chunk, the ensemble stops forwarding csm_1b's output but lets csm_1b generate on. So the two models share one
-small fact per stream through a file, in a directory both model processes see (they are stubs of the same
-`tritonserver` process, same parent PID, same host):
+chunk, the ensemble stops forwarding csm_1b's output but lets csm_1b generate on. Worse, once any step has answered
+with an error, the 2.51 ensemble ignores the responses of the steps still running, so it never sees csm_1b's final
+response and the `tts` request stays in flight forever (a leaked request context, and no graceful shutdown). So the
+watermarker never answers a chunk of a running csm_1b stream with an error: it stops the stream and lets csm_1b send
+the stream's last response, the error included. The two models share one small fact per stream through a file, in a
+directory both model processes see (they are stubs of the same `tritonserver` process, same parent PID, same host):
 
 - csm_1b creates `<dir>/<stream_id>` when it accepts a request (`open_marker`) and removes it when the stream ends,
   however it ends (`close_marker`); at unload it removes whatever is left and the directory itself.
-- the watermarker *deletes* the file to stop the stream (`stop_stream`): on a cancelled chunk, on any chunk it
-  fails, and on the chunk of a stream it evicted. It never creates one.
-- csm_1b checks between frames whether the file is still there (`marker_gone`, one stat call).
+- the watermarker stops the stream (`stop_stream`): a cancelled chunk *deletes* the file (the client is gone: csm_1b
+  ends the stream with an empty last chunk); a chunk it fails *writes the error* into the file (csm_1b ends the stream
+  with that error). It never creates a file.
+- csm_1b checks between frames (`stop_reason`, one stat call).
 
 So a marker is created at most once per stream and only by its owner, a late or repeated stop has nothing to leave
 behind, and nothing outlives the stream. Directories of servers that are gone (a killed server cannot clean up) are
@@ -57,9 +61,18 @@ def open_marker(stream_id: str) -> bool:
     return True
 
 
-def marker_gone(stream_id: str) -> bool:
-    """csm_1b, between frames: True when the watermarker has stopped this stream."""
-    return not (marker_dir() / stream_id).exists()
+def stop_reason(stream_id: str) -> str | None:
+    """csm_1b, between frames: None while the stream may go on, "" when its client cancelled, else the error
+    ("CODE: message") the watermarker stopped it with."""
+    path = marker_dir() / stream_id
+    try:
+        if path.stat().st_size == 0:
+            return None
+        return path.read_text(errors="replace").splitlines()[0] or "INTERNAL: stopped by the watermarker"
+    except FileNotFoundError:
+        return ""
+    except (OSError, IndexError):  # unreadable: keep going rather than stop a stream for nothing
+        return None
 
 
 def close_marker(stream_id: str) -> None:
@@ -72,12 +85,20 @@ def close_marker(stream_id: str) -> None:
         (marker_dir() / stream_id).unlink(missing_ok=True)
 
 
-def stop_stream(stream_id: str) -> bool:
-    """The watermarker: stop csm_1b's stream `stream_id` (a no-op when it has ended). True when it was running."""
+def stop_stream(stream_id: str, error: str | None = None) -> bool:
+    """The watermarker: stop csm_1b's stream `stream_id`, cancelled (`error` None) or failed with `error`
+    ("CODE: message", which csm_1b sends as the stream's last response). True when the stream was running; False
+    when it has ended (or never was a csm_1b stream): then nothing is created and the caller reports any error."""
     if not _STREAM_ID.fullmatch(stream_id):
         return False
+    path = marker_dir() / stream_id
     try:
-        (marker_dir() / stream_id).unlink()
+        if error is None:
+            path.unlink()
+        else:
+            descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)  # no O_CREAT: an ended stream stays ended
+            with os.fdopen(descriptor, "w") as marker:
+                marker.write(" ".join(error.split())[:2000] + "\n")
     except OSError:  # FileNotFoundError: the stream has ended already
         return False
     return True

@@ -16,7 +16,7 @@ from csm_tts.speech.request_parsing import CONTEXT_INPUTS, parse_parameters, par
 from csm_tts.speech.scheduler import EngineBroken, ServerFull, StreamScheduler
 from csm_tts.triton import cancellation
 from csm_tts.triton.config import ConfigError, bool_parameter, config_parameter, float_parameter, int_parameter
-from csm_tts.triton.errors import error_response
+from csm_tts.triton.errors import error_response, split_code
 from csm_tts.watermark.options import InvalidWatermarkOption, WatermarkSettings, resolve
 
 PREFIX = "[csm_1b]"
@@ -30,28 +30,46 @@ class TritonSink:
         self.sender = sender
         self.stream_id = uuid.uuid4().hex
         self.marked = cancellation.open_marker(self.stream_id)
+        self.stopped: str | None = None  # why the watermarker stopped the stream ("" : its tts client cancelled)
+        self.next_index = self.samples = 0
+
+    def _response(self, audio, index, is_last, sample_offset):
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("audio", audio.astype(np.float32)),
+                pb_utils.Tensor("stream_id", np.array([self.stream_id.encode()], dtype=np.object_)),
+                pb_utils.Tensor("chunk_index", np.array([index], dtype=np.int32)),
+                pb_utils.Tensor("is_last", np.array([is_last], dtype=bool)),
+                pb_utils.Tensor("sample_offset", np.array([sample_offset], dtype=np.int64)),
+            ]
+        )
 
     def send_chunk(self, stream, chunk):
-        tensors = [
-            pb_utils.Tensor("audio", chunk.audio.astype(np.float32)),
-            pb_utils.Tensor("stream_id", np.array([stream.stream_id.encode()], dtype=np.object_)),
-            pb_utils.Tensor("chunk_index", np.array([chunk.index], dtype=np.int32)),
-            pb_utils.Tensor("is_last", np.array([chunk.is_last], dtype=bool)),
-            pb_utils.Tensor("sample_offset", np.array([chunk.sample_offset], dtype=np.int64)),
-        ]
         if not chunk.is_last:
-            self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=0)
+            self.sender.send(self._response(chunk.audio, chunk.index, False, chunk.sample_offset), flags=0)
+            self.next_index, self.samples = chunk.index + 1, chunk.sample_offset + chunk.audio.size
             return
         try:
-            self.sender.send(
-                pb_utils.InferenceResponse(output_tensors=tensors), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-            )
+            stopped = cancellation.stop_reason(self.stream_id) if self.marked else None
+            if stopped:  # the watermarker failed a chunk while this one was made: its error is the last word
+                send_stop_error(self.sender, stopped)
+                return
+            response = self._response(chunk.audio, chunk.index, True, chunk.sample_offset)
+            self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         finally:
             self.close()
 
     def send_error(self, message, code_name):
         try:
-            send_error(self.sender, message, code_name)
+            if code_name == "CANCELLED" and self.stopped == "":
+                # A tts client hung up. An error here would reach the ensemble after the watermarker's answer and
+                # leave the tts request in flight forever (cancellation.py); an empty last chunk ends it cleanly.
+                response = self._response(np.zeros(0, np.float32), self.next_index, True, self.samples)
+                self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            elif code_name == "CANCELLED" and self.stopped:  # the watermarker failed this stream: its error
+                send_stop_error(self.sender, self.stopped)
+            else:
+                send_error(self.sender, message, code_name)
         finally:
             self.close()
 
@@ -59,13 +77,23 @@ class TritonSink:
         cancellation.close_marker(self.stream_id)
 
     def is_cancelled(self):
-        # Direct clients cancel this request; for tts streams the watermarker removes the marker (cancellation.py).
-        return self.sender.is_cancelled() or (self.marked and cancellation.marker_gone(self.stream_id))
+        # Direct clients cancel this request; tts streams are stopped by the watermarker (cancellation.py).
+        if self.sender.is_cancelled():
+            return True
+        if self.marked:
+            self.stopped = cancellation.stop_reason(self.stream_id)
+        return self.stopped is not None
 
 
 def send_error(sender, message, code):
     """The error response, then the final flag: every request ends with exactly one final response."""
     sender.send(error_response(pb_utils, message, code), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def send_stop_error(sender, stopped):
+    """The error the watermarker stopped the stream with ("CODE: message")."""
+    code, message = split_code(stopped)
+    send_error(sender, message, code or "INTERNAL")
 
 
 def process_name(pid):

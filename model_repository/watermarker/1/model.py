@@ -9,7 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from csm_tts.triton.cancellation import stop_stream
 from csm_tts.triton.config import ConfigError, config_parameter, float_parameter, int_parameter
-from csm_tts.triton.errors import error_response
+from csm_tts.triton.errors import coded, error_response
 from csm_tts.watermark.options import InvalidWatermarkOption, WatermarkSettings, resolve
 from csm_tts.watermark.streams import StreamError, StreamGone, TooManyStreams, WatermarkStreams
 from csm_tts.watermark.weights import load_watermark_model
@@ -99,10 +99,12 @@ class TritonPythonModel:
             stream_id = scalar(request, "stream_id")
             stream_id = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
             if request.is_cancelled():
-                stop_stream(stream_id)  # so that csm_1b stops generating (csm_tts/triton/cancellation.py)
+                # Stop csm_1b, drop the state, and answer without an error: an error would leave the tts request in
+                # flight forever in Triton 2.51's ensemble (csm_tts/triton/cancellation.py). Nobody reads it.
+                stop_stream(stream_id)
                 if self.streams.drop(stream_id):
                     pb_utils.Logger.log_info(f"{PREFIX} cancelled stream {stream_id}: dropped its watermark state")
-                return error_response(pb_utils, "the request was cancelled", "CANCELLED")
+                return self._nothing(bool(scalar(request, "is_last")))
             raw = request.parameters()
             parameters = json.loads(raw) if raw else {}
             choice = resolve(parameters, self.settings)
@@ -133,14 +135,29 @@ class TritonPythonModel:
         )
 
     def _failed(self, stream_id, message, code):
-        """A failed chunk fails its tts request, and Triton then forwards nothing more of the stream: stop csm_1b's
-        generation too (no one will get its audio), and drop the stream's state."""
-        if stream_id is not None:
-            if stop_stream(stream_id):
-                pb_utils.Logger.log_info(f"{PREFIX} stream {stream_id} failed ({code}): stopped its generation")
-            if stream_id in self.streams:
-                self.streams.drop(stream_id, why=f"stopped after an error ({message})")
+        """A chunk that fails fails its tts request. While csm_1b still generates the stream, the error goes to csm_1b,
+        which stops and sends it as the stream's last response (answering it here would leave the tts request in
+        flight forever: csm_tts/triton/cancellation.py); otherwise (csm_1b has ended, or a direct client) it is
+        answered here. Either way the stream's state is dropped."""
+        if stream_id is not None and stream_id in self.streams:
+            self.streams.drop(stream_id, why=f"stopped after an error ({message})")
+        if stream_id is not None and stop_stream(stream_id, coded(code, message)):
+            pb_utils.Logger.log_info(f"{PREFIX} stream {stream_id} failed ({code}): csm_1b ends it with the error")
+            return self._nothing(False)
         return error_response(pb_utils, message, code)
+
+    @staticmethod
+    def _nothing(is_last):
+        """A response without audio, for a chunk whose stream is over (the client sees nothing of it)."""
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("audio", np.zeros(0, np.float32)),
+                pb_utils.Tensor("chunk_index", np.array([0], dtype=np.int32)),
+                pb_utils.Tensor("is_last", np.array([is_last], dtype=bool)),
+                pb_utils.Tensor("watermarked", np.array([False], dtype=bool)),
+                pb_utils.Tensor("watermark_key_id", np.array([b"none"], dtype=np.object_)),
+            ]
+        )
 
     def finalize(self):
         self._stop.set()
