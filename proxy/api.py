@@ -1,8 +1,10 @@
 """The documented request shapes and their validation (plain Python: no aiohttp, no gRPC).
 
-Bounds are the documented API's: text 1-5000 characters, speaker_id >= 0, max_audio_length_ms 1000-90000,
-temperature 0.1-2.0, topk 1-100, watermark_key exactly 5 integers 0-255. `seed` is an optional extension (same seed,
-same audio). Unknown fields are rejected, so a typo never silently falls back to a default.
+Bounds are the documented API's: text 1-5000 characters (encodable as UTF-8), speaker_id 0-31 (what the model
+accepts), max_audio_length_ms 1000-90000 (absent: the model's default, which follows the text), temperature 0.1-2.0,
+topk 1-100, watermark_key exactly 5 integers 0-255, seed 0..2^63-1. `seed` is an optional extension (same seed, same
+audio). Every number is range-checked here, so nothing out of range reaches gRPC (an int64 field). Unknown fields are
+rejected, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from proxy.encoders import RESPONSE_FORMATS
 
 MAX_TEXT_CHARS = 5000
 OPTION_NAMES = ("speaker_id", "max_audio_length_ms", "temperature", "topk", "watermark", "watermark_key", "seed")
-DEFAULTS = {"speaker_id": 0, "max_audio_length_ms": 30_000, "temperature": 0.9, "topk": 50}
+DEFAULTS = {"speaker_id": 0, "temperature": 0.9, "topk": 50}
+MAX_SPEAKER_ID = 31
+MAX_SEED = 2**63 - 1
 SAMPLE_FORMATS = ("s16le", "f32le")
 # Stream mode may also send each text chunk as one encoded file, in pieces as generated (proxy/encoders.py).
 ENCODED_FORMATS = tuple(name for name in RESPONSE_FORMATS if name != "pcm")
@@ -53,7 +57,7 @@ class ValidationError(ApiError):
 class GenerateOptions:
     text: str
     speaker_id: int = DEFAULTS["speaker_id"]
-    max_audio_length_ms: int = DEFAULTS["max_audio_length_ms"]
+    max_audio_length_ms: int | None = None  # None: the model's default, which follows the text
     temperature: float = DEFAULTS["temperature"]
     topk: int = DEFAULTS["topk"]
     watermark: bool | None = None  # None: the server default
@@ -63,12 +67,9 @@ class GenerateOptions:
     def triton_parameters(self, watermark_default: bool | None = None) -> dict:
         """The gRPC request parameters for the `tts` model. `watermark_default` is sent when the request has none
         and the proxy was configured with one (CSM_WATERMARK_ENABLED); otherwise Triton's default applies."""
-        params: dict = {
-            "speaker_id": self.speaker_id,
-            "temperature": float(self.temperature),
-            "topk": self.topk,
-            "max_audio_length_ms": self.max_audio_length_ms,
-        }
+        params: dict = {"speaker_id": self.speaker_id, "temperature": float(self.temperature), "topk": self.topk}
+        if self.max_audio_length_ms is not None:
+            params["max_audio_length_ms"] = self.max_audio_length_ms
         if self.seed is not None:
             params["seed"] = self.seed
         watermark = self.watermark if self.watermark is not None else watermark_default
@@ -88,13 +89,15 @@ def _int(value: object, low: int | None = None, high: int | None = None) -> int:
             raise ValueError(f"must be an integer, got {value!r}")
         value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(_range_message(low, high, value))
+        raise ValueError(_range_message(low, high, shown(value)))
     return value
 
 
 def _float(value: object, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"must be a number, got {shown(value)}")
+    if isinstance(value, int) and not low <= value <= high:  # float() of a huge JSON integer would overflow
+        raise ValueError(_range_message(low, high, shown(value)))
     value = float(value)
     if not low <= value <= high:  # also rejects NaN
         raise ValueError(_range_message(low, high, value))
@@ -102,11 +105,12 @@ def _float(value: object, low: float, high: float) -> float:
 
 
 def _range_message(low, high, value) -> str:
+    value = value if isinstance(value, str) else repr(value)
     if high is None:
-        return f"must be >= {low}, got {value!r}"
+        return f"must be >= {low}, got {value}"
     if low is None:
-        return f"must be <= {high}, got {value!r}"
-    return f"must be between {low} and {high}, got {value!r}"
+        return f"must be <= {high}, got {value}"
+    return f"must be between {low} and {high}, got {value}"
 
 
 def check_text(value: object) -> str:
@@ -116,6 +120,10 @@ def check_text(value: object) -> str:
         raise ValueError("must not be empty")
     if len(value) > MAX_TEXT_CHARS:
         raise ValueError(f"has {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800" is valid JSON but not text
+        raise ValueError(f"cannot be encoded as UTF-8 (character {e.start} is a lone surrogate)") from None
     return value
 
 
@@ -136,11 +144,11 @@ def _watermark_key(value: object) -> tuple[int, ...] | None:
 
 
 def _seed(value: object) -> int | None:
-    return None if value is None else _int(value, 0, 2**63 - 1)
+    return None if value is None else _int(value, 0, MAX_SEED)
 
 
 CHECKS = {
-    "speaker_id": lambda v: _int(v, 0),
+    "speaker_id": lambda v: _int(v, 0, MAX_SPEAKER_ID),
     "max_audio_length_ms": lambda v: _int(v, 1000, 90_000),
     "temperature": lambda v: _float(v, 0.1, 2.0),
     "topk": lambda v: _int(v, 1, 100),

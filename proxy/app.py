@@ -18,6 +18,7 @@ from aiohttp import WSCloseCode, web
 from proxy.admission import Admission, WatermarkPolicy, guard_middleware
 from proxy.api import ApiError
 from proxy.auth import ApiKeys, KeyFileError
+from proxy.bad_requests import quiet_malformed_requests
 from proxy.cors import add_cors_headers, cors_middleware
 from proxy.discovery import ServiceDiscovery
 from proxy.drain import Drain
@@ -106,6 +107,7 @@ def load_voices(settings: Settings) -> VoiceBook:
 def create_app(settings: Settings | None = None, resolver=None) -> web.Application:
     """`resolver(host, port) -> [address, ...]` replaces the system resolver for TRITON_GRPC_SERVICE (tests)."""
     settings = settings if settings is not None else Settings.from_env()
+    quiet_malformed_requests()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         # Outermost first: every response gets an id and is counted, errors become JSON (OpenAI's shape on /v1),

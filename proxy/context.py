@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from csm_tts import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from csm_tts.speech.length_rule import default_audio_length_ms
 
 SEGMENT_OVERHEAD = 8  # speaker tag, begin/end of text, audio begin/end markers
+MAX_AUDIO_LENGTH_MS = 90_000  # the largest limit the API accepts, and the csm_1b default cap
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,11 @@ class ContextBudget:
     def segment_cost(self, segment: Segment) -> int:
         return self.text_cost(segment.text) + math.ceil(segment.audio.size / SAMPLES_PER_FRAME) + 1
 
-    def request_cost(self, text: str, max_audio_length_ms: int) -> int:
+    def request_cost(self, text: str, max_audio_length_ms: int | None) -> int:
+        """Positions of the text and of the audio it may produce: without a limit, the model's default for this
+        text (csm_tts/speech/length_rule.py; its cap cannot be known here, so the rule's own value counts)."""
+        if max_audio_length_ms is None:
+            max_audio_length_ms = default_audio_length_ms(text, MAX_AUDIO_LENGTH_MS)
         return self.text_cost(text) + max_audio_length_ms // FRAME_MS
 
 
@@ -65,7 +71,7 @@ class Conversation:
         # Keep no more than could ever be used.
         del self.segments[: max(0, len(self.segments) - self.budget.max_segments)]
 
-    def context_for(self, text: str, max_audio_length_ms: int) -> list[Segment]:
+    def context_for(self, text: str, max_audio_length_ms: int | None) -> list[Segment]:
         free = self.budget.positions - self.budget.request_cost(text, max_audio_length_ms)
         max_samples = int(self.budget.max_audio_s * SAMPLE_RATE)
         chosen: list[Segment] = []

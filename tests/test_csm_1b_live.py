@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +108,12 @@ BAD_PARAMETERS = [
     ({"seed": -1}, "seed"),
     ({"watermark_key": "1,2,3"}, "watermark_key"),
     ({"watermark": "maybe"}, "watermark"),
+    # Hostile numbers: the largest int64, digit strings past Python's parsing limit, floats that overflow.
+    ({"speaker_id": 2**63 - 1}, "speaker_id"),
+    ({"seed": "9" * 5000}, "seed"),
+    ({"temperature": "1e400"}, "temperature"),
+    ({"max_audio_length_ms": -(2**63)}, "max_audio_length_ms"),
+    ({"topk": 1e300}, "topk"),
 ]
 
 
@@ -160,3 +169,26 @@ async def test_server_keeps_serving_after_bad_requests(grpc_url):
     await asyncio.gather(*(stream(grpc_url, MODEL, "", {}) for _ in range(5)))
     result = await stream(grpc_url, MODEL, TEXT, {"max_audio_length_ms": 160})
     assert result.error is None and result.audio.size == 2 * SAMPLES_PER_FRAME
+
+
+def load_script(name: str):
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_a_maximal_context_does_not_stall_running_streams(grpc_url, triton_server):
+    """scripts/bench_context_stall.py against this server. Before, each of four contexts that cannot fit was
+    Mimi-encoded on the stepping thread before being refused, stretching a running stream's gap from 0.78 s to 6.4 s;
+    now they are refused from a cheap estimate, and a maximal context is encoded beside the running streams."""
+    report = await load_script("bench_context_stall").measure_context_stall(grpc_url)
+    print(json.dumps(report))
+    baseline = report["running_stream"]["baseline_gap_ms_max"]
+    joins, refused = report["phases"]["maximal context joins"], report["phases"]["4 contexts that cannot fit"]
+    assert not joins["errors"]
+    assert len(refused["errors"]) == 4 and all("takes at least" in e for e in refused["errors"])
+    assert max(refused["request_latency_ms"]) < 3000 and refused["running_gap_ms_max"] < baseline + 1500
+    assert joins["running_gap_ms_max"] < baseline + 3500
+    assert re.search(r"prompt of \d+ positions \(8 context segments\) built in \d+ ms", triton_server.log_text())

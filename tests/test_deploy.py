@@ -746,12 +746,14 @@ def test_gpu_and_cpu_repositories_differ_only_where_the_profiles_say(tmp_path):
     assert configs, "model_repository/ has no config.pbtxt"
     differing_keys = {k for k in PROFILES["cpu"] if PROFILES["cpu"][k] != PROFILES["gpu"][k]}
     differing_keys |= {k for k in DEFAULT_PATHS["cpu"] if DEFAULT_PATHS["cpu"][k] != DEFAULT_PATHS["gpu"][k]}
-    # What may differ: the instance kind (and count), the stream capacity and the checkpoint paths, nothing else.
+    # What may differ: the instance kind (and count), the stream capacity, the watermarker's pinned instance and the
+    # checkpoint paths, nothing else.
     assert differing_keys <= {
         "instance_kind",
         "csm_instance_count",
         "max_active_streams",
         "max_queue_wait_ms",
+        "watermark_instance_group",
         "csm_model_dir",
         "watermark_model_dir",
     }
@@ -776,3 +778,33 @@ def test_gpu_and_cpu_repositories_differ_only_where_the_profiles_say(tmp_path):
     assert others == sorted(p.relative_to(gpu) for p in gpu.rglob("*") if p.is_file() and p.name != "config.pbtxt")
     for relative in others:
         assert (cpu / relative).read_bytes() == (gpu / relative).read_bytes(), relative
+
+
+def instance_groups(repository: Path, model: str) -> list:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((repository / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return list(config.instance_group)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_the_watermarker_is_one_instance_whatever_the_number_of_gpus(tmp_path, profile):
+    """Its per-stream state lives in one process: KIND_GPU without `gpus` would mean one instance per visible GPU,
+    and chunks of one stream would reach instances that never saw its first chunk."""
+    (group,) = instance_groups(render(tmp_path / profile, profile), "watermarker")
+    assert group.count == 1
+    if profile == "gpu":
+        assert group.kind == group.KIND_GPU and list(group.gpus) == [0]
+    else:
+        assert group.kind == group.KIND_CPU and not group.gpus
+    # csm_1b keeps no state between requests: one instance per GPU is what a multi-GPU host should run.
+    (csm,) = instance_groups(render(tmp_path / f"{profile}-csm", profile), "csm_1b")
+    assert csm.count == 1 and not csm.gpus
+
+
+def test_cpu_instances_run_one_torch_thread(tmp_path):
+    rendered = render(tmp_path / "cpu", "cpu")
+    for model in ("csm_1b", "watermarker"):
+        text = (rendered / model / "config.pbtxt").read_text()
+        assert re.search(r'key: "cpu_threads", value: \{ string_value: "1" \}', text), model

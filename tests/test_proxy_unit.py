@@ -84,13 +84,9 @@ def test_settings_errors_name_the_variable(env, names):
 # -- request validation --------------------------------------------------------------------------------------------
 def test_generate_defaults_and_parameters():
     options = parse_generate({"text": "Hi."})
-    assert options == GenerateOptions(text="Hi.", speaker_id=0, max_audio_length_ms=30000, temperature=0.9, topk=50)
-    assert options.triton_parameters() == {
-        "speaker_id": 0,
-        "temperature": 0.9,
-        "topk": 50,
-        "max_audio_length_ms": 30000,
-    }
+    assert options == GenerateOptions(text="Hi.", speaker_id=0, max_audio_length_ms=None, temperature=0.9, topk=50)
+    # No max_audio_length_ms: the model's default applies, which follows the text (csm_tts/speech/length_rule.py).
+    assert options.triton_parameters() == {"speaker_id": 0, "temperature": 0.9, "topk": 50}
     full = parse_generate(
         {
             "text": "Hi.",
@@ -142,6 +138,13 @@ BAD_BODIES = [
     ({"text": "Hi", "watermark_key": "a,b,c,d,e"}, "watermark_key"),
     ({"text": "Hi", "seed": -1}, "seed"),
     ({"text": "Hi", "speaker": 1}, "unknown field(s): speaker"),
+    # Every number is range-checked against what the model accepts (nothing out of range reaches gRPC's int64).
+    ({"text": "Hi", "speaker_id": 32}, "speaker_id: must be between 0 and 31, got 32"),
+    ({"text": "Hi", "speaker_id": 2**63}, "speaker_id: must be between 0 and 31, got 9223372036854775808"),
+    ({"text": "Hi", "seed": 2**63}, "seed: must be between 0 and 9223372036854775807"),
+    ({"text": "Hi", "temperature": 10**400}, "temperature: must be between 0.1 and 2.0, got 1000000000"),
+    ({"text": "Hi", "topk": -(10**400)}, "topk: must be between 1 and 100, got -100000"),
+    ({"text": "lone \ud800 surrogate"}, "text: cannot be encoded as UTF-8 (character 5 is a lone surrogate)"),
 ]
 
 

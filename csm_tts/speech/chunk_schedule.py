@@ -6,7 +6,8 @@ per-chunk overhead (a response, a watermark call, a network message) stays low o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -14,13 +15,29 @@ class ChunkSchedule:
     first_frames: int = 2
     growth: float = 2.0
     max_frames: int = 10
+    # Chunks after which the cap is reached: `growth ** index` is never computed beyond it (it overflows a float
+    # after ~1000 chunks of a long stream with growth 2).
+    _capped_from: float = field(default=math.inf, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.first_frames < 1 or self.max_frames < self.first_frames or self.growth < 1.0:
+        if (
+            not isinstance(self.first_frames, int)
+            or not isinstance(self.max_frames, int)
+            or not math.isfinite(self.growth)
+            or self.first_frames < 1
+            or self.max_frames < self.first_frames
+            or self.growth < 1.0
+        ):
             raise ValueError(
-                f"invalid chunk schedule first_frames={self.first_frames} growth={self.growth} "
-                f"max_frames={self.max_frames}: need 1 <= first_frames <= max_frames and growth >= 1"
+                f"invalid chunk schedule first_frames={self.first_frames!r} growth={self.growth!r} "
+                f"max_frames={self.max_frames!r}: need integers 1 <= first_frames <= max_frames and a finite "
+                "growth >= 1"
             )
+        if self.growth > 1.0:
+            steps = math.ceil(math.log(self.max_frames / self.first_frames) / math.log(self.growth))
+            object.__setattr__(self, "_capped_from", steps)
 
     def frames_in_chunk(self, chunk_index: int) -> int:
+        if chunk_index >= self._capped_from:
+            return self.max_frames
         return min(self.max_frames, round(self.first_frames * self.growth**chunk_index))

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from csm_tts import FRAME_MS, SAMPLE_RATE
+from csm_tts import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_tts.speech.checkpoint import ATTENTION, load_csm
 from csm_tts.speech.chunk_schedule import ChunkSchedule
 from csm_tts.speech.codec_stream import StreamingCodecDecoder
+from csm_tts.speech.length_rule import default_audio_length_ms
 
 # Static shapes of a frame step (a CUDA graph per combination): batch rows are rounded up to a power of two (and
 # `max_streams`), the attended context to one of these windows, the top-k to a small or the full bound.
@@ -57,7 +58,7 @@ class GenerationRequest:
     speaker_id: int = 0
     temperature: float = 0.9  # 0 = greedy
     topk: int = 50
-    max_audio_length_ms: int = 30_000
+    max_audio_length_ms: int | None = None  # None: follows the text (csm_tts/speech/length_rule.py)
     seed: int | None = None
     context: tuple[ContextSegment, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_audio_length_ms
@@ -65,10 +66,28 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask for. The context bounds keep a request's prompt building (tokenizing, Mimi encoding
+    of context audio) and prefill bounded: 120 s of context is ~1500 of the 2048 positions."""
+
     max_speaker_id: int = 31
     max_text_chars: int = 5_000
-    max_audio_length_ms: int = 90_000
+    max_audio_length_ms: int = 90_000  # also caps the default limit that follows the text
     max_context_audio_s: float = 120.0
+    max_context_segments: int = 32
+    max_context_text_chars: int = 20_000  # all context segments' texts together
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request with its prompt built (tokenized text, Mimi-encoded context): everything before the prefill."""
+
+    request: GenerationRequest
+    embeds: torch.Tensor  # [1, positions, hidden]
+    max_frames: int
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
 
 
 @dataclass(frozen=True)
@@ -117,12 +136,20 @@ class Stream:
         return self.positions * self.kv_bytes_per_position
 
 
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. "\ud800" from JSON
+        raise InvalidRequest(f"{what} cannot be encoded as UTF-8 (character {e.start} is a lone surrogate)") from None
+
+
 def validate_request(request: GenerationRequest, limits: Limits, codebook_size: int) -> None:
-    """Cheap checks that need no model; the prompt-length check happens in `CsmEngine.start`."""
+    """Cheap checks that need no model; the prompt-length checks happen in `CsmEngine.prepare`."""
     if not isinstance(request.text, str) or not request.text.strip():
         raise InvalidRequest("text must be a non-empty string")
     if len(request.text) > limits.max_text_chars:
         raise InvalidRequest(f"text has {len(request.text)} characters; the limit is {limits.max_text_chars}")
+    _check_utf8(request.text, "text")
     for name, value in (("speaker_id", request.speaker_id), *(("context speaker", s.speaker) for s in request.context)):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limits.max_speaker_id:
             raise InvalidRequest(f"{name} must be an integer from 0 to {limits.max_speaker_id}, got {value!r}")
@@ -130,8 +157,9 @@ def validate_request(request: GenerationRequest, limits: Limits, codebook_size: 
         raise InvalidRequest(f"temperature must be between 0 (greedy) and 2, got {request.temperature!r}")
     if not isinstance(request.topk, int) or not 1 <= request.topk <= codebook_size:
         raise InvalidRequest(f"topk must be an integer from 1 to {codebook_size}, got {request.topk!r}")
-    if (
+    if request.max_audio_length_ms is not None and (
         not isinstance(request.max_audio_length_ms, int)
+        or isinstance(request.max_audio_length_ms, bool)
         or not FRAME_MS <= request.max_audio_length_ms <= limits.max_audio_length_ms
     ):
         raise InvalidRequest(
@@ -140,10 +168,18 @@ def validate_request(request: GenerationRequest, limits: Limits, codebook_size: 
         )
     if request.seed is not None and (not isinstance(request.seed, int) or not 0 <= request.seed < 2**63):
         raise InvalidRequest(f"seed must be an integer from 0 to 2**63-1, got {request.seed!r}")
-    total_context = 0
+    if len(request.context) > limits.max_context_segments:
+        raise InvalidRequest(f"context has {len(request.context)} segments; the limit is {limits.max_context_segments}")
+    total_context = context_chars = 0
     for i, segment in enumerate(request.context):
         if not isinstance(segment.text, str) or not segment.text.strip():
             raise InvalidRequest(f"context segment {i} has empty text")
+        _check_utf8(segment.text, f"context segment {i} text")
+        context_chars += len(segment.text)
+        if context_chars > limits.max_context_text_chars:
+            raise InvalidRequest(
+                f"context texts have more than {limits.max_context_text_chars} characters together (the limit)"
+            )
         audio = segment.audio
         if not isinstance(audio, np.ndarray) or audio.ndim != 1 or audio.size == 0:
             raise InvalidRequest(f"context segment {i} audio must be a non-empty 1-D array of 24 kHz samples")
@@ -351,6 +387,43 @@ class CsmEngine:
     def validate(self, request: GenerationRequest) -> None:
         validate_request(request, self.limits, self.codebook_size)
 
+    def check_health(self) -> None:
+        """A tiny computation on the model's device: raises when the device itself is broken (a CUDA error poisons
+        the whole context), so the scheduler can tell a failed batch from a dead engine."""
+        probe = torch.ones(2, device=self.device)
+        if float((probe + probe).sum().cpu()) != 4.0:
+            raise RuntimeError(f"the device {self.device} computes wrong results")
+
+    # -- limits -------------------------------------------------------------------------------------------------
+    def min_prompt_positions(self, request: GenerationRequest) -> int:
+        """A lower bound of the prompt's positions, cheap: the texts' tokens plus one position per 80 ms frame of
+        context audio (Mimi's frame rate). The chat template's markers only add to it. No Mimi, no chat template."""
+        tokenizer = self.processor.tokenizer
+        texts = [request.text, *(s.text for s in request.context)]
+        tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+        return tokens + sum(-(-s.audio.size // SAMPLES_PER_FRAME) for s in request.context)
+
+    def max_frames(self, request: GenerationRequest, prompt_length: int, estimated: bool = False) -> int:
+        """Frames this request may generate. An explicit max_audio_length_ms must fit the context with the prompt;
+        without one the limit follows the text (length_rule.py) and shrinks to what the context has left."""
+        room = self.max_positions - prompt_length
+        takes = f"takes {'at least ' if estimated else ''}{prompt_length} positions"
+        if request.max_audio_length_ms is not None:
+            frames = request.max_audio_length_ms // FRAME_MS
+            if frames > room:
+                raise InvalidRequest(
+                    f"the prompt {takes} (text and context) and max_audio_length_ms "
+                    f"{request.max_audio_length_ms} needs {frames} more; the model's context holds "
+                    f"{self.max_positions}: shorten the text or context, or lower max_audio_length_ms"
+                )
+            return frames
+        if room < 1:
+            raise InvalidRequest(
+                f"the prompt {takes} (text and context); the model's context holds "
+                f"{self.max_positions}, leaving no room for audio: shorten the text or context"
+            )
+        return min(default_audio_length_ms(request.text, self.limits.max_audio_length_ms) // FRAME_MS, room)
+
     # -- prompt -------------------------------------------------------------------------------------------------
     def prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
         conversation = [
@@ -428,19 +501,21 @@ class CsmEngine:
 
     # -- generation ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def start(self, request: GenerationRequest, stream_id: str | None = None) -> Stream:
-        """Validate, build the prompt, take a free slot and run the prefill into it. Raises InvalidRequest, or
-        NoFreeSlot when `max_streams` streams are running."""
+    def prepare(self, request: GenerationRequest) -> Prompt:
+        """Validate and build the prompt, cheap checks first: the prompt's positions are bounded from below before
+        any context audio is Mimi-encoded, so a request that cannot fit costs a tokenizer call, not seconds of
+        encoding. Raises InvalidRequest. Needs no stream state: the scheduler runs it off its stepping thread."""
         self.validate(request)
+        self.max_frames(request, self.min_prompt_positions(request), estimated=True)  # raises early when it cannot fit
         embeds = self.prompt_embeds(request)
-        prompt_length = embeds.shape[1]
-        max_frames = request.max_audio_length_ms // FRAME_MS
-        if prompt_length + max_frames > self.max_positions:
-            raise InvalidRequest(
-                f"the prompt takes {prompt_length} positions (text and context) and max_audio_length_ms "
-                f"{request.max_audio_length_ms} needs {max_frames} more; the model's context holds "
-                f"{self.max_positions}: shorten the text or context, or lower max_audio_length_ms"
-            )
+        return Prompt(request, embeds, self.max_frames(request, embeds.shape[1]))
+
+    @torch.inference_mode()
+    def start(self, request: GenerationRequest | Prompt, stream_id: str | None = None) -> Stream:
+        """Take a free slot and run the prefill of a prepared prompt into it (or prepare the request first). Raises
+        InvalidRequest, or NoFreeSlot when `max_streams` streams are running."""
+        prompt = request if isinstance(request, Prompt) else self.prepare(request)
+        request, embeds, max_frames, prompt_length = prompt.request, prompt.embeds, prompt.max_frames, prompt.length
         if self.streams_active >= self.max_streams:  # fail before the prefill; the locked check below decides
             raise NoFreeSlot(f"all {self.max_streams} stream slots are taken")
         # Prefill stays eager (transformers' own forward, one per step at most), then its keys/values move into

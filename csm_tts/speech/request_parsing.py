@@ -12,15 +12,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from csm_tts.parsing import parse_bool
+from csm_tts.parsing import parse_bool, shown
 from csm_tts.speech.engine import ContextSegment, GenerationRequest, InvalidRequest
 
-# name -> (type, default); defaults match the proxy's documented API defaults.
+# name -> (type, default); defaults match the proxy's documented API defaults. Without max_audio_length_ms the limit
+# follows the text (csm_tts/speech/length_rule.py).
 GENERATION_PARAMETERS: dict[str, tuple[type, object]] = {
     "speaker_id": (int, 0),
     "temperature": (float, 0.9),
     "topk": (int, 50),
-    "max_audio_length_ms": (int, 30_000),
+    "max_audio_length_ms": (int, None),
     "seed": (int, None),
     "ignore_eos": (bool, False),
 }
@@ -63,9 +64,9 @@ def coerce(name: str, value: object, kind: type) -> object:
             if not np.isfinite(number):
                 raise ValueError
             return number
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float() of an integer beyond 1e308
         pass
-    raise InvalidRequest(f"parameter {name!r} must be {kind.__name__}, got {value!r}")
+    raise InvalidRequest(f"parameter {name!r} must be {kind.__name__}, got {shown(value)}")
 
 
 def decode_text(raw: bytes | str, what: str = "text") -> str:

@@ -56,8 +56,10 @@ async def stream(
     stop_after_chunks: int | None = None,
     outputs: tuple[str, ...] | None = None,
     request_id: str = "",
+    stop: asyncio.Event | None = None,
 ) -> StreamResult:
-    """Send one request and read responses until is_last, an error, or `stop_after_chunks` (then hang up)."""
+    """Send one request and read responses until is_last, an error, `stop_after_chunks`, or a response that arrives
+    once `stop` is set (then hang up)."""
     client = grpcclient.InferenceServerClient(url)
     result = StreamResult()
     done = asyncio.Event()
@@ -84,6 +86,8 @@ async def stream(
             if bool(result.chunks[-1]["is_last"][0]):
                 break
             if stop_after_chunks is not None and len(result.chunks) >= stop_after_chunks:
+                break
+            if stop is not None and stop.is_set():
                 break
     finally:
         done.set()

@@ -123,12 +123,17 @@ async def stream_chunks(request: web.Request) -> web.StreamResponse:
 
 
 async def chunk_line(pool, settings, options, text, conversation, offload) -> dict:
+    """One text's line. Whatever fails becomes that line's error: the 200 and the first lines are sent already, so an
+    exception escaping here would break the response in the middle of its body."""
     if not text.strip():
         return {"error": NO_TEXT, "text": text}
     try:
         clip = await synthesize(pool, with_text(options, text), settings.watermark_enabled, conversation)
     except (ApiError, UpstreamError) as e:
         return {"error": e.message, "text": text}
+    except Exception:
+        log.exception("POST /stream/chunks: a text failed")
+        return {"error": "Internal error while generating this text", "text": text}
     if conversation is not None:
         conversation.add(options.get("speaker_id", 0), text, clip.audio)
     return {"text": text, "audio_base64": await run_sized(wav_base64, clip.audio, offload), "sample_rate": SAMPLE_RATE}

@@ -162,7 +162,13 @@ class StreamSession:
     async def read_loop(self) -> None:
         async for msg in self.ws:
             if msg.type == WSMsgType.TEXT:
-                await self.on_message(msg.data)
+                try:
+                    await self.on_message(msg.data)
+                except (ClientGone, SlowClient):
+                    raise
+                except Exception:  # a bug must cost one message its reply, never the session its reader
+                    log.exception("WebSocket message failed")
+                    await self.send_reply({"error": "Internal error while reading the message"})
             elif msg.type == WSMsgType.BINARY:
                 await self.enqueue(("error", {"error": "Binary frames are not accepted: send JSON text messages"}))
             else:  # ERROR (e.g. a message over the size limit): aiohttp closes the socket
@@ -171,14 +177,15 @@ class StreamSession:
     async def on_message(self, raw: str) -> None:
         try:
             data = json.loads(raw)
-        except ValueError as e:
-            await self.enqueue(("error", {"error": f"Invalid JSON: {e}"}))
+        except (ValueError, RecursionError) as e:  # RecursionError: deeply nested arrays or objects
+            await self.enqueue(("error", {"error": f"Invalid JSON: {str(e)[:200]}"}))
             return
         if not isinstance(data, dict):
             await self.enqueue(("error", {"error": f"Each message must be a JSON object, got {type(data).__name__}"}))
             return
         if self.finishing:
-            await self.enqueue(("error", {"error": "The session is closing: no messages are accepted after done"}))
+            # Answered at once: the queue ends with "done", and its worker stops there.
+            await self.send_reply({"error": "The session is closing: no messages are accepted after done"})
             return
         if "cancel" in data or "done" in data or "config" in data:
             key = next(k for k in ("cancel", "done", "config") if k in data)
@@ -274,7 +281,8 @@ class StreamSession:
         except ApiError as e:
             await self.send_reply({"error": e.message, **echo})
             return
-        self.current = asyncio.create_task(self.generate(options, next(self.chunk_ids)))
+        chunk_id = next(self.chunk_ids)
+        self.current = asyncio.create_task(self.generate(options, chunk_id))
         try:
             await asyncio.wait({self.current})
         finally:
@@ -282,8 +290,14 @@ class StreamSession:
                 self.current.cancel()
                 await asyncio.gather(self.current, return_exceptions=True)
         task, self.current = self.current, None
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled() or task.exception() is None:
+            return
+        if isinstance(task.exception(), (ClientGone, SlowClient)):
             raise task.exception()
+        # A bug or an unexpected failure: this chunk gets an error reply, the session goes on.
+        log.error("WebSocket text chunk failed", exc_info=task.exception())
+        where = {"chunk_id": chunk_id} if self.config.mode == "stream" else {}
+        await self.send_reply({"error": "Internal error while generating this text", "text": options.text, **where})
 
     # -- one text chunk ----------------------------------------------------------------------------------------------
     async def generate(self, options: GenerateOptions, chunk_id: int) -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from csm_tts.triton.cancellation import signal_cancel
-from csm_tts.triton.config import config_parameter
-from csm_tts.triton.errors import error_response
+from csm_tts.triton.cancellation import stop_stream
+from csm_tts.triton.config import ConfigError, config_parameter, float_parameter, int_parameter
+from csm_tts.triton.errors import coded, error_response
 from csm_tts.triton.metrics import WatermarkMetrics, instance_labels
 from csm_tts.triton.request_id import loggable_request_id
 from csm_tts.watermark.options import InvalidWatermarkOption, WatermarkSettings, resolve
@@ -39,23 +39,21 @@ class TritonPythonModel:
                 f"{PREFIX} no weights: set the model_dir parameter or CSM_WATERMARK_MODEL_DIR"
             )
         try:
-            lookahead = int(config_parameter(self.model_config, "lookahead_frames", default="0"))
-            message_sdr = float(config_parameter(self.model_config, "message_sdr", default="36"))
-            idle_timeout = float(
-                config_parameter(self.model_config, "idle_timeout_s", env="CSM_WATERMARK_IDLE_TIMEOUT_S", default="30")
+            lookahead = int_parameter(self.model_config, "lookahead_frames", 0, 0, 6)
+            message_sdr = float_parameter(self.model_config, "message_sdr", 36.0, 0.0, 100.0)
+            idle_timeout = float_parameter(
+                self.model_config, "idle_timeout_s", 30.0, 0.1, 86_400.0, env="CSM_WATERMARK_IDLE_TIMEOUT_S"
             )
-            max_streams = int(config_parameter(self.model_config, "max_streams", default="256"))
-            threads = config_parameter(self.model_config, "cpu_threads")
-            if idle_timeout <= 0 or max_streams <= 0:
-                raise ValueError("idle_timeout_s and max_streams must be positive")
-        except ValueError as e:
-            raise pb_utils.TritonModelException(f"{PREFIX} invalid parameter: {e}") from None
+            max_streams = int_parameter(self.model_config, "max_streams", 256, 1, 100_000)
+            threads = int_parameter(self.model_config, "cpu_threads", 0, 0, 1024)
+        except ConfigError as e:
+            raise pb_utils.TritonModelException(f"{PREFIX} invalid config: {e}") from None
         if args["model_instance_kind"] == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
         else:
             device = "cpu"
             if threads:
-                torch.set_num_threads(int(threads))
+                torch.set_num_threads(threads)
         try:
             model = load_watermark_model(model_dir, device=device)
             self.streams = WatermarkStreams(
@@ -105,19 +103,20 @@ class TritonPythonModel:
         return responses
 
     def _respond(self, request):
+        stream_id = None
         try:
+            stream_id = scalar(request, "stream_id")
+            stream_id = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
             if request.is_cancelled():
-                stream_id = scalar(request, "stream_id")
-                stream_id = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
-                signal_cancel(stream_id)  # so that csm_1b stops generating (csm_tts/triton/cancellation.py)
+                # Stop csm_1b, drop the state, and answer without an error: an error would leave the tts request in
+                # flight forever in Triton 2.51's ensemble (csm_tts/triton/cancellation.py). Nobody reads it.
+                stop_stream(stream_id)
                 if self.streams.drop(stream_id):
                     pb_utils.Logger.log_info(f"{PREFIX} cancelled stream {stream_id}: dropped its watermark state")
-                return error_response(pb_utils, "the request was cancelled", "CANCELLED")
+                return self._nothing(bool(scalar(request, "is_last")))
             raw = request.parameters()
             parameters = json.loads(raw) if raw else {}
             choice = resolve(parameters, self.settings)
-            stream_id = scalar(request, "stream_id")
-            stream_id = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
             result = self.streams.process(
                 stream_id,
                 choice.key,
@@ -127,16 +126,18 @@ class TritonPythonModel:
                 int(scalar(request, "sample_offset")),
                 bool(scalar(request, "is_last")),
             )
-        except (InvalidWatermarkOption, json.JSONDecodeError) as e:
-            return error_response(pb_utils, str(e), "INVALID_ARG")
+        except (InvalidWatermarkOption, json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self._failed(stream_id, str(e), "INVALID_ARG")
         except StreamError as e:  # chunks out of order or unknown: the ensemble's fault, never the client's
             pb_utils.Logger.log_error(f"{PREFIX} request {loggable_request_id(request)}: {e}")
-            return error_response(pb_utils, str(e), "INTERNAL")
+            return self._failed(stream_id, str(e), "INTERNAL")
         except (TooManyStreams, StreamGone) as e:
-            return error_response(pb_utils, str(e), "UNAVAILABLE")
+            return self._failed(stream_id, str(e), "UNAVAILABLE")
         except Exception as e:  # report, never raise out of execute
-            pb_utils.Logger.log_error(f"{PREFIX} request {loggable_request_id(request)}: chunk failed: {e}")
-            return error_response(pb_utils, f"watermarking failed: {e}", "INTERNAL")
+            pb_utils.Logger.log_error(
+                f"{PREFIX} request {loggable_request_id(request)}: chunk failed: {type(e).__name__}: {e}"
+            )
+            return self._failed(stream_id, f"watermarking failed: {e}", "INTERNAL")
         if result.is_last:
             pb_utils.Logger.log_info(
                 f"{PREFIX} request {loggable_request_id(request)}: stream {stream_id} finished "
@@ -149,6 +150,31 @@ class TritonPythonModel:
                 pb_utils.Tensor("is_last", np.array([result.is_last], dtype=bool)),
                 pb_utils.Tensor("watermarked", np.array([result.watermarked], dtype=bool)),
                 pb_utils.Tensor("watermark_key_id", np.array([result.key_id.encode()], dtype=np.object_)),
+            ]
+        )
+
+    def _failed(self, stream_id, message, code):
+        """A chunk that fails fails its tts request. While csm_1b still generates the stream, the error goes to csm_1b,
+        which stops and sends it as the stream's last response (answering it here would leave the tts request in
+        flight forever: csm_tts/triton/cancellation.py); otherwise (csm_1b has ended, or a direct client) it is
+        answered here. Either way the stream's state is dropped."""
+        if stream_id is not None and stream_id in self.streams:
+            self.streams.drop(stream_id, why=f"stopped after an error ({message})")
+        if stream_id is not None and stop_stream(stream_id, coded(code, message)):
+            pb_utils.Logger.log_info(f"{PREFIX} stream {stream_id} failed ({code}): csm_1b ends it with the error")
+            return self._nothing(False)
+        return error_response(pb_utils, message, code)
+
+    @staticmethod
+    def _nothing(is_last):
+        """A response without audio, for a chunk whose stream is over (the client sees nothing of it)."""
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("audio", np.zeros(0, np.float32)),
+                pb_utils.Tensor("chunk_index", np.array([0], dtype=np.int32)),
+                pb_utils.Tensor("is_last", np.array([is_last], dtype=bool)),
+                pb_utils.Tensor("watermarked", np.array([False], dtype=bool)),
+                pb_utils.Tensor("watermark_key_id", np.array([b"none"], dtype=np.object_)),
             ]
         )
 
