@@ -121,7 +121,9 @@ async def test_proxy_metrics_count_each_request(triton_server):
             final = await proxy_metrics(session, proxy.http)
             assert value(final, "csm_proxy_time_to_first_audio_seconds_count", endpoint="/stream") == 1
             bad = {"endpoint": "/generate", "method": "POST", "status": "422"}
-            async with session.post(proxy.http + "/generate", json={"text": "x", "speaker_id": 4000, **FAST}) as r:
+            # Valid for the proxy, refused by Triton (INVALID_ARG): the prompt and 90 s of audio exceed the context.
+            too_long = {"text": "Words upon words. " * 250, "max_audio_length_ms": 90_000}
+            async with session.post(proxy.http + "/generate", json=too_long) as r:
                 assert r.status == 422
             final = await proxy_metrics(session, proxy.http)
             assert value(final, "csm_proxy_requests_total", **bad) == 1

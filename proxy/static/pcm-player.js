@@ -137,7 +137,8 @@ export class BufferPlayer extends PlayerBase {
       source.start(start);
       if (seq <= this.stats.lastSeq) this.stats.orderErrors++;
       this.stats.lastSeq = seq;
-      if (this.startedAt === null) this.startedAt = this.heardAt(start);
+      // Scheduled now or later, never heard before now: the output-clock estimate can be a millisecond early.
+      if (this.startedAt === null) this.startedAt = Math.max(performance.now(), this.heardAt(start));
       if (this.stats.startFrame < 0) this.stats.startFrame = this.nextFrame;
       this.nextFrame += samples.length;
       const end = this.nextFrame / SAMPLE_RATE;
