@@ -56,29 +56,25 @@ class TritonSink:
             self.sender.send(self._response(chunk.audio, chunk.index, False, chunk.sample_offset), flags=0)
             self.next_index, self.samples = chunk.index + 1, chunk.sample_offset + chunk.audio.size
             return
-        try:
-            stopped = cancellation.stop_reason(self.stream_id) if self.marked else None
-            if stopped:  # the watermarker failed a chunk while this one was made: its error is the last word
-                send_stop_error(self.sender, stopped)
-                return
-            response = self._response(chunk.audio, chunk.index, True, chunk.sample_offset)
-            self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        finally:
-            self.close()
+        stopped = cancellation.stop_reason(self.stream_id) if self.marked else None
+        self.close()  # the stream ends here, whether the send below succeeds or not
+        if stopped:  # the watermarker failed a chunk while this one was made: its error is the last word
+            send_stop_error(self.sender, stopped)
+            return
+        response = self._response(chunk.audio, chunk.index, True, chunk.sample_offset)
+        self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def send_error(self, message, code_name):
-        try:
-            if code_name == "CANCELLED" and self.stopped == "":
-                # A tts client hung up. An error here would reach the ensemble after the watermarker's answer and
-                # leave the tts request in flight forever (cancellation.py); an empty last chunk ends it cleanly.
-                response = self._response(np.zeros(0, np.float32), self.next_index, True, self.samples)
-                self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            elif code_name == "CANCELLED" and self.stopped:  # the watermarker failed this stream: its error
-                send_stop_error(self.sender, self.stopped)
-            else:
-                send_error(self.sender, message, code_name)
-        finally:
-            self.close()
+        self.close()  # the stream ends here, whether the send below succeeds or not
+        if code_name == "CANCELLED" and self.stopped == "":
+            # A tts client hung up. An error here would reach the ensemble after the watermarker's answer and leave
+            # the tts request in flight forever (cancellation.py); an empty last chunk ends it cleanly.
+            response = self._response(np.zeros(0, np.float32), self.next_index, True, self.samples)
+            self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        elif code_name == "CANCELLED" and self.stopped:  # the watermarker failed this stream: its error
+            send_stop_error(self.sender, self.stopped)
+        else:
+            send_error(self.sender, message, code_name)
 
     def close(self):
         cancellation.close_marker(self.stream_id)
