@@ -35,11 +35,13 @@ import pytest
 import soundfile
 import websockets
 from aiohttp import web
+from live_proxy import Proxy
+from live_proxy import start_proxy as start_live_proxy
 
 from csm_tts import SAMPLE_RATE
 from csm_tts.tooling import demo_browser
 from csm_tts.tooling.local_triton import free_port
-from proxy.app import create_app, start_server
+from proxy.app import create_app
 from proxy.endpoints.demo import ASSETS, PAGE, STATIC
 from proxy.settings import Settings
 from proxy.web import TRITON
@@ -136,23 +138,9 @@ def test_the_page_ships_in_the_package(tmp_path):
 
 
 # -- in Chromium, against the live stack -------------------------------------------------------------------------
-class Proxy:
-    def __init__(self, app, runner):
-        self.app = app
-        self.runner = runner
-        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
 async def start_proxy(grpc_url: str, app: web.Application | None = None, **overrides) -> Proxy:
-    settings = {
-        "triton_grpc_urls": (grpc_url,),
-        "ws_max_pending": 2,
-        "health_interval_s": 1.0,
-        "watermark_enabled": False,  # watermarking costs ~1 CPU-second per audio second here
-        **overrides,
-    }
-    app = app or create_app(Settings(**settings))
-    return Proxy(app, await start_server(app, "127.0.0.1", 0))
+    # No watermark by default: watermarking costs ~1 CPU-second per audio second here.
+    return await start_live_proxy(grpc_url, app, **{"ws_max_pending": 2, "watermark_enabled": False, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +273,7 @@ def check_gapless(played: np.ndarray, messages: list[np.ndarray], stats: dict, a
 
 async def test_typing_mode_streams_plays_gaplessly_and_downloads(proxy, tab, tmp_path):
     page = tab.page
-    await demo_browser.open_demo(page, proxy.url, "?tap=1")
+    await demo_browser.open_demo(page, proxy.http, "?tap=1")
     rate = 8.0
     await demo_browser.set_fields(
         page,
@@ -340,7 +328,7 @@ async def test_typing_mode_streams_plays_gaplessly_and_downloads(proxy, tab, tmp
 async def test_scheduled_buffers_play_gaplessly_too(proxy, tab):
     """The fallback player (no AudioWorklet, e.g. plain http on a LAN), with 16-bit frames and one text at once."""
     page = tab.page
-    await demo_browser.open_demo(page, proxy.url, "?tap=1")
+    await demo_browser.open_demo(page, proxy.http, "?tap=1")
     text = " ".join(SENTENCES)
     await demo_browser.set_fields(
         page, text=text, mode="all", seed=5, max_audio_length_ms=1000, format="s16le", player="buffers"
@@ -363,7 +351,7 @@ async def test_scheduled_buffers_play_gaplessly_too(proxy, tab):
 
 async def test_bad_input_is_explained_and_the_page_recovers(proxy, tab):
     page = tab.page
-    await demo_browser.open_demo(page, proxy.url)
+    await demo_browser.open_demo(page, proxy.http)
     await demo_browser.set_fields(page, text="Hello.", mode="all", max_audio_length_ms=500)
     stats = await demo_browser.speak(page)
     message = await page.text_content("#error")
@@ -384,7 +372,7 @@ async def test_bad_input_is_explained_and_the_page_recovers(proxy, tab):
 
 async def test_stop_cancels_the_generation(proxy, tab):
     page = tab.page
-    await demo_browser.open_demo(page, proxy.url)
+    await demo_browser.open_demo(page, proxy.http)
     await demo_browser.set_fields(
         page, text="A long answer that will be interrupted.", mode="all", max_audio_length_ms=20000
     )
@@ -409,7 +397,7 @@ async def test_a_full_server_is_explained(triton_server, tab):
     full = await start_proxy(triton_server.grpc_url, max_websockets=0)
     try:
         page = tab.page
-        await demo_browser.open_demo(page, full.url)
+        await demo_browser.open_demo(page, full.http)
         await demo_browser.set_fields(page, text="Hello.", mode="all", max_audio_length_ms=1000)
         stats = await demo_browser.speak(page)
         message = await page.text_content("#error")
@@ -437,14 +425,14 @@ async def test_the_api_key_travels_as_documented(triton_server, tab):
     keyed = await start_proxy(triton_server.grpc_url, app=app)
     try:
         async with websockets.connect(
-            keyed.url.replace("http", "ws") + "/stream", subprotocols=["csm-tts", "bearer.k3y"]
+            keyed.http.replace("http", "ws") + "/stream", subprotocols=["csm-tts", "bearer.k3y"]
         ) as ws:
             selects = ws.subprotocol == "csm-tts"
     except websockets.InvalidHandshake:
         selects = False
     try:
         page = tab.page
-        await demo_browser.open_demo(page, keyed.url)
+        await demo_browser.open_demo(page, keyed.http)
         seen.clear()
         await demo_browser.set_fields(page, text="Hello.", mode="all", max_audio_length_ms=1000, api_key="k3y")
         await page.locator("#api-key").dispatch_event("change")
@@ -496,7 +484,7 @@ async def test_bench_demo_runs_against_the_live_proxy(proxy, tmp_path):
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(ROOT / "scripts" / "bench_demo.py"),
-        *("--proxy-url", proxy.url, "--fixed-frames", "13", "--requests", "1", "--no-warmup", "--json", str(out)),
+        *("--proxy-url", proxy.http, "--fixed-frames", "13", "--requests", "1", "--no-warmup", "--json", str(out)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

@@ -23,12 +23,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 import websockets
+from live_proxy import Proxy
+from live_proxy import start_proxy as start_live_proxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from csm_tts.tooling.local_triton import free_port
-from proxy.app import create_app, start_server
 from proxy.auth import generate_key, hash_key
-from proxy.settings import Settings
 from proxy.web import TRITON
 
 pytestmark = pytest.mark.live
@@ -36,18 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = {"max_audio_length_ms": 1000}
 
 
-class Proxy:
-    def __init__(self, app, runner):
-        self.app, self.runner = app, runner
-        port = runner.addresses[0][1]
-        self.http = f"http://127.0.0.1:{port}"
-        self.ws = f"ws://127.0.0.1:{port}/stream"
-
-
 async def start_proxy(grpc_url: str, **overrides) -> Proxy:
-    settings = {"triton_grpc_urls": (grpc_url,), "triton_model": "csm_1b", "health_interval_s": 1.0, **overrides}
-    app = create_app(Settings(**settings))
-    return Proxy(app, await start_server(app, "127.0.0.1", 0))
+    return await start_live_proxy(grpc_url, **{"triton_model": "csm_1b", **overrides})
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:

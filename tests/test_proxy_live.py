@@ -30,12 +30,12 @@ import numpy as np
 import pytest
 import soundfile
 import websockets
+from live_proxy import Proxy
+from live_proxy import start_proxy as start_live_proxy
 
 from csm_tts.tooling.local_triton import free_port
 from csm_tts.tooling.triton_streams import stream
-from proxy.app import create_app, start_server
 from proxy.audio import to_pcm16
-from proxy.settings import Settings
 from proxy.web import TRITON
 
 pytestmark = pytest.mark.live
@@ -50,26 +50,14 @@ UNMARKED = {"watermark": False}
 HEADER = struct.Struct("<IIII")
 
 
-class Proxy:
-    def __init__(self, app, runner):
-        self.app = app
-        self.runner = runner
-        port = runner.addresses[0][1]
-        self.http = f"http://127.0.0.1:{port}"
-        self.ws = f"ws://127.0.0.1:{port}/stream"
-
-
 async def start_proxy(grpc_url: str, **overrides) -> Proxy:
     settings = {
-        "triton_grpc_urls": (grpc_url,),
         "triton_model": MODEL,
         "ws_max_pending": 2,
-        "health_interval_s": 1.0,
         "watermark_enabled": False,
-        "wav_offload_seconds": 0.5,
-    }  # small offload threshold: the executor path is used
-    app = create_app(Settings(**{**settings, **overrides}))
-    return Proxy(app, await start_server(app, "127.0.0.1", 0))
+        "wav_offload_seconds": 0.5,  # small offload threshold: the executor path is used
+    }
+    return await start_live_proxy(grpc_url, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -517,10 +505,11 @@ async def test_streams_spread_over_healthy_replicas(triton_server):
     port = triton_server.grpc_url.rsplit(":", 1)[1]
     dead = f"127.0.0.1:{free_port()}"
     urls = (triton_server.grpc_url, f"localhost:{port}", dead)
-    app = create_app(Settings(triton_grpc_urls=urls, triton_model=MODEL, health_timeout_s=0.3))
-    runner = await start_server(app, "127.0.0.1", 0)
+    spread = await start_live_proxy(
+        triton_server.grpc_url, triton_grpc_urls=urls, triton_model=MODEL, health_timeout_s=0.3
+    )
     try:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{runner.addresses[0][1]}") as session:
+        async with aiohttp.ClientSession(spread.http) as session:
 
             async def generate(i):
                 async with session.post("/generate", json={"text": f"Replica {i}.", "watermark": False, **FAST}) as r:
@@ -534,4 +523,4 @@ async def test_streams_spread_over_healthy_replicas(triton_server):
         assert replicas[dead]["live"] is False and replicas[dead]["error"] and replicas[dead]["streams_started"] == 0
         assert replicas[urls[0]]["streams_started"] == replicas[urls[1]]["streams_started"] == 2
     finally:
-        await runner.cleanup()
+        await spread.runner.cleanup()
