@@ -233,11 +233,7 @@ class StreamScheduler:
 
     # -- one job ----------------------------------------------------------------------------------------------------
     def _prepare(self, job: _Job) -> None:
-        cancelled = self._cancelled(job)
-        if cancelled is not False:
-            if cancelled:
-                self.log("Cancelling the request before it started")
-                self._end_cancelled(job)
+        if self._gone_before_start(job):
             return
         started = time.perf_counter()
         try:
@@ -265,11 +261,7 @@ class StreamScheduler:
             self._send_error(job, f"the speech engine failed: {self.broken}", "INTERNAL")
 
     def _admit(self, job: _Job) -> None:
-        cancelled = self._cancelled(job)
-        if cancelled is not False:
-            if cancelled:
-                self.log("Cancelling the request before it started")
-                self._end_cancelled(job)
+        if self._gone_before_start(job):
             return
         try:
             started = time.perf_counter()
@@ -355,6 +347,14 @@ class StreamScheduler:
             self.log(f"metrics observer failed: {e}")
 
     # -- failures -----------------------------------------------------------------------------------------------------
+    def _gone_before_start(self, job: _Job) -> bool:
+        """True when a waiting job was cancelled (it gets its final response) or its sink failed (it has failed)."""
+        cancelled = self._cancelled(job)
+        if cancelled:
+            self.log("Cancelling the request before it started")
+            self._end_cancelled(job)
+        return cancelled is not False
+
     def _cancelled(self, job: _Job) -> bool | None:
         """The sink's answer; None when asking failed (then the job has been failed)."""
         try:
