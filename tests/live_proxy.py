@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
+import pytest
 from aiohttp import web
 
 from proxy.app import create_app, start_server
@@ -22,3 +26,17 @@ async def start_proxy(grpc_url: str, app: web.Application | None = None, **setti
     if app is None:
         app = create_app(Settings(**{"triton_grpc_urls": (grpc_url,), "health_interval_s": 1.0, **settings}))
     return Proxy(app, await start_server(app, "127.0.0.1", 0))
+
+
+async def wait_until_healthy(base: str, ready: bool = True) -> None:
+    """Until a proxy started as a process (`python -m proxy`) answers GET /health (with 200 unless `ready` is False)."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(150):
+            try:
+                async with session.get(base + "/health") as response:
+                    if response.status == 200 or not ready:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    pytest.fail("python -m proxy did not become healthy")

@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import websockets
-from live_proxy import Proxy
+from live_proxy import Proxy, wait_until_healthy
 from live_proxy import start_proxy as start_live_proxy
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -289,48 +289,41 @@ async def test_sigterm_drains_streams_in_flight_then_closes(triton_server, tmp_p
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(150):
-                try:
-                    async with session.get(base + "/health") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail("python -m proxy did not become healthy")
-            async with websockets.connect(f"ws://127.0.0.1:{port}/stream?mode=stream") as ws:
-                await ws.send(json.dumps({"text": "Finish me after the signal.", "max_audio_length_ms": 4000}))
-                assert json.loads(await ws.recv())["type"] == "audio"
-                await ws.send(json.dumps({"text": "Queued behind it.", **FAST}))
-                process.send_signal(signal.SIGTERM)
-                start = time.monotonic()
-                while True:  # readiness flips at once
-                    async with session.get(base + "/readyz") as response:
-                        if response.status == 503:
-                            assert (await response.json())["status"] == "draining"
-                            break
-                    assert time.monotonic() - start < 1.0, "readiness did not flip within a second"
-                    await asyncio.sleep(0.02)
-                async with session.get(base + "/livez") as response:
-                    assert response.status == 200
-                async with session.post(base + "/generate", json={"text": "Too late.", **FAST}) as response:
-                    assert response.status == 503 and response.headers["Retry-After"] == "1"
-                    assert "shutting down" in (await response.json())["error"]
-                with pytest.raises(websockets.InvalidStatus) as info:
-                    await websockets.connect(f"ws://127.0.0.1:{port}/stream")
-                assert info.value.response.status_code == 503
-                # The stream in flight completes; the next text of the session is refused; then 1001.
-                messages = []
-                with pytest.raises(websockets.ConnectionClosed) as closed:
-                    while True:
-                        messages.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
-                ends = [m for m in messages if m["type"] == "end"]
-                errors = [m for m in messages if m["type"] == "error"]
-                assert len(ends) == 1 and ends[0]["samples"] == 4000 // 80 * 1920
-                assert len(errors) == 1 and "shutting down" in errors[0]["error"]
-                assert closed.value.rcvd.code == 1001
+        await wait_until_healthy(base)
+        async with (
+            aiohttp.ClientSession() as session,
+            websockets.connect(f"ws://127.0.0.1:{port}/stream?mode=stream") as ws,
+        ):
+            await ws.send(json.dumps({"text": "Finish me after the signal.", "max_audio_length_ms": 4000}))
+            assert json.loads(await ws.recv())["type"] == "audio"
+            await ws.send(json.dumps({"text": "Queued behind it.", **FAST}))
+            process.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            while True:  # readiness flips at once
+                async with session.get(base + "/readyz") as response:
+                    if response.status == 503:
+                        assert (await response.json())["status"] == "draining"
+                        break
+                assert time.monotonic() - start < 1.0, "readiness did not flip within a second"
+                await asyncio.sleep(0.02)
+            async with session.get(base + "/livez") as response:
+                assert response.status == 200
+            async with session.post(base + "/generate", json={"text": "Too late.", **FAST}) as response:
+                assert response.status == 503 and response.headers["Retry-After"] == "1"
+                assert "shutting down" in (await response.json())["error"]
+            with pytest.raises(websockets.InvalidStatus) as info:
+                await websockets.connect(f"ws://127.0.0.1:{port}/stream")
+            assert info.value.response.status_code == 503
+            # The stream in flight completes; the next text of the session is refused; then 1001.
+            messages = []
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    messages.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+            ends = [m for m in messages if m["type"] == "end"]
+            errors = [m for m in messages if m["type"] == "error"]
+            assert len(ends) == 1 and ends[0]["samples"] == 4000 // 80 * 1920
+            assert len(errors) == 1 and "shutting down" in errors[0]["error"]
+            assert closed.value.rcvd.code == 1001
         assert await asyncio.to_thread(process.wait, 20) == 0
     finally:
         if process.poll() is None:

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import soundfile
 import websockets
-from live_proxy import Proxy
+from live_proxy import Proxy, wait_until_healthy
 from live_proxy import start_proxy as start_live_proxy
 
 from csm_tts.tooling.local_triton import free_port
@@ -472,17 +472,7 @@ async def test_python_m_proxy_serves_and_shuts_down_cleanly(triton_server, tmp_p
         )
     try:
         base = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession() as session:
-            for _ in range(150):
-                try:
-                    async with session.get(base + "/health") as response:
-                        if response.status == 200 or MODEL != "tts":
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail("python -m proxy did not become healthy")
+        await wait_until_healthy(base, ready=MODEL == "tts")
         async with websockets.connect(f"ws://127.0.0.1:{port}/stream?max_audio_length_ms=1000") as ws:
             for chunk in ["Served by python -m proxy."]:
                 await ws.send(json.dumps({"text": chunk}))
