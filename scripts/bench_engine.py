@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from csm_tts import FRAME_MS, SAMPLES_PER_FRAME  # noqa: E402
-from csm_tts.speech.engine import CsmEngine, GenerationRequest  # noqa: E402
+from csm_tts.speech.engine import CsmEngine  # noqa: E402
+from csm_tts.speech.request import GenerationRequest  # noqa: E402
 from csm_tts.speech.scheduler import StreamScheduler  # noqa: E402
 from csm_tts.tooling.baseline_engine import BaselineEngine  # noqa: E402
 from csm_tts.tooling.local_triton import start_local_triton  # noqa: E402

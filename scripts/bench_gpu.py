@@ -67,7 +67,8 @@ sys.path.insert(0, str(ROOT))  # csm_tts from the checkout (it is not installed 
 from csm_tts import FRAME_MS, SAMPLE_RATE  # noqa: E402
 from csm_tts.speech.checkpoint import ATTENTION, CHAT_TEMPLATE  # noqa: E402
 from csm_tts.speech.chunk_schedule import ChunkSchedule  # noqa: E402
-from csm_tts.speech.engine import CsmEngine, GenerationRequest  # noqa: E402
+from csm_tts.speech.engine import CsmEngine  # noqa: E402
+from csm_tts.speech.request import GenerationRequest  # noqa: E402
 from csm_tts.speech.scheduler import StreamScheduler  # noqa: E402
 from csm_tts.tooling.baseline_engine import BaselineEngine  # noqa: E402
 from csm_tts.tooling.stream_stats import percentile, playback_stalls  # noqa: E402

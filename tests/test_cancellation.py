@@ -20,7 +20,8 @@ def markers(tmp_path, monkeypatch):
 
 def test_a_marker_lives_from_acceptance_to_the_end_of_its_stream(markers):
     assert cancellation.open_marker(STREAM)
-    assert [p.name for p in markers.iterdir()] == [STREAM] and cancellation.stop_reason(STREAM) is None
+    assert sorted(p.name for p in markers.iterdir()) == [STREAM, f"{STREAM}.done"]
+    assert cancellation.stop_reason(STREAM) is None
     cancellation.close_marker(STREAM)
     assert not any(markers.iterdir())
 
@@ -50,9 +51,24 @@ def test_stopping_an_ended_or_unknown_stream_leaves_nothing(markers):
     assert not cancellation.stop_stream("../../etc/passwd") and not cancellation.open_marker("../x")
 
 
+def test_the_watermarkers_progress_reaches_csm_1b(markers):
+    assert cancellation.samples_done(STREAM) is None  # no stream: unknown, never a reason to hold one back
+    assert not cancellation.report_progress(STREAM, 1920)  # an ended stream gets no file
+    assert not markers.exists() or not any(markers.iterdir())
+    assert cancellation.open_marker(STREAM)
+    assert cancellation.samples_done(STREAM) == 0
+    assert cancellation.report_progress(STREAM, 123_456_789) and cancellation.report_progress(STREAM, 3840)
+    assert cancellation.samples_done(STREAM) == 3840  # overwritten whole, not appended
+    assert cancellation.stop_stream(STREAM)  # a cancel removes the marker; the record stays until csm_1b ends
+    assert cancellation.report_progress(STREAM, 5760) and cancellation.samples_done(STREAM) == 5760
+    cancellation.close_marker(STREAM)
+    assert not any(markers.iterdir()) and not cancellation.report_progress(STREAM, 7680)
+
+
 def test_a_marker_is_created_once(markers):
     assert cancellation.open_marker(STREAM)
     assert not cancellation.open_marker(STREAM)  # the id is taken: refused, not shared
+    assert cancellation.stop_reason(STREAM) is None  # and the first stream's marker is untouched
 
 
 def test_unload_removes_what_is_left_and_the_directory(markers):

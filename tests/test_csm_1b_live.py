@@ -13,7 +13,7 @@ import pytest
 from tritonclient.grpc import InferInput
 
 from csm_tts import SAMPLES_PER_FRAME
-from csm_tts.speech.engine import GenerationRequest
+from csm_tts.speech.request import GenerationRequest
 from csm_tts.tooling.triton_streams import make_inputs, stream
 
 pytestmark = pytest.mark.live

@@ -10,7 +10,9 @@ import torch
 from csm_tts import SAMPLES_PER_FRAME
 from csm_tts.speech.chunk_schedule import ChunkSchedule
 from csm_tts.speech.codec_stream import StreamingCodecDecoder, decode_all
-from csm_tts.speech.engine import ContextSegment, CsmEngine, GenerationRequest, InvalidRequest, sample_codes
+from csm_tts.speech.engine import CsmEngine
+from csm_tts.speech.request import ContextSegment, GenerationRequest, InvalidRequest
+from csm_tts.speech.sampling import sample_codes
 
 TEXT = "Hello from Sesame."
 

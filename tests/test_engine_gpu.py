@@ -11,7 +11,8 @@ import pytest
 import torch
 from test_engine_slots import SCRIPT, generate_codes, run_script
 
-from csm_tts.speech.engine import CsmEngine, GenerationRequest
+from csm_tts.speech.engine import CsmEngine
+from csm_tts.speech.request import GenerationRequest
 
 pytestmark = [
     pytest.mark.gpu,

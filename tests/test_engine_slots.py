@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from csm_tts.speech.checkpoint import load_csm
-from csm_tts.speech.engine import CsmEngine, GenerationRequest, NoFreeSlot, batch_buckets, fit_slots
+from csm_tts.speech.engine import CsmEngine
+from csm_tts.speech.request import GenerationRequest
+from csm_tts.speech.slots import batch_buckets, fit_slots
+from csm_tts.speech.stream import NoFreeSlot
 from csm_tts.tooling.baseline_engine import BaselineEngine
 
 TEXTS = ("Hello.", "How are you doing today, my friend?", "Fine, thank you very much for asking.", "Bye now.")

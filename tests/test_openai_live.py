@@ -34,7 +34,7 @@ from test_proxy_live import (
     wait_idle,
 )
 
-from csm_tts.speech.engine import ContextSegment, GenerationRequest
+from csm_tts.speech.request import ContextSegment, GenerationRequest
 from csm_tts.tooling.triton_streams import stream
 from proxy.audio import to_pcm16
 from proxy.encoders import FORMATS, RESPONSE_FORMATS

@@ -317,7 +317,7 @@ async def test_discovery_adds_and_retires_replicas_and_survives_resolver_failure
 
 # -- Triton-side metrics and the watermarker's errors (fake pb_utils) ------------------------------------------------
 def test_csm_metrics_follow_the_scheduler(engine):
-    from csm_tts.speech.engine import GenerationRequest
+    from csm_tts.speech.request import GenerationRequest
     from csm_tts.speech.scheduler import StreamScheduler
     from csm_tts.triton.metrics import CsmMetrics
 

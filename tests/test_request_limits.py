@@ -10,8 +10,8 @@ import pytest
 
 from csm_tts import FRAME_MS, SAMPLE_RATE
 from csm_tts.speech.chunk_schedule import ChunkSchedule
-from csm_tts.speech.engine import ContextSegment, GenerationRequest, InvalidRequest
 from csm_tts.speech.length_rule import BASE_MS, MS_PER_BYTE, default_audio_length_ms
+from csm_tts.speech.request import ContextSegment, GenerationRequest, InvalidRequest
 from csm_tts.speech.request_parsing import parse_request
 
 

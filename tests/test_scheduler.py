@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from csm_tts.speech.engine import CsmEngine, GenerationRequest, InvalidRequest
+from csm_tts.speech.engine import CsmEngine
+from csm_tts.speech.request import GenerationRequest, InvalidRequest
 from csm_tts.speech.request_parsing import parse_parameters, parse_request
 from csm_tts.speech.scheduler import ServerFull, StreamScheduler
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from csm_tts.speech.engine import GenerationRequest
+from csm_tts.speech.request import GenerationRequest
 from csm_tts.speech.scheduler import EngineBroken, StreamScheduler
 
 SHORT = 6 * 80  # 3 chunks with the default schedule

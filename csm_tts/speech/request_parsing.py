@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from csm_tts.parsing import parse_bool, shown
-from csm_tts.speech.engine import ContextSegment, GenerationRequest, InvalidRequest
+from csm_tts.speech.request import ContextSegment, GenerationRequest, InvalidRequest
 
 # name -> (type, default); defaults match the proxy's documented API defaults. Without max_audio_length_ms the limit
 # follows the text (csm_tts/speech/length_rule.py).

@@ -33,15 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from csm_tts.speech.engine import (
-    AudioChunk,
-    CsmEngine,
-    GenerationRequest,
-    InvalidRequest,
-    NoFreeSlot,
-    Prompt,
-    Stream,
-)
+from csm_tts.speech.engine import CsmEngine
+from csm_tts.speech.request import GenerationRequest, InvalidRequest
+from csm_tts.speech.stream import AudioChunk, NoFreeSlot, Prompt, Stream
 
 log = logging.getLogger("csm_tts.speech.scheduler")
 PREPARER_NICE = 5  # the prompt-building thread's CPU priority below the stepping thread's (Linux nice, 0-19)

@@ -20,7 +20,10 @@ from transformers.cache_utils import DynamicCache
 
 from csm_tts import FRAME_MS
 from csm_tts.speech.codec_stream import StreamingCodecDecoder
-from csm_tts.speech.engine import CsmEngine, GenerationRequest, InvalidRequest, Stream, sample_codes
+from csm_tts.speech.engine import CsmEngine
+from csm_tts.speech.request import GenerationRequest, InvalidRequest
+from csm_tts.speech.sampling import sample_codes
+from csm_tts.speech.stream import Stream
 
 
 @dataclass(eq=False)

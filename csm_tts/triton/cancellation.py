@@ -16,6 +16,11 @@ directory both model processes see (they are stubs of the same `tritonserver` pr
   with that error). It never creates a file.
 - csm_1b checks between frames (`stop_reason`, one stat call).
 
+Flow control uses the same ownership: beside each marker csm_1b creates `<dir>/<stream_id>.done`, in which the
+watermarker writes how many of the stream's audio samples it has taken off its queue so far, watermarked or dropped
+(`report_progress`, a fixed-width overwrite without O_CREAT); csm_1b reads it (`samples_done`) and does not advance
+a stream whose audio waits at the watermarker beyond a bound, so csm_1b never outruns the watermarker.
+
 So a marker is created at most once per stream and only by its owner, a late or repeated stop has nothing to leave
 behind, and nothing outlives the stream. Directories of servers that are gone (a killed server cannot clean up) are
 removed by the next csm_1b that starts (`remove_stale_dirs`).
@@ -45,6 +50,10 @@ def marker_dir() -> Path:
     return Path(os.environ.get("CSM_CANCEL_DIR") or _base() / f"{_PREFIX}{os.getppid()}")
 
 
+def _progress_path(stream_id: str) -> Path:
+    return marker_dir() / f"{stream_id}.done"
+
+
 def open_marker(stream_id: str) -> bool:
     """csm_1b, when it accepts a request. False when the marker cannot be made (then the stream cannot be stopped
     from the watermarker, and `marker_gone` must not be asked: a missing file would read as a stop)."""
@@ -55,6 +64,11 @@ def open_marker(stream_id: str) -> bool:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / stream_id).touch(exist_ok=False)
     except OSError:
+        return False
+    try:
+        _progress_path(stream_id).touch(exist_ok=False)
+    except OSError:
+        _remove(directory, stream_id)
         return False
     with _lock:
         _open.add(stream_id)
@@ -81,8 +95,49 @@ def close_marker(stream_id: str) -> None:
         if stream_id not in _open:
             return
         _open.discard(stream_id)
-    with contextlib.suppress(OSError):
-        (marker_dir() / stream_id).unlink(missing_ok=True)
+    _remove(marker_dir(), stream_id)
+
+
+def _remove(directory: Path, stream_id: str) -> None:
+    for name in (stream_id, f"{stream_id}.done"):
+        with contextlib.suppress(OSError):
+            (directory / name).unlink(missing_ok=True)
+
+
+_PROGRESS_WIDTH = 20  # digits: one fixed-width record, always overwritten whole
+
+
+def report_progress(stream_id: str, samples: int) -> bool:
+    """The watermarker: it has taken `samples` samples of csm_1b's stream `stream_id` off its queue (watermarked or
+    dropped). False when the stream has ended (nothing is created) or the id is not csm_1b's."""
+    if not _STREAM_ID.fullmatch(stream_id):
+        return False
+    try:
+        descriptor = os.open(_progress_path(stream_id), os.O_WRONLY)  # no O_CREAT: an ended stream stays ended
+    except OSError:
+        return False
+    try:
+        os.pwrite(descriptor, f"{max(0, int(samples)):{_PROGRESS_WIDTH}d}".encode(), 0)
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+    return True
+
+
+def samples_done(stream_id: str) -> int | None:
+    """csm_1b: how many samples of its stream the watermarker has taken so far (0 before its first report); None when
+    unknown (no marker, or an unreadable record: then csm_1b must not hold the stream back on it)."""
+    try:
+        record = _progress_path(stream_id).read_bytes()
+    except OSError:
+        return None
+    if not record:
+        return 0
+    try:
+        return int(record[:_PROGRESS_WIDTH])
+    except ValueError:
+        return None
 
 
 def stop_stream(stream_id: str, error: str | None = None) -> bool:
@@ -111,8 +166,7 @@ def close_all() -> None:
         _open.clear()
     directory = marker_dir()
     for stream_id in left:
-        with contextlib.suppress(OSError):
-            (directory / stream_id).unlink(missing_ok=True)
+        _remove(directory, stream_id)
     with contextlib.suppress(OSError):
         directory.rmdir()  # fails while another csm_1b instance still has streams: the last one removes it
 

@@ -12,7 +12,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from csm_tts.speech.chunk_schedule import ChunkSchedule
-from csm_tts.speech.engine import CsmEngine, InvalidRequest, Limits
+from csm_tts.speech.engine import CsmEngine
+from csm_tts.speech.request import InvalidRequest, Limits
 from csm_tts.speech.request_parsing import CONTEXT_INPUTS, parse_parameters, parse_request
 from csm_tts.speech.scheduler import EngineBroken, ServerFull, StreamScheduler
 from csm_tts.triton import cancellation

@@ -1,0 +1,70 @@
+"""One stream's bookkeeping in the engine (its slot, RNG, codec state, frames, counters) and what it yields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from csm_tts.speech.codec_stream import StreamingCodecDecoder
+from csm_tts.speech.request import GenerationRequest
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request with its prompt built (tokenized text, Mimi-encoded context): everything before the prefill."""
+
+    request: GenerationRequest
+    embeds: torch.Tensor  # [1, positions, hidden]
+    max_frames: int
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    index: int
+    audio: np.ndarray  # float32, 24 kHz
+    sample_offset: int
+    is_last: bool
+    finish_reason: str | None = None  # "eos" or "length" on the last chunk
+
+
+class NoFreeSlot(RuntimeError):
+    """Every batch slot is taken; the caller admits at most `max_streams` streams at a time."""
+
+
+@dataclass(eq=False)
+class Stream:
+    """Per-stream bookkeeping: its slot in the engine's batch, RNG, codec decoder state, frames and counters."""
+
+    request: GenerationRequest
+    stream_id: str
+    max_frames: int
+    prompt_length: int
+    generator: torch.Generator | None
+    codec: StreamingCodecDecoder
+    kv_bytes_per_position: int
+    slot: int | None = None  # the engine's batch slot, owned until the stream finishes or is released
+    positions: int = 0  # positions of the backbone context filled (prompt, then one per frame fed back)
+    pending: list[torch.Tensor] = field(default_factory=list)  # frames not yet decoded, each [32] on the CPU
+    codes: list[torch.Tensor] = field(default_factory=list)  # every frame generated so far
+    chunk_index: int = 0
+    samples_sent: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def frames_generated(self) -> int:
+        return len(self.codes)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Backbone KV cache this stream's positions occupy (in its preallocated slot)."""
+        return self.positions * self.kv_bytes_per_position
