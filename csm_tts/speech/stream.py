@@ -1,4 +1,4 @@
-"""One stream's bookkeeping in the engine (its slot, RNG, codec state, frames, counters) and what it yields."""
+"""One stream's bookkeeping in the engine (its slots, RNG, frames, counters) and what it yields."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from csm_tts.speech.codec_stream import StreamingCodecDecoder
 from csm_tts.speech.request import GenerationRequest
 
 
@@ -39,19 +38,20 @@ class NoFreeSlot(RuntimeError):
 
 @dataclass(eq=False)
 class Stream:
-    """Per-stream bookkeeping: its slot in the engine's batch, RNG, codec decoder state, frames and counters."""
+    """Per-stream bookkeeping: its slots in the engine (backbone batch, codec), RNG, frames and counters."""
 
     request: GenerationRequest
     stream_id: str
     max_frames: int
     prompt_length: int
     generator: torch.Generator | None
-    codec: StreamingCodecDecoder
     kv_bytes_per_position: int
     slot: int | None = None  # the engine's batch slot, owned until the stream finishes or is released
     positions: int = 0  # positions of the backbone context filled (prompt, then one per frame fed back)
+    # The engine's codec slot (the stream's decoder state), owned until its last chunk is taken or it is released.
+    codec_slot: int | None = None
     pending: list[torch.Tensor] = field(default_factory=list)  # frames not yet decoded, each [32] on the CPU
-    codes: list[torch.Tensor] = field(default_factory=list)  # every frame generated so far
+    frames_generated: int = 0
     chunk_index: int = 0
     samples_sent: int = 0
     finish_reason: str | None = None
@@ -59,10 +59,6 @@ class Stream:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-    @property
-    def frames_generated(self) -> int:
-        return len(self.codes)
 
     @property
     def kv_cache_bytes(self) -> int:
