@@ -87,7 +87,7 @@ def test_sampling_randomness_does_not_depend_on_the_batch(engine):
         while not solo.finished:
             engine.step(solo)
         assert torch.equal(solo.generator.get_state(), stream.generator.get_state())
-        assert torch.equal(solo.codes[0], stream.codes[0])
+        assert torch.equal(solo.pending[0], stream.pending[0])
 
 
 def test_cancel_stops_within_a_frame_and_others_continue(scheduler):

@@ -21,13 +21,14 @@ import uuid
 import weakref
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
 from csm_tts import FRAME_MS, SAMPLES_PER_FRAME
 from csm_tts.speech.checkpoint import ATTENTION, load_csm
 from csm_tts.speech.chunk_schedule import ChunkSchedule
-from csm_tts.speech.codec_stream import StreamingCodecDecoder
+from csm_tts.speech.codec_stream import CodecSlots
 from csm_tts.speech.length_rule import default_audio_length_ms
 from csm_tts.speech.request import GenerationRequest, InvalidRequest, Limits, validate_request
 from csm_tts.speech.sampling import sample_codes
@@ -84,6 +85,10 @@ class CsmEngine:
                 f"= {max_streams * self.slot_bytes / 2**30:.2f} GiB"
             )
         self.max_streams = max_streams
+        # Each stream's codec state, in slots of its own: a finished stream frees its backbone slot at once but
+        # keeps its codec slot until its last chunk is decoded, so twice the slots: room for a new stream in every
+        # backbone slot while the streams that left it still wait for the output stage.
+        self.codec = CodecSlots(model.codec_model, 2 * max_streams, self.schedule.max_frames)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
@@ -209,8 +214,13 @@ class CsmEngine:
         return sum(1 for owner in self._owners if owner is not None and owner() is not None)
 
     def release(self, stream: Stream) -> None:
-        """Give the stream's slot back (idempotent). Finished streams release theirs themselves; a caller that drops
-        an unfinished stream (cancelled, failed) calls this."""
+        """Give the stream's slots back (idempotent). Finished streams release their backbone slot themselves and
+        their codec slot with their last chunk; a caller that drops a stream (cancelled, failed) calls this."""
+        self._release_backbone(stream)
+        self.codec.free(stream.codec_slot, stream)
+        stream.codec_slot = None
+
+    def _release_backbone(self, stream: Stream) -> None:
         with self._lock:
             slot, stream.slot = stream.slot, None
             if slot is not None and self._owners[slot] is not None and self._owners[slot]() is stream:
@@ -259,12 +269,16 @@ class CsmEngine:
                 max_frames=max_frames,
                 prompt_length=prompt_length,
                 generator=generator,
-                codec=StreamingCodecDecoder(self.model.codec_model),
                 kv_bytes_per_position=self.kv_bytes_per_position,
                 slot=slot,
                 positions=prompt_length,
             )
             self._owners[slot] = weakref.ref(stream)
+            try:
+                stream.codec_slot = self.codec.claim(stream)
+            except NoFreeSlot:
+                self._owners[slot] = None
+                raise
         return stream
 
     def _frame(self, rows: int, window: int, topk_bound: int) -> None:
@@ -415,11 +429,11 @@ class CsmEngine:
                 stream.finish_reason = "eos"
             else:
                 stream.pending.append(frame)
-                stream.codes.append(frame)
+                stream.frames_generated += 1
                 if stream.frames_generated >= stream.max_frames:
                     stream.finish_reason = "length"
             if stream.finished:
-                self.release(stream)  # its keys/values are no longer needed; its pending frames are on the host
+                self._release_backbone(stream)  # its keys/values are no longer needed; its frames are on the host
 
     def step(self, stream: Stream) -> None:
         self.step_many([stream])
@@ -429,19 +443,7 @@ class CsmEngine:
 
     def take_chunk(self, stream: Stream) -> AudioChunk:
         """Decode the pending frames into the next chunk (empty audio when a stream ends on a chunk border)."""
-        codes = torch.stack(stream.pending) if stream.pending else torch.zeros(0, self.num_codebooks, dtype=torch.long)
-        stream.pending = []
-        audio = stream.codec.decode(codes.to(self.device))
-        chunk = AudioChunk(
-            index=stream.chunk_index,
-            audio=audio,
-            sample_offset=stream.samples_sent,
-            is_last=stream.finished,
-            finish_reason=stream.finish_reason,
-        )
-        stream.chunk_index += 1
-        stream.samples_sent += audio.size
-        return chunk
+        return self.take_chunks([stream])[0]
 
     def generate(self, request: GenerationRequest) -> Iterator[AudioChunk]:
         """Stream one request on its own: chunks in order, the last with is_last=True."""
@@ -456,3 +458,34 @@ class CsmEngine:
                         return
         finally:
             self.release(stream)  # a consumer that stops early frees the slot at once
+
+    def take_chunks(self, streams: list[Stream]) -> list[AudioChunk]:
+        """Each stream's pending frames as its next chunk, in the order given, decoded in one batched codec call (one
+        per frame bucket present: codec_stream.py). A stream's last chunk gives its codec slot back."""
+        for stream in streams:
+            if stream.pending and stream.codec_slot is None:
+                raise ValueError(f"stream {stream.stream_id} has no codec slot (it was released)")
+        taken = []
+        for stream in streams:
+            last = stream.finished  # read first: frames that arrive meanwhile belong to the next chunk
+            frames, stream.pending = stream.pending, []
+            taken.append((stream, last, torch.stack(frames) if frames else None))
+        decoded = iter(self.codec.decode([(s.codec_slot, codes) for s, _, codes in taken if codes is not None]))
+        chunks = []
+        for stream, last, codes in taken:
+            audio = next(decoded) if codes is not None else np.zeros(0, dtype=np.float32)
+            chunks.append(
+                AudioChunk(
+                    index=stream.chunk_index,
+                    audio=audio,
+                    sample_offset=stream.samples_sent,
+                    is_last=last,
+                    finish_reason=stream.finish_reason if last else None,
+                )
+            )
+            stream.chunk_index += 1
+            stream.samples_sent += audio.size
+            if last:
+                self.codec.free(stream.codec_slot, stream)
+                stream.codec_slot = None
+        return chunks

@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from csm_tts import FRAME_MS
-from csm_tts.speech.codec_stream import StreamingCodecDecoder
+from csm_tts.speech.codec_stream import CodecSlots
 from csm_tts.speech.engine import CsmEngine
 from csm_tts.speech.request import GenerationRequest, InvalidRequest
 from csm_tts.speech.sampling import sample_codes
@@ -36,6 +36,7 @@ class BaselineEngine(CsmEngine):
     def __init__(self, model, processor, schedule=None, limits=None):
         super().__init__(model, processor, schedule, limits, max_streams=1, cuda_graphs=False)
         self.max_streams = sys.maxsize  # no slots: a stream's cache lives and dies with the stream
+        self.codec = CodecSlots(model.codec_model, 64, self.schedule.max_frames)  # the same codec path, more slots
 
     @torch.inference_mode()
     def start(self, request: GenerationRequest, stream_id: str | None = None) -> BaselineStream:
@@ -51,21 +52,24 @@ class BaselineEngine(CsmEngine):
         if request.temperature > 0:
             generator = torch.Generator()
             generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
-        return BaselineStream(
+        stream = BaselineStream(
             request=request,
             stream_id=stream_id or uuid.uuid4().hex,
             max_frames=max_frames,
             prompt_length=prompt_length,
             generator=generator,
-            codec=StreamingCodecDecoder(self.model.codec_model),
             kv_bytes_per_position=self.kv_bytes_per_position,
             positions=prompt_length,
             cache=cache,
             hidden=out.last_hidden_state[:, -1],
         )
+        stream.codec_slot = self.codec.claim(stream)
+        return stream
 
     def release(self, stream: Stream) -> None:
         stream.cache = None
+        self.codec.free(stream.codec_slot, stream)
+        stream.codec_slot = None
 
     @torch.inference_mode()
     def frame_codes(self, streams: list[BaselineStream]) -> torch.Tensor:
@@ -153,7 +157,7 @@ class BaselineEngine(CsmEngine):
                 stream.finish_reason = "eos"
                 continue
             stream.pending.append(frame)
-            stream.codes.append(frame)
+            stream.frames_generated += 1
             if stream.frames_generated >= stream.max_frames:
                 stream.finish_reason = "length"
                 continue
