@@ -5,7 +5,7 @@ convolutions and transposed-convolution upsamplers keep no state, so decoding ch
 chunk border. The codec is causal end to end, so every layer streams exactly with a little state per stream:
 
     codes -> quantizer (per frame) -> upsample (transposed conv: its previous input frame)
-          -> decoder transformer (keys/values of the last `sliding_window - 1` steps)
+          -> decoder transformer (keys/values of the last `sliding_window - 1` steps, in a ring)
           -> SEANet decoder (each causal conv: its last (kernel - 1) x dilation inputs; each transposed conv: its
              previous input step)
 
@@ -53,18 +53,26 @@ def _history(module) -> int:
     return (conv.kernel_size[0] - 1) * conv.dilation[0]
 
 
-class _WindowCache:
-    """What the codec transformer's attention layers see as their cache during one call: each row's stored keys and
-    values (the last `window - 1` steps, oldest first) followed by the call's new ones. Keeps the concatenation, from
-    which the next state is cut."""
+class _RingCache:
+    """What the codec transformer's attention layers see as their cache during one call. Each slot keeps its keys and
+    values in a ring of `window - 1` + the largest call's steps; step t of a stream lives at index t mod ring. `update`
+    writes the call's new keys/values into the slots' rings and into this call's gathered copy, which it returns."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        self.keys, self.values = keys, values
+    def __init__(self, keys, values, slot_keys, slot_values, index, ring_index):
+        self.keys, self.values = keys, values  # per layer [rows, heads, ring, head_dim], gathered for this call
+        self.slot_keys, self.slot_values = slot_keys, slot_values  # per layer, every slot's ring
+        self.index, self.ring_index = index, ring_index  # slot per row [rows]; ring index per new step [rows, S]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=2)
-        self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=2)
-        return self.keys[layer_idx], self.values[layer_idx]
+        heads, head_dim = key_states.shape[1], key_states.shape[3]
+        where = self.ring_index[:, None, :, None].expand(-1, heads, -1, head_dim)
+        keys = self.keys[layer_idx].scatter_(2, where, key_states)
+        values = self.values[layer_idx].scatter_(2, where, value_states)
+        # Padding rows share the scratch slot: whichever of their writes lands there is garbage nobody reads.
+        slots, ring = self.index[:, None], self.ring_index
+        self.slot_keys[layer_idx][slots, :, ring] = key_states.transpose(1, 2)
+        self.slot_values[layer_idx][slots, :, ring] = value_states.transpose(1, 2)
+        return keys, values
 
 
 class CodecSlots:
@@ -82,6 +90,7 @@ class CodecSlots:
             raise ValueError("streaming needs the codec transformer's sliding window (its cache would grow forever)")
         self.window = config.sliding_window
         self.num_codebooks = config.num_quantizers
+        self.codebook_size = config.codebook_size
         self.steps_per_frame = 1 if self.upsample is None else self.upsample.conv.stride[0]
         self.samples_per_step = math.prod(
             m.conv.stride[0] for m in self.seanet.modules() if isinstance(m, MimiConvTranspose1d)
@@ -100,7 +109,9 @@ class CodecSlots:
         self.device, self.dtype = param.device, param.dtype
         self._owners: list[weakref.ref | None] = [None] * slots
         self._fresh = [True] * slots  # claimed since its last decode: its state starts from zeros
-        self._histories: list[torch.Tensor] | None = None  # allocated by the first decode
+        # Keys/values of the last `window - 1` steps, and room for the largest call's new ones.
+        self.ring = self.window - 1 + self.frame_buckets[-1] * self.steps_per_frame
+        self._histories: list[torch.Tensor] | None = None  # allocated by the first decode, with the other states
         self._lock = threading.Lock()  # decode calls
         self._claims = threading.Lock()  # slot bookkeeping (never held during a decode)
 
@@ -126,16 +137,23 @@ class CodecSlots:
     def slots_taken(self) -> int:
         return sum(1 for held in self._owners if held is not None and held() is not None)
 
-    def _allocate(self) -> list[torch.Tensor]:
+    def _allocate(self) -> None:
         """Every slot's state, plus one scratch slot (index `slots`) that a batch's padding rows read and write."""
         rows, config = self.slots + 1, self.transformer.config
-        kv = (rows, config.num_key_value_heads, self.window - 1, config.head_dim)
-        states = [torch.zeros(rows, dtype=torch.long, device=self.device)]  # transformer steps decoded so far
-        for _ in range(2 * config.num_hidden_layers):  # keys then values, per layer
-            states.append(torch.zeros(kv, dtype=self.dtype, device=self.device))
-        for channels, steps in self._history_shapes:
-            states.append(torch.zeros(rows, channels, steps, dtype=self.dtype, device=self.device))
-        return states
+        ring = (rows, config.num_key_value_heads, self.ring, config.head_dim)
+        self._positions = torch.zeros(rows, dtype=torch.long, device=self.device)  # transformer steps decoded
+        self._keys = [torch.zeros(ring, dtype=self.dtype, device=self.device) for _ in self.transformer.layers]
+        self._values = [torch.zeros(ring, dtype=self.dtype, device=self.device) for _ in self.transformer.layers]
+        self._histories = [
+            torch.zeros(rows, channels, steps, dtype=self.dtype, device=self.device)
+            for channels, steps in self._history_shapes
+        ]
+
+    def _reset(self, slots: list[int]) -> None:
+        """Silence for newly claimed slots (outside the static-shape call, only when a stream starts)."""
+        index = torch.tensor(slots, device=self.device)
+        for state in [self._positions, *self._keys, *self._values, *self._histories]:
+            state.index_fill_(0, index, 0)
 
     # -- decoding -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -145,10 +163,17 @@ class CodecSlots:
         slots = [slot for slot, _ in work]
         if len(set(slots)) != len(slots):
             raise ValueError("one decode call takes each slot at most once")
+        for slot, codes in work:
+            if not 0 <= slot < self.slots or self._owners[slot] is None or self._owners[slot]() is None:
+                raise ValueError(f"codec slot {slot} is not claimed")
+            if codes.dim() != 2 or codes.shape[1] != self.num_codebooks or codes.is_floating_point():
+                raise ValueError(f"codes must be integers of shape [frames, {self.num_codebooks}], got {codes.shape}")
+            if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < self.codebook_size:
+                raise ValueError(f"codes must lie in [0, {self.codebook_size}): the codec cannot decode others")
         audio: list[list[np.ndarray]] = [[] for _ in work]
         with self._lock:
             if self._histories is None:
-                self._histories = self._allocate()
+                self._allocate()
             offsets = [0] * len(work)
             largest = self.frame_buckets[-1]
             while True:  # passes of at most the largest bucket (a stream may bring a backlog of frames)
@@ -177,24 +202,20 @@ class CodecSlots:
             codes[row, :, : chunk.shape[0]] = chunk.T
         valid = torch.tensor([c.shape[0] for c in chunks] + [0] * pad)
         with self._claims:
-            fresh = torch.tensor([self._fresh[s] for s in slots] + [True] * pad)
-            for slot in slots:
+            fresh = [slot for slot in slots if self._fresh[slot]]
+            for slot in fresh:
                 self._fresh[slot] = False
+        if fresh:
+            self._reset(fresh)
         index = torch.tensor(slots + [self.slots] * pad)  # padding rows use the scratch slot
-        samples = self._run(
-            codes.to(self.device), valid.to(self.device), fresh.to(self.device), index.to(self.device)
-        ).cpu()
+        samples = self._run(codes.to(self.device), valid.to(self.device), index.to(self.device)).cpu()
         per_frame = self.steps_per_frame * self.samples_per_step
         return [samples[row, : c.shape[0] * per_frame].numpy() for row, c in enumerate(chunks)]
 
-    def _run(self, codes, valid, fresh, index) -> torch.Tensor:
-        """One static-shape call: codes [rows, num_codebooks, frames], valid frames per row, rows whose slot is fresh,
-        slot per row. Reads and writes the slots' states; returns [rows, frames x samples per frame] float32."""
-        keep = ~fresh
-        states = [s.index_select(0, index) for s in self._histories]
-        states = [s * keep.view(-1, *[1] * (s.dim() - 1)).to(s.dtype) for s in states]  # a fresh slot starts at 0
-        kv_count = 2 * len(self.transformer.layers)
-        positions, kv, histories = states[0], states[1 : 1 + kv_count], states[1 + kv_count :]
+    def _run(self, codes, valid, index) -> torch.Tensor:
+        """One static-shape call: codes [rows, num_codebooks, frames], valid frames per row, slot per row. Reads and
+        writes the slots' states; returns [rows, frames x samples per frame] float32."""
+        histories = [state.index_select(0, index) for state in self._histories]
         new_histories = list(histories)
 
         def stream_layer(module, x, steps):
@@ -217,7 +238,8 @@ class CodecSlots:
         steps = valid
         hidden = latents if self.upsample is None else stream_layer(self.upsample, latents, steps)
         steps = valid * self.steps_per_frame
-        hidden, kv = self._transformer(hidden.transpose(1, 2), kv, positions, steps)
+        positions = self._positions.index_select(0, index)
+        hidden = self._transformer(hidden.transpose(1, 2), positions, index)
         hidden = hidden.transpose(1, 2)
         for layer in self.seanet.layers:
             if isinstance(layer, MimiResnetBlock):
@@ -234,29 +256,34 @@ class CodecSlots:
                     steps = steps * layer.conv.stride[0]
             else:
                 hidden = layer(hidden)
-        for state, new in zip(
-            self._histories, [positions + valid * self.steps_per_frame, *kv, *new_histories], strict=True
-        ):
+        self._positions.index_copy_(0, index, positions + valid * self.steps_per_frame)
+        for state, new in zip(self._histories, new_histories, strict=True):
             state.index_copy_(0, index, new)
         return hidden[:, 0].float()
 
-    def _transformer(self, hidden, kv, positions, steps):
-        """The codec transformer over each row's new steps, after its stored window; returns the outputs and each
-        row's next window (the last `window - 1` keys/values up to its valid steps)."""
-        rows, new = hidden.shape[:2]
-        stored = self.window - 1
-        arange = torch.arange(-stored, new, device=hidden.device)
-        key_positions = positions[:, None] + arange  # [rows, stored + new]
-        query_positions = key_positions[:, stored:]
+    def _transformer(self, hidden, positions, index):
+        """The codec transformer over each row's new steps (a row's steps past its valid ones are computed and stored
+        too: they lie after everything the row has decoded, so the row's next call overwrites them before any query
+        reaches them)."""
+        new = hidden.shape[1]
+        query_positions = positions[:, None] + torch.arange(new, device=hidden.device)  # [rows, new]
+        ring = torch.arange(self.ring, device=hidden.device)
+        # After this call's writes, ring index j holds the latest step <= the row's last new step that is j mod ring.
+        last = query_positions[:, -1:]
+        key_positions = last - torch.remainder(last - ring, self.ring)  # [rows, ring]
         q, k = query_positions[:, :, None], key_positions[:, None, :]
         allowed = (k <= q) & (k > q - self.window) & (k >= 0)
         mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
         mask = mask.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[:, None]
-        layers = len(self.transformer.layers)
-        cache = _WindowCache(list(kv[:layers]), list(kv[layers:]))
+        cache = _RingCache(
+            [keys.index_select(0, index) for keys in self._keys],
+            [values.index_select(0, index) for values in self._values],
+            self._keys,
+            self._values,
+            index,
+            torch.remainder(query_positions, self.ring),
+        )
         rotary = self.transformer.rotary_emb(hidden, query_positions)
         for layer in self.transformer.layers:
             hidden = layer(hidden, attention_mask=mask, cache=cache, use_cache=True, position_embeddings=rotary)
-        cut = (steps[:, None] + torch.arange(stored, device=hidden.device))[:, None, :, None]
-        window = [t.gather(2, cut.expand(-1, t.shape[1], -1, t.shape[3])) for t in cache.keys + cache.values]
-        return hidden, window
+        return hidden
