@@ -22,10 +22,13 @@ Every request is seeded and fixed-length (ignore EOS). In this order, each part 
    frame fits the real-time budget (80 ms) and the no-stall budget of the default chunk schedule (40 ms: chunks that
    double need RTF <= 0.5);
 3. per part, at --breakdown-streams (default 1 and 8), device synchronised around each part: prefill (per stream),
-   codebook 0 + the 31 depth-decoder steps, the backbone step, codec decode (per stream and frame); old and
-   new-eager;
-4. the watermark (silentcipher's full-size networks, random weights) per chunk at each level, one chunk at a time
-   as one Triton instance runs it: only when silentcipher, soxr and pyyaml are importable (a note says otherwise);
+   codebook 0 + the 31 depth-decoder steps, the backbone step, codec decode (per stream and frame: one stream at a
+   time on the old path, a round's chunks in one batched call on the new); old and new-eager;
+4. the codec stage (`CodecSlots`, csm_tts/speech/codec_stream.py) at each --concurrency level: ms per output round
+   in which every stream brings a chunk of the schedule's first and largest size, in one batched call and one call per
+   stream (--codec-rounds timed rounds, median); then the watermark (silentcipher's full-size networks, random
+   weights) per chunk at each level, one stream's chunk at a time as one Triton instance runs it (there is no
+   batched watermarker API yet): only when silentcipher, soxr and pyyaml are importable (a note says otherwise);
 5. one stream through `CsmEngine.generate`: time to first audio (default chunk schedule), frames/s, RTF; both paths;
 6. concurrent streams through `StreamScheduler` (all submitted at once): aggregate audio s/s, TTFA p50/p99, worst
    RTF, stalls (a chunk arriving after the audio before it finished playing), peak GPU memory; the new path at every
@@ -71,6 +74,7 @@ from csm_tts.speech.engine import CsmEngine  # noqa: E402
 from csm_tts.speech.request import GenerationRequest  # noqa: E402
 from csm_tts.speech.scheduler import StreamScheduler  # noqa: E402
 from csm_tts.tooling.baseline_engine import BaselineEngine  # noqa: E402
+from csm_tts.tooling.codec_timing import time_codec_rounds  # noqa: E402
 from csm_tts.tooling.stream_stats import percentile, playback_stalls  # noqa: E402
 from csm_tts.tooling.tiny_checkpoints import (  # noqa: E402
     TINY_SPECIAL_TOKENS,
@@ -194,16 +198,6 @@ def model_summary(model) -> dict:
     }
 
 
-def cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.nbytes
-    return total
-
-
 class Paths:
     """The engine paths under test, sharing one model: old, new-eager, and new (CUDA graphs) on CUDA."""
 
@@ -273,7 +267,7 @@ def breakdown(engine, kind: str, texts: list[str], streams: int, frames: int) ->
     timings: dict[str, list[float]] = {}
     parts = {
         "old": {"start": "prefill", "frame_codes": "codes", "backbone_step": "backbone", "take_chunk": "codec"},
-        "new-eager": {"start": "prefill", "_frame": "frame", "_backbone_step": "backbone", "take_chunk": "codec"},
+        "new-eager": {"start": "prefill", "_frame": "frame", "_backbone_step": "backbone", "take_chunks": "codec"},
     }[kind]
 
     def timed(name, fn):
@@ -294,11 +288,10 @@ def breakdown(engine, kind: str, texts: list[str], streams: int, frames: int) ->
         ended = set()
         while len(ended) < len(running):
             engine.step_many(running)
-            for stream in running:
-                if stream not in ended and engine.chunk_ready(stream):
-                    engine.take_chunk(stream)
-                    if stream.finished:
-                        ended.add(stream)
+            due = [s for s in running if s not in ended and engine.chunk_ready(s)]
+            # One stream at a time on the old path, as before; the new path decodes a round's chunks in one call.
+            chunks = [engine.take_chunk(s) for s in due] if kind == "old" else engine.take_chunks(due)
+            ended.update(stream for stream, chunk in zip(due, chunks, strict=True) if chunk.is_last)
     finally:
         for attribute in parts:
             delattr(engine, attribute)
@@ -364,6 +357,26 @@ def watermark_cost(device: torch.device, levels: list[int], frames: int, budget)
     return {"rows": rows, "chunk_frames": sizes}
 
 
+def codec_stage(codec, levels: list[int], chunk_frames: list[int], rounds: int, budget) -> dict:
+    """The output stage's Mimi decode at each level: every stream brings a chunk of each size per round, decoded in
+    one batched call (`CodecSlots`) and, for comparison, one call per stream; real time needs a round within the
+    chunk's audio duration."""
+    rows = []
+    for level in levels:
+        for frames in chunk_frames:
+            if budget.left() < 30:
+                return {"rows": rows, "skipped": f"levels from {level} x {frames} frames on: time budget"}
+            row = time_codec_rounds(codec, level, frames, rounds)
+            row["keeps_up"] = row["batched_ms"] <= frames * FRAME_MS
+            rows.append(row)
+            print(
+                f"codec stage, {level} streams x {frames} frames: batched {row['batched_ms']:.1f} ms, in turn "
+                f"{row['in_turn_ms']:.1f} ms per round ({row['speedup']:.2f}x)",
+                flush=True,
+            )
+    return {"rows": rows}
+
+
 def single_stream(engine, text: str, frames: int, seed: int) -> dict:
     request = fixed_request(text, frames, seed)
     start = time.perf_counter()
@@ -420,7 +433,6 @@ class RecordingSink:
     durations: list[float] = field(default_factory=list)
     error: str | None = None
     kv_bytes: int | None = None
-    codec_cache_bytes: int | None = None
     positions: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -429,7 +441,6 @@ class RecordingSink:
         self.durations.append(chunk.audio.size / SAMPLE_RATE)
         if chunk.is_last:
             self.kv_bytes = stream.kv_cache_bytes
-            self.codec_cache_bytes = cache_bytes(getattr(stream.codec, "cache", None))
             self.positions = stream.positions
             self.done.set()
 
@@ -601,9 +612,23 @@ def print_report(result: dict) -> None:
             f"{b['backbone_step_ms_per_frame']:.1f} ms; codec decode {b['codec_decode_ms_per_stream_frame']:.1f} ms "
             "per stream and frame"
         )
+    codec = result.get("codec") or {}
+    if codec.get("rows"):
+        print("codec stage (Mimi), ms per output round in which every stream brings one chunk:")
+        print(
+            f"{'streams':>7} {'frames':>6} {'batched':>8} {'in turn':>8} {'ratio':>6} {'audio s/s':>9} {'real time':>9}"
+        )
+        for r in codec["rows"]:
+            print(
+                f"{r['streams']:>7} {r['frames']:>6} {r['batched_ms']:>8.1f} {r['in_turn_ms']:>8.1f} "
+                f"{r['speedup']:>6.2f} {r['audio_s_per_s_batched']:>9.1f} {'yes' if r['keeps_up'] else 'no':>9}"
+            )
+    for key in ("skipped", "error"):
+        if codec.get(key):
+            print(f"codec stage: {key} ({codec[key]})")
     watermark = result.get("watermark") or {}
     if watermark.get("rows"):
-        print("watermark (full-size silentcipher, random weights), one chunk at a time:")
+        print("watermark (full-size silentcipher, random weights), per stream (no batched watermarker here yet):")
         for r in watermark["rows"]:
             print(
                 f"  {r['streams']:>3} streams: {fmt(r['ms_per_frame_of_audio_p50'])} ms per 80 ms of audio (p50), "
@@ -678,6 +703,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--old-max-streams", type=int, default=8, help="highest level the old path's sweep runs")
     parser.add_argument("--breakdown-streams", default="1,8", help="stream counts of the per-part timing")
     parser.add_argument("--step-frames", type=int, default=8, help="timed frames per frame-step measurement")
+    parser.add_argument("--codec-rounds", type=int, default=3, help="timed output rounds per codec-stage level")
     parser.add_argument(
         "--max-active", type=int, help="scheduler's max active streams (default: all streams of a level)"
     )
@@ -707,7 +733,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     args.concurrency = int_list(parser, "--concurrency", args.concurrency)
     args.breakdown_streams = int_list(parser, "--breakdown-streams", args.breakdown_streams)
-    for name in ("frames", "single_frames", "runs", "first_chunk_frames", "old_max_streams", "step_frames"):
+    for name in (
+        "frames",
+        "single_frames",
+        "runs",
+        "first_chunk_frames",
+        "old_max_streams",
+        "step_frames",
+        "codec_rounds",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.budget_s <= 0:
@@ -796,6 +830,7 @@ def main(argv=None) -> dict:
             "old_max_streams": args.old_max_streams,
             "breakdown_streams": args.breakdown_streams,
             "step_frames": args.step_frames,
+            "codec_rounds": args.codec_rounds,
             "max_active": args.max_active,
             "budget_s": args.budget_s,
             "chunk_schedule": {
@@ -887,6 +922,14 @@ def main(argv=None) -> dict:
                     notes.append(f"per-part timing of {name} at {level} streams failed: {type(e).__name__}: {e}"[:500])
         save()
         try:
+            schedule_sizes = sorted({schedule.first_frames, schedule.max_frames})
+            result["codec"] = codec_stage(
+                model.codec_model, args.concurrency, schedule_sizes, args.codec_rounds, budget
+            )
+        except Exception as e:
+            result["codec"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        save()
+        try:
             result["watermark"] = watermark_cost(device, args.concurrency, min(args.frames, 24), budget)
         except Exception as e:
             result["watermark"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
@@ -939,10 +982,11 @@ def main(argv=None) -> dict:
         "full_context_positions": paths.new.max_positions,
         "backbone_bytes_full_context": paths.new.slot_bytes,
         "slots": paths.new.max_streams,
-        "codec_bytes_measured": cache_bytes(stream.codec.cache),
+        "codec_bytes_per_slot": paths.new.codec.slot_bytes,
+        "codec_slots": paths.new.codec.slots,
         "note": "each stream slot holds the full context, preallocated; a stream fills one position per 80 ms "
-        "frame; the codec decoder's cache is bounded by its sliding window; the depth decoder's 32-position cache is "
-        "shared by all slots and reused every frame",
+        "frame; a codec slot (the transformer's key/value ring over its sliding window, convolution histories) has a "
+        "fixed size; the depth decoder's 32-position cache is shared by all slots and reused every frame",
     }
     paths.new.release(stream)
     save()

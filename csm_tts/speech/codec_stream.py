@@ -134,6 +134,13 @@ class CodecSlots:
                 self._owners[slot] = None
 
     @property
+    def slot_bytes(self) -> int:
+        """State bytes per slot: the transformer's key/value ring and the convolutions' histories."""
+        config, itemsize = self.transformer.config, self.dtype.itemsize
+        ring = 2 * config.num_hidden_layers * config.num_key_value_heads * self.ring * config.head_dim
+        return (ring + sum(c * s for c, s in self._history_shapes)) * itemsize + 8
+
+    @property
     def slots_taken(self) -> int:
         return sum(1 for held in self._owners if held is not None and held() is not None)
 
