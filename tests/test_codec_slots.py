@@ -50,10 +50,10 @@ def plan(streams: int) -> list[dict]:
     return out
 
 
-def run_batched(codec, streams: list[dict]) -> tuple[list[np.ndarray], list[list[int]], list[int], int]:
+def run_batched(codec, streams: list[dict], decoder: CodecSlots | None = None):
     """Every round, one `decode` call for all streams that bring frames. Returns each stream's audio, its chunk sizes
     and its slot, and how many calls mixed chunk sizes."""
-    decoder = CodecSlots(codec, len(streams), MAX_FRAMES)
+    decoder = decoder or CodecSlots(codec, len(streams), MAX_FRAMES)
     owners, slots = [None] * len(streams), [None] * len(streams)
     sent, sizes, audio = [0] * len(streams), [[] for _ in streams], [[] for _ in streams]
     round_ = mixed = 0
@@ -230,3 +230,19 @@ def test_take_chunks_refuses_a_released_stream_before_touching_any(engine):
     assert engine.take_chunks([kept])[0].audio.size == SAMPLES_PER_FRAME
     engine.release(kept)
     assert engine.codec.slots_taken == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs); none is visible")
+def test_graph_replay_equals_eager_on_a_gpu(tiny_csm_dir):
+    from csm_tts.speech.checkpoint import load_csm
+
+    model, _ = load_csm(tiny_csm_dir, device="cuda", dtype=torch.float32)
+    codec = model.codec_model
+    graphs = CodecSlots(codec, 8, MAX_FRAMES, cuda_graphs=True)
+    assert graphs.capture_graphs() == len(graphs.row_buckets) * len(graphs.frame_buckets)
+    replayed, sizes, _, _ = run_batched(codec, plan(8), graphs)
+    eager, eager_sizes, _, _ = run_batched(codec, plan(8), CodecSlots(codec, 8, MAX_FRAMES))
+    assert sizes == eager_sizes
+    for mine, reference in zip(replayed, eager, strict=True):
+        assert mine.shape == reference.shape and np.abs(mine - reference).max() <= TOLERANCE

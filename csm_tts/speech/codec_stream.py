@@ -79,7 +79,7 @@ class CodecSlots:
     """Streaming Mimi decode of up to `slots` streams, each owning one slot of state from `claim` to `free`.
     Thread-safe: claims and frees are bookkeeping on the host; decode calls take turns."""
 
-    def __init__(self, codec, slots: int, max_frames: int):
+    def __init__(self, codec, slots: int, max_frames: int, cuda_graphs: bool = False):
         decoder = codec.decoder
         self.quantizer = codec.quantizer
         self.upsample = decoder.upsample
@@ -107,6 +107,11 @@ class CodecSlots:
         self.frame_buckets = batch_buckets(max_frames)
         param = next(codec.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs the codec on a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = None
         self._owners: list[weakref.ref | None] = [None] * slots
         self._fresh = [True] * slots  # claimed since its last decode: its state starts from zeros
         # Keys/values of the last `window - 1` steps, and room for the largest call's new ones.
@@ -155,6 +160,11 @@ class CodecSlots:
             torch.zeros(rows, channels, steps, dtype=self.dtype, device=self.device)
             for channels, steps in self._history_shapes
         ]
+        # A call's inputs, at fixed addresses (what a CUDA graph reads): codes, valid frames and slot per row.
+        self._codes_in = torch.zeros(self.slots, self.num_codebooks, self.frame_buckets[-1], dtype=torch.long,
+                                     device=self.device)  # fmt: skip
+        self._valid_in = torch.zeros(self.slots, dtype=torch.long, device=self.device)
+        self._index_in = torch.full((self.slots,), self.slots, dtype=torch.long, device=self.device)
 
     def _reset(self, slots: list[int]) -> None:
         """Silence for newly claimed slots (outside the static-shape call, only when a stream starts)."""
@@ -204,24 +214,65 @@ class CodecSlots:
     def _decode_rows(self, slots: list[int], chunks: list[torch.Tensor], frames: int) -> list[np.ndarray]:
         rows = next(b for b in self.row_buckets if b >= len(slots))
         pad = rows - len(slots)
+        graph = self._graph(rows, frames) if self.cuda_graphs else None  # a capture uses the input buffers
         codes = torch.zeros(rows, self.num_codebooks, frames, dtype=torch.long)
         for row, chunk in enumerate(chunks):
             codes[row, :, : chunk.shape[0]] = chunk.T
-        valid = torch.tensor([c.shape[0] for c in chunks] + [0] * pad)
         with self._claims:
             fresh = [slot for slot in slots if self._fresh[slot]]
             for slot in fresh:
                 self._fresh[slot] = False
         if fresh:
             self._reset(fresh)
-        index = torch.tensor(slots + [self.slots] * pad)  # padding rows use the scratch slot
-        samples = self._run(codes.to(self.device), valid.to(self.device), index.to(self.device)).cpu()
+        self._codes_in[:rows, :, :frames] = codes.to(self.device)
+        self._valid_in[:rows] = torch.tensor([c.shape[0] for c in chunks] + [0] * pad).to(self.device)
+        self._index_in[:rows] = torch.tensor(slots + [self.slots] * pad).to(self.device)  # padding: the scratch slot
+        if graph is None:
+            samples = self._run(rows, frames).cpu()
+        else:
+            graph[0].replay()
+            samples = graph[1].cpu()
         per_frame = self.steps_per_frame * self.samples_per_step
         return [samples[row, : c.shape[0] * per_frame].numpy() for row, c in enumerate(chunks)]
 
-    def _run(self, codes, valid, index) -> torch.Tensor:
-        """One static-shape call: codes [rows, num_codebooks, frames], valid frames per row, slot per row. Reads and
-        writes the slots' states; returns [rows, frames x samples per frame] float32."""
+    def capture_graphs(self) -> int:
+        """Capture a CUDA graph for every (rows, frames) bucket now, so that no stream pays for a capture later (at
+        model load). Returns how many graphs exist."""
+        if not self.cuda_graphs:
+            return 0
+        with self._lock:
+            for rows in self.row_buckets:
+                for frames in self.frame_buckets:
+                    self._graph(rows, frames)
+        return len(self._graphs)
+
+    def _graph(self, rows: int, frames: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The call of this shape as a CUDA graph and its output buffer (captured on first use)."""
+        entry = self._graphs.get((rows, frames))
+        if entry is None:
+            if self._histories is None:
+                self._allocate()
+            # Every row decodes nothing into the scratch slot: the warm-up run changes no stream's state.
+            self._valid_in.zero_()
+            self._index_in.fill_(self.slots)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._run(rows, frames)  # warm-up outside the capture (library handles, workspaces, lazy buffers)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):  # replays never overlap: one memory pool
+                out = self._run(rows, frames)
+            entry = self._graphs[(rows, frames)] = (graph, out)
+        return entry
+
+    def _run(self, rows: int, frames: int) -> torch.Tensor:
+        """One static-shape call on the input buffers' first `rows` rows and `frames` frames. Reads and writes the
+        slots' states; returns [rows, frames x samples per frame] float32."""
+        codes, valid = self._codes_in[:rows, :, :frames], self._valid_in[:rows]
+        index = self._index_in[:rows]
         histories = [state.index_select(0, index) for state in self._histories]
         new_histories = list(histories)
 

@@ -20,16 +20,17 @@ class _Owner:
     """Stands in for a stream as a slot's owner."""
 
 
-def time_codec_rounds(codec, streams: int, frames: int, rounds: int, seed: int = 0) -> dict:
+def time_codec_rounds(codec, streams: int, frames: int, rounds: int, seed: int = 0, cuda_graphs: bool = False) -> dict:
     """Each of `rounds` output rounds (after one untimed warm-up round) decodes `frames` new frames of every stream:
     "batched" in one `decode` call, "in_turn" in one call per stream. Returns the median ms per round of each, their
-    ratio, audio seconds decoded per second batched, and the largest difference between the two ways' samples."""
+    ratio, audio seconds decoded per second batched, and the largest difference between the two ways' samples. With
+    `cuda_graphs` both ways replay CUDA graphs (captured in the warm-up round)."""
     generator = torch.Generator().manual_seed(seed)
     codebook_size, num_codebooks = codec.config.codebook_size, codec.config.num_quantizers
     codes = torch.randint(0, codebook_size, (rounds + 1, streams, frames, num_codebooks), generator=generator)
     decoders, owners, audio, times = {}, [], {}, {}
     for way in ("batched", "in_turn"):
-        decoders[way] = CodecSlots(codec, streams, frames)
+        decoders[way] = CodecSlots(codec, streams, frames, cuda_graphs=cuda_graphs)
         owners += [[_Owner() for _ in range(streams)]]
         for owner in owners[-1]:
             decoders[way].claim(owner)
@@ -55,6 +56,7 @@ def time_codec_rounds(codec, streams: int, frames: int, rounds: int, seed: int =
         "streams": streams,
         "frames": frames,
         "rounds": rounds,
+        "cuda_graphs": cuda_graphs,
         "batched_ms": batched,
         "in_turn_ms": in_turn,
         "speedup": in_turn / batched,
