@@ -10,6 +10,8 @@ differs from the same stream decoded alone in the last bits: measured up to 4e-7
 from __future__ import annotations
 
 import gc
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from csm_tts.speech.stream import NoFreeSlot
 TOLERANCE = 5e-6
 MAX_FRAMES = 10  # the chunk schedule's largest chunk: a stream bringing more is decoded in several passes
 # Frames each stream brings per round, cycled: mixed sizes in one call, 0 (not in this round's call), a backlog (12).
+TEXTS = ("Hello there.", "How are you doing today, my friend?", "Fine, thank you very much for asking.")
 PATTERNS = ([2, 4, 8, 10], [1], [3, 7], [10], [5, 12], [0, 2, 9], [6], [4, 0, 1])
 
 
@@ -245,4 +248,60 @@ def test_graph_replay_equals_eager_on_a_gpu(tiny_csm_dir):
     eager, eager_sizes, _, _ = run_batched(codec, plan(8), CodecSlots(codec, 8, MAX_FRAMES))
     assert sizes == eager_sizes
     for mine, reference in zip(replayed, eager, strict=True):
+        assert mine.shape == reference.shape and np.abs(mine - reference).max() <= TOLERANCE
+
+
+def test_a_codec_slot_left_by_a_cancelled_stream_leaks_nothing(tiny_csm_dir):
+    engine = CsmEngine.from_dir(tiny_csm_dir, max_streams=1)
+    fresh = CsmEngine.from_dir(tiny_csm_dir, max_streams=1)
+    old = engine.start(GenerationRequest(TEXTS[0], seed=3, max_audio_length_ms=40 * 80))
+    for _ in range(12):  # three chunks decoded: its codec slot holds its history
+        engine.step(old)
+        if engine.chunk_ready(old):
+            engine.take_chunk(old)
+    slot = old.codec_slot
+    engine.release(old)  # cancelled mid-stream
+    request = GenerationRequest(TEXTS[1], seed=4, max_audio_length_ms=9 * 80)
+    new = engine.start(request)
+    assert new.codec_slot == slot
+    audio = []
+    while not (new.finished and new.codec_slot is None):
+        engine.step(new)
+        if engine.chunk_ready(new):
+            audio.append(engine.take_chunk(new).audio)
+    assert np.array_equal(np.concatenate(audio), np.concatenate([c.audio for c in fresh.generate(request)]))
+
+
+def test_take_chunks_beside_a_stepping_thread(tiny_csm_dir):
+    """The split that the output stage uses: one thread steps, another takes chunks whenever they are due. No frame
+    is lost or repeated, each stream ends with exactly one last chunk, and its audio equals the stream alone."""
+    engine = CsmEngine.from_dir(tiny_csm_dir, max_streams=4)
+    requests = [
+        GenerationRequest(TEXTS[i], temperature=0, speaker_id=i, max_audio_length_ms=(11 + 5 * i) * 80)
+        for i in range(3)
+    ]
+    streams = [engine.start(r) for r in requests]
+
+    def step():
+        while not all(s.finished for s in streams):
+            engine.step_many(streams)
+
+    stepper = threading.Thread(target=step)
+    stepper.start()
+    chunks = {id(s): [] for s in streams}
+    deadline = time.monotonic() + 120
+    while any(not c or not c[-1].is_last for c in chunks.values()) and time.monotonic() < deadline:
+        due = [s for s in streams if not (chunks[id(s)] and chunks[id(s)][-1].is_last) and engine.chunk_ready(s)]
+        for stream, chunk in zip(due, engine.take_chunks(due), strict=True):
+            chunks[id(stream)].append(chunk)
+        time.sleep(0.001)
+    stepper.join(10)
+    assert engine.codec.slots_taken == 0 and engine.streams_active == 0
+    alone = CsmEngine.from_dir(tiny_csm_dir, max_streams=1)
+    for stream, request in zip(streams, requests, strict=True):
+        got = chunks[id(stream)]
+        assert [c.index for c in got] == list(range(len(got))) and [c.is_last for c in got].count(True) == 1
+        assert [c.sample_offset for c in got] == np.cumsum([0] + [c.audio.size for c in got[:-1]]).tolist()
+        mine = np.concatenate([c.audio for c in got])
+        reference = np.concatenate([c.audio for c in alone.generate(request)])
         assert mine.shape == reference.shape and np.abs(mine - reference).max() <= TOLERANCE

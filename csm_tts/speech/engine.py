@@ -467,8 +467,12 @@ class CsmEngine:
                 raise ValueError(f"stream {stream.stream_id} has no codec slot (it was released)")
         taken = []
         for stream in streams:
-            last = stream.finished  # read first: frames that arrive meanwhile belong to the next chunk
-            frames, stream.pending = stream.pending, []
+            # Safe beside a stepping thread: `finished` is read first (a stream's frames are all appended before it
+            # finishes), and the frames are taken by count (a frame appended meanwhile stays for the next chunk).
+            last = stream.finished
+            count = len(stream.pending)
+            frames = stream.pending[:count]
+            del stream.pending[:count]
             taken.append((stream, last, torch.stack(frames) if frames else None))
         decoded = iter(self.codec.decode([(s.codec_slot, codes) for s, _, codes in taken if codes is not None]))
         chunks = []
