@@ -2,6 +2,7 @@
 
 - argument parsing of bench_stream.py, bench_gpu.py and perf_analyzer.py;
 - the stall rule both benchmark scripts share, and the committed inputs (texts, perf_analyzer input data);
+- bench_codec.py on the tiny checkpoint's codec (two streams, one round);
 - bench_gpu.py runs from a bare Python that has only torch, transformers and numpy (and what those install): it is
   run, at tiny shapes on the CPU, with `python -I -S` and a site folder holding only those distributions, so importing
   anything else (tritonclient, soxr, scipy, ...) anywhere in it or in csm_tts fails the test;
@@ -197,6 +198,16 @@ def test_committed_inputs_agree():
     assert lengths[0] < 20 and lengths[-1] > 200  # mixed lengths
     data = json.loads(perf_analyzer.INPUT_DATA.read_text())["data"]
     assert [step["text"] for step in data] == [[t] for t in texts]
+
+
+def test_bench_codec_runs_on_the_tiny_codec(capsys):
+    bench_codec = load_script("bench_codec")
+    with pytest.raises(SystemExit):
+        bench_codec.parse_args(["--codec", "huge"])
+    rows = bench_codec.main(["--codec", "tiny", "--streams", "2", "--chunk-frames", "2,3", "--rounds", "1"])
+    assert [(r["codec"], r["streams"], r["frames"]) for r in rows] == [("tiny", 2, 2), ("tiny", 2, 3)]
+    assert all(r["batched_ms"] > 0 and r["in_turn_ms"] > 0 and r["max_difference"] < 1e-5 for r in rows)
+    assert "| tiny | 2 | 3 |" in capsys.readouterr().out
 
 
 # -- bench_gpu.py from a bare Python --------------------------------------------------------------------------------
