@@ -229,6 +229,8 @@ def test_take_chunks_refuses_a_released_stream_before_touching_any(engine):
     engine.release(dropped)
     with pytest.raises(ValueError, match="no codec slot"):
         engine.take_chunks([kept, dropped])
+    with pytest.raises(ValueError, match="twice"):
+        engine.take_chunks([kept, kept])
     assert len(kept.pending) == 1  # nothing was taken
     assert engine.take_chunks([kept])[0].audio.size == SAMPLES_PER_FRAME
     engine.release(kept)

@@ -36,7 +36,7 @@ import torch
 from transformers.models.mimi.modeling_mimi import MimiConv1d, MimiConvTranspose1d, MimiResnetBlock
 
 from csm_tts.speech.slots import batch_buckets
-from csm_tts.speech.stream import NoFreeSlot
+from csm_tts.speech.stream import AudioChunk, NoFreeSlot, Stream
 
 
 def _check_streamable(module) -> None:
@@ -346,3 +346,41 @@ class CodecSlots:
         for layer in self.transformer.layers:
             hidden = layer(hidden, attention_mask=mask, cache=cache, use_cache=True, position_embeddings=rotary)
         return hidden
+
+
+def next_chunks(codec: CodecSlots, streams: list[Stream]) -> list[AudioChunk]:
+    """Each stream's pending frames as its next chunk, in the order given, decoded in one `codec.decode` call. A
+    stream's last chunk gives its codec slot back."""
+    if len({id(s) for s in streams}) != len(streams):
+        raise ValueError("a stream appears twice")
+    for stream in streams:
+        if stream.pending and stream.codec_slot is None:
+            raise ValueError(f"stream {stream.stream_id} has no codec slot (it was released)")
+    taken = []
+    for stream in streams:
+        # Safe beside a stepping thread: `finished` is read first (a stream's frames are all appended before it
+        # finishes), and the frames are taken by count (a frame appended meanwhile stays for the next chunk).
+        last = stream.finished
+        count = len(stream.pending)
+        frames = stream.pending[:count]
+        del stream.pending[:count]
+        taken.append((stream, last, torch.stack(frames) if frames else None))
+    decoded = iter(codec.decode([(s.codec_slot, codes) for s, _, codes in taken if codes is not None]))
+    chunks = []
+    for stream, last, codes in taken:
+        audio = next(decoded) if codes is not None else np.zeros(0, dtype=np.float32)
+        chunks.append(
+            AudioChunk(
+                index=stream.chunk_index,
+                audio=audio,
+                sample_offset=stream.samples_sent,
+                is_last=last,
+                finish_reason=stream.finish_reason if last else None,
+            )
+        )
+        stream.chunk_index += 1
+        stream.samples_sent += audio.size
+        if last:
+            codec.free(stream.codec_slot, stream)
+            stream.codec_slot = None
+    return chunks

@@ -21,14 +21,13 @@ import uuid
 import weakref
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
 from csm_tts import FRAME_MS, SAMPLES_PER_FRAME
 from csm_tts.speech.checkpoint import ATTENTION, load_csm
 from csm_tts.speech.chunk_schedule import ChunkSchedule
-from csm_tts.speech.codec_stream import CodecSlots
+from csm_tts.speech.codec_stream import CodecSlots, next_chunks
 from csm_tts.speech.length_rule import default_audio_length_ms
 from csm_tts.speech.request import GenerationRequest, InvalidRequest, Limits, validate_request
 from csm_tts.speech.sampling import sample_codes
@@ -461,35 +460,5 @@ class CsmEngine:
 
     def take_chunks(self, streams: list[Stream]) -> list[AudioChunk]:
         """Each stream's pending frames as its next chunk, in the order given, decoded in one batched codec call (one
-        per frame bucket present: codec_stream.py). A stream's last chunk gives its codec slot back."""
-        for stream in streams:
-            if stream.pending and stream.codec_slot is None:
-                raise ValueError(f"stream {stream.stream_id} has no codec slot (it was released)")
-        taken = []
-        for stream in streams:
-            # Safe beside a stepping thread: `finished` is read first (a stream's frames are all appended before it
-            # finishes), and the frames are taken by count (a frame appended meanwhile stays for the next chunk).
-            last = stream.finished
-            count = len(stream.pending)
-            frames = stream.pending[:count]
-            del stream.pending[:count]
-            taken.append((stream, last, torch.stack(frames) if frames else None))
-        decoded = iter(self.codec.decode([(s.codec_slot, codes) for s, _, codes in taken if codes is not None]))
-        chunks = []
-        for stream, last, codes in taken:
-            audio = next(decoded) if codes is not None else np.zeros(0, dtype=np.float32)
-            chunks.append(
-                AudioChunk(
-                    index=stream.chunk_index,
-                    audio=audio,
-                    sample_offset=stream.samples_sent,
-                    is_last=last,
-                    finish_reason=stream.finish_reason if last else None,
-                )
-            )
-            stream.chunk_index += 1
-            stream.samples_sent += audio.size
-            if last:
-                self.codec.free(stream.codec_slot, stream)
-                stream.codec_slot = None
-        return chunks
+        per frame bucket present). A stream's last chunk gives its codec slot back. Safe beside a stepping thread."""
+        return next_chunks(self.codec, streams)
