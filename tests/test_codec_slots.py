@@ -160,6 +160,25 @@ def test_a_reused_slot_starts_from_silence(engine):
     assert np.array_equal(reused, run_alone(codec, codes, [2, 4, 8]))
 
 
+def test_a_call_for_a_slot_that_changed_hands_touches_nothing(engine):
+    """The output stage may still hold a released stream's frames when the slot passes to a new stream."""
+    codec = engine.model.codec_model
+    decoder = CodecSlots(codec, 2, MAX_FRAMES)
+    old, keeper = Owner(), Owner()
+    slot, other = decoder.claim(old), decoder.claim(keeper)
+    decoder.decode([(slot, random_codes(10, seed=5))], owners=[old])
+    decoder.free(slot, old)
+    new = Owner()
+    assert decoder.claim(new) == slot
+    late, kept = decoder.decode(
+        [(slot, random_codes(4, seed=6)), (other, random_codes(4, seed=7))], owners=[old, keeper]
+    )
+    assert late.size == 0 and kept.size == 4 * SAMPLES_PER_FRAME
+    codes = random_codes(6, seed=8)
+    mine = np.concatenate([decoder.decode([(slot, codes[i : i + 3])], owners=[new])[0] for i in (0, 3)])
+    assert np.array_equal(mine, run_alone(codec, codes, [3, 3]))
+
+
 def test_slots_are_claimed_freed_and_checked(engine):
     decoder = CodecSlots(engine.model.codec_model, 2, MAX_FRAMES)
     a, b = Owner(), Owner()

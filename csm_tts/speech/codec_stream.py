@@ -138,8 +138,14 @@ class CodecSlots:
     def free(self, slot: int | None, owner) -> None:
         """Give `owner`'s slot back (idempotent; a slot now owned by someone else is left alone)."""
         with self._claims:
-            if slot is not None and self._owners[slot] is not None and self._owners[slot]() is owner:
+            if slot is not None and self._owns(slot, owner):
                 self._owners[slot] = None
+
+    def _owns(self, slot: int, owner) -> bool:
+        """Whether `owner` holds `slot` (owner None: whether anyone does)."""
+        held = self._owners[slot]
+        alive = None if held is None else held()
+        return alive is not None and (owner is None or alive is owner)
 
     @property
     def slot_bytes(self) -> int:
@@ -177,14 +183,16 @@ class CodecSlots:
 
     # -- decoding -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, work: list[tuple[int, torch.Tensor]]) -> list[np.ndarray]:
+    def decode(self, work: list[tuple[int, torch.Tensor]], owners: list | None = None) -> list[np.ndarray]:
         """Decode each (slot, codes [frames, num_codebooks]) pair's frames as the next audio of that slot's stream
-        (one pair per slot). Returns float32 PCM per pair, in order, exactly `frames` x samples per frame long."""
+        (one pair per slot). Returns float32 PCM per pair, in order, exactly `frames` x samples per frame long. With
+        `owners` (one per pair), a pair whose slot has meanwhile passed to another owner (its stream was released
+        from another thread) is not decoded and gets no audio: it never touches the new owner's state."""
         slots = [slot for slot, _ in work]
         if len(set(slots)) != len(slots):
             raise ValueError("one decode call takes each slot at most once")
         for slot, codes in work:
-            if not 0 <= slot < self.slots or self._owners[slot] is None or self._owners[slot]() is None:
+            if not 0 <= slot < self.slots or (owners is None and not self._owns(slot, None)):
                 raise ValueError(f"codec slot {slot} is not claimed")
             if codes.dim() != 2 or codes.shape[1] != self.num_codebooks or codes.is_floating_point():
                 raise ValueError(f"codes must be integers of shape [frames, {self.num_codebooks}], got {codes.shape}")
@@ -206,13 +214,14 @@ class CodecSlots:
                     break
                 for bucket, members in sorted(groups.items()):  # small (first) chunks first
                     chunks = [work[i][1][offsets[i] : offsets[i] + n] for i, n in members]
-                    out = self._decode_rows([work[i][0] for i, _ in members], chunks, bucket)
+                    who = None if owners is None else [owners[i] for i, _ in members]
+                    out = self._decode_rows([work[i][0] for i, _ in members], chunks, bucket, who)
                     for (i, n), samples in zip(members, out, strict=True):
                         audio[i].append(samples)
                         offsets[i] += n
         return [np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32) for parts in audio]
 
-    def _decode_rows(self, slots: list[int], chunks: list[torch.Tensor], frames: int) -> list[np.ndarray]:
+    def _decode_rows(self, slots: list[int], chunks: list[torch.Tensor], frames: int, owners) -> list[np.ndarray]:
         rows = next(b for b in self.row_buckets if b >= len(slots))
         pad = rows - len(slots)
         graph = self._graph(rows, frames) if self.cuda_graphs else None  # a capture uses the input buffers
@@ -220,13 +229,17 @@ class CodecSlots:
         for row, chunk in enumerate(chunks):
             codes[row, :, : chunk.shape[0]] = chunk.T
         with self._claims:
-            fresh = [slot for slot in slots if self._fresh[slot]]
+            # A claim after this point marks the slot fresh again: its new owner's first call resets it.
+            owned = [owners is None or self._owns(slot, owners[row]) for row, slot in enumerate(slots)]
+            slots = [slot if mine else self.slots for slot, mine in zip(slots, owned, strict=True)]
+            fresh = [slot for slot in slots if slot < self.slots and self._fresh[slot]]
             for slot in fresh:
                 self._fresh[slot] = False
         if fresh:
             self._reset(fresh)
+        valid = [c.shape[0] if mine else 0 for c, mine in zip(chunks, owned, strict=True)]
         self._codes_in[:rows, :, :frames] = codes.to(self.device)
-        self._valid_in[:rows] = torch.tensor([c.shape[0] for c in chunks] + [0] * pad).to(self.device)
+        self._valid_in[:rows] = torch.tensor(valid + [0] * pad).to(self.device)
         self._index_in[:rows] = torch.tensor(slots + [self.slots] * pad).to(self.device)  # padding: the scratch slot
         if graph is None:
             samples = self._run(rows, frames).cpu()
@@ -234,7 +247,7 @@ class CodecSlots:
             graph[0].replay()
             samples = graph[1].cpu()
         per_frame = self.steps_per_frame * self.samples_per_step
-        return [samples[row, : c.shape[0] * per_frame].numpy() for row, c in enumerate(chunks)]
+        return [samples[row, : n * per_frame].numpy() for row, n in enumerate(valid)]
 
     def capture_graphs(self) -> int:
         """Capture a CUDA graph for every (rows, frames) bucket now, so that no stream pays for a capture later (at
@@ -360,14 +373,16 @@ def next_chunks(codec: CodecSlots, streams: list[Stream]) -> list[AudioChunk]:
     for stream in streams:
         # Safe beside a stepping thread: `finished` is read first (a stream's frames are all appended before it
         # finishes), and the frames are taken by count (a frame appended meanwhile stays for the next chunk).
-        last = stream.finished
+        last, slot = stream.finished, stream.codec_slot
         count = len(stream.pending)
         frames = stream.pending[:count]
         del stream.pending[:count]
-        taken.append((stream, last, torch.stack(frames) if frames else None))
-    decoded = iter(codec.decode([(s.codec_slot, codes) for s, _, codes in taken if codes is not None]))
+        # No slot: released from another thread since the check above; its frames are dropped with it.
+        taken.append((stream, last, torch.stack(frames) if frames and slot is not None else None, slot))
+    decoding = [(stream, codes, slot) for stream, _, codes, slot in taken if codes is not None]
+    decoded = iter(codec.decode([(slot, codes) for _, codes, slot in decoding], owners=[s for s, _, _ in decoding]))
     chunks = []
-    for stream, last, codes in taken:
+    for stream, last, codes, _ in taken:
         audio = next(decoded) if codes is not None else np.zeros(0, dtype=np.float32)
         chunks.append(
             AudioChunk(
