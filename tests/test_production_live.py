@@ -28,8 +28,8 @@ from live_proxy import start_proxy as start_live_proxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from csm_tts.tooling.local_triton import free_port
+from proxy.appkeys import TRITON
 from proxy.auth import generate_key, hash_key
-from proxy.web import TRITON
 
 pytestmark = pytest.mark.live
 ROOT = Path(__file__).resolve().parent.parent

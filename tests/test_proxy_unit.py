@@ -14,22 +14,17 @@ import soundfile
 from aiohttp import WSMsgType
 from conftest import FAST_FAIL_S
 
+from csm_tts.limits import CONTEXT_TOO_LONG
 from csm_tts.tooling.local_triton import free_port
-from proxy.api import (
-    ApiError,
-    GenerateOptions,
-    StreamConfig,
-    ValidationError,
-    parse_chunk_options,
-    parse_generate,
-    parse_stream_config,
-    parse_text_list,
-)
 from proxy.app import create_app
-from proxy.audio import pcm_bytes, to_pcm16, wav_bytes
-from proxy.context import ContextBudget, Conversation
+from proxy.conversation import ContextBudget, Conversation
+from proxy.errors import ApiError, ValidationError
+from proxy.parse.job import GenerateOptions
+from proxy.parse.native import parse_chunk_options, parse_generate, parse_text_list
+from proxy.parse.websocket import StreamConfig, parse_stream_config
+from proxy.render.pcm import pcm_bytes, to_pcm16, wav_bytes
 from proxy.settings import Settings, SettingsError
-from proxy.triton_client import UpstreamError, UpstreamRejected, UpstreamUnavailable, classify
+from proxy.upstream.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable, classify
 
 
 # -- settings ------------------------------------------------------------------------------------------------------
@@ -414,7 +409,7 @@ class FakeTritonForContext:
         self.calls: list[int] = []
         self.closed = 0
 
-    def stream(self, text, parameters, context):
+    def stream(self, text, parameters, context, request_id=""):
         self.calls.append(len(context))
         pool = self
 
@@ -429,9 +424,10 @@ class FakeTritonForContext:
                 if len(context) > pool.max_segments:
                     raise UpstreamRejected(
                         "the prompt takes 3000 positions (text and context) and max_audio_length_ms "
-                        "1000 needs 12 more; the model's context holds 2048: shorten the text"
+                        "1000 needs 12 more; the model's context holds 2048: shorten the text",
+                        CONTEXT_TOO_LONG,
                     )
-                from proxy.triton_client import AudioChunk
+                from proxy.upstream.stream import AudioChunk
 
                 return AudioChunk(np.ones(1920, np.float32), 0, True, False, None)
 
@@ -439,22 +435,22 @@ class FakeTritonForContext:
 
 
 async def test_context_is_shortened_until_triton_accepts_it():
-    from proxy.synthesis import synthesize
+    from proxy.generation import synthesize
 
     conversation = Conversation(ContextBudget())
     for i in range(3):
         conversation.add(0, f"s{i}", _audio(1))
     fake = FakeTritonForContext(max_segments=1)
-    clip = await synthesize(fake, GenerateOptions(text="next", max_audio_length_ms=1000), None, conversation)
+    clip = await synthesize(fake, GenerateOptions(text="next", max_audio_length_ms=1000), None, None, conversation)
     assert clip.audio.size == 1920 and fake.calls == [3, 2, 1] and fake.closed == 3
     never = FakeTritonForContext(max_segments=-1)  # too long even without context: the client's error
     with pytest.raises(UpstreamRejected, match="context holds"):
-        await synthesize(never, GenerateOptions(text="next", max_audio_length_ms=1000), None, conversation)
+        await synthesize(never, GenerateOptions(text="next", max_audio_length_ms=1000), None, None, conversation)
     assert never.calls == [3, 2, 1, 0]
 
 
 async def test_pick_prefers_ready_and_least_loaded_replicas():
-    from proxy.triton_client import ReplicaHealth, TritonPool
+    from proxy.upstream.pool import ReplicaHealth, TritonPool
 
     pool = TritonPool(["a:1", "b:2", "c:3"], "tts")
     try:
