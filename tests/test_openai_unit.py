@@ -481,3 +481,23 @@ async def test_a_reference_becomes_the_first_context_segment(failing):
         (segment,) = context
         assert (segment.speaker, segment.text) == (speaker, "Mine.")
         assert np.array_equal(segment.audio, pcm.astype(np.float32) / 32768)
+
+
+def test_streamed_files_read_as_docs_api_says():
+    """docs/api.md: soundfile reads the streamed wav, mp3 and opus; a streamed FLAC (length unknown) needs PyAV, whose
+    documented snippet returns every sample."""
+    import av
+
+    audio = speech_like(1.0)
+    for name in ("wav", "mp3", "opus", "flac"):
+        encoder = StreamEncoder(FORMATS[name])
+        body = encoder.encode(audio[:9000]) + encoder.encode(audio[9000:]) + encoder.finish()
+        if name == "flac":
+            with pytest.raises(ValueError, match="array is too big"):
+                soundfile.read(io.BytesIO(body))
+            with av.open(io.BytesIO(body)) as container:
+                decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+            assert decoded.size == audio.size
+        else:
+            decoded, rate = soundfile.read(io.BytesIO(body))
+            assert rate == FORMATS[name].sample_rate and decoded.size >= audio.size * rate // 24000

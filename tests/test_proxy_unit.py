@@ -3,9 +3,11 @@ handling, with Triton unreachable (a closed port): no server is needed."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -29,10 +31,15 @@ from proxy.upstream.errors import UpstreamError, UpstreamRejected, UpstreamUnava
 
 # -- settings ------------------------------------------------------------------------------------------------------
 def test_settings_defaults():
-    s = Settings.from_env({})
-    assert (s.host, s.port, s.triton_grpc_urls, s.triton_model) == ("127.0.0.1", 8000, ("127.0.0.1:8001",), "tts")
-    assert s.watermark_enabled is None and s.watermark_default is True and s.watermark_key_source == "public"
-    assert s.cors_origins == ()
+    """An empty environment changes nothing; every setting has its variable, and every variable is documented."""
+    assert Settings.from_env({}) == Settings()
+    assert Settings().watermark_default is True  # unset CSM_WATERMARK_ENABLED: Triton's default, which is on
+    from proxy.settings import _VARIABLES
+
+    derived = {"watermark_enabled", "watermark_key_source"}  # from CSM_WATERMARK_ENABLED / _KEY / _KEY_SOURCE
+    assert {f.name for f in dataclasses.fields(Settings)} == {field for _, field, _ in _VARIABLES} | derived
+    documented = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    assert [name for name, _, _ in _VARIABLES if f"`{name}`" not in documented] == []
 
 
 def test_settings_from_env():
