@@ -116,8 +116,8 @@ class Generation:
         self.watermarked = self.watermarked or chunk.watermarked
         self.key_id = chunk.key_id or self.key_id
 
-    def elapsed_ms(self, since: float | None = None) -> float:
-        return (time.perf_counter() - (self.started if since is None else since)) * 1000.0
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
 
 
 @dataclass

@@ -7,7 +7,6 @@ a 90 s clip is ~4 MB of WAV and ~6 MB of base64.
 
 from __future__ import annotations
 
-import base64
 import io
 
 import numpy as np
@@ -32,7 +31,7 @@ def pcm_bytes(audio: np.ndarray, sample_format: str) -> bytes:
     if sample_format == "s16le":
         return to_pcm16(audio).tobytes()
     if sample_format == "f32le":
-        return f32_bytes(audio)
+        return np.asarray(audio, dtype="<f4").reshape(-1).tobytes()
     raise ValueError(f"unknown sample format {sample_format!r}")
 
 
@@ -40,11 +39,3 @@ def wav_bytes(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     buffer = io.BytesIO()
     soundfile.write(buffer, to_pcm16(audio), sample_rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
-
-
-def wav_base64(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> str:
-    return base64.b64encode(wav_bytes(audio, sample_rate)).decode("ascii")
-
-
-def f32_bytes(audio: np.ndarray) -> bytes:
-    return np.asarray(audio, dtype="<f4").reshape(-1).tobytes()
