@@ -108,27 +108,16 @@ def error_body(exc: Exception, flavour: str = NATIVE) -> tuple[int, dict, Mappin
 
 def _refusal(r: HttpRefusal, flavour: str) -> ApiError:
     headers = {"Allow": r.allow} if r.allow else {}
-    if r.status == 404:
-        if flavour == OPENAI:
-            message = f"Unknown path {r.path}; see GET /v1/models and POST /v1/audio/speech"
-            return OpenAIError(404, message, None, "not_found", headers)
-        return ApiError(404, f"Not found: {r.path}; GET / lists the endpoints", headers=headers)
-    if r.status == 405:
-        message = f"Method {r.method} is not allowed for {r.path}; allowed: {r.allow}"
-        return (
-            OpenAIError(405, message, None, "method_not_allowed", headers)
-            if flavour == OPENAI
-            else ApiError(405, message, headers=headers)
-        )
-    if r.status == 413:
-        message = f"Request body too large; the limit is {r.body_limit} bytes"
-        return (
-            OpenAIError(413, message, None, "request_too_large", headers)
-            if flavour == OPENAI
-            else ApiError(413, message, headers=headers)
-        )
-    return (
-        OpenAIError(r.status, r.text, headers=headers)
-        if flavour == OPENAI
-        else ApiError(r.status, r.text, headers=headers)
-    )
+    if r.status == 404 and flavour == OPENAI:
+        message, code = f"Unknown path {r.path}; see GET /v1/models and POST /v1/audio/speech", "not_found"
+    elif r.status == 404:
+        message, code = f"Not found: {r.path}; GET / lists the endpoints", None
+    elif r.status == 405:
+        message, code = f"Method {r.method} is not allowed for {r.path}; allowed: {r.allow}", "method_not_allowed"
+    elif r.status == 413:
+        message, code = f"Request body too large; the limit is {r.body_limit} bytes", "request_too_large"
+    else:
+        message, code = r.text, None
+    if flavour == OPENAI:
+        return OpenAIError(r.status, message, None, code, headers)
+    return ApiError(r.status, message, headers=headers)

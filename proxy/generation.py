@@ -127,17 +127,10 @@ class Clip:
     processing_time_ms: float
 
 
-async def synthesize(
-    pool: TritonPool,
-    options: GenerateOptions,
-    lease: Lease | None = None,
-    watermark_default: bool | None = None,
-    conversation: Conversation | None = None,
-    reference: Sequence[ContextSegment] = (),
-) -> Clip:
+async def synthesize(generation: Generation) -> Clip:
     """The whole clip of one text (non-streaming endpoints)."""
     parts = []
-    async with Generation(pool, options, lease, watermark_default, conversation, reference) as generation:
+    async with generation:
         async for chunk in generation:
             if chunk.audio.size:
                 parts.append(chunk.audio)

@@ -442,17 +442,21 @@ class FakeTritonForContext:
 
 
 async def test_context_is_shortened_until_triton_accepts_it():
-    from proxy.generation import synthesize
+    from proxy.generation import Generation, synthesize
 
     conversation = Conversation(ContextBudget())
     for i in range(3):
         conversation.add(0, f"s{i}", _audio(1))
     fake = FakeTritonForContext(max_segments=1)
-    clip = await synthesize(fake, GenerateOptions(text="next", max_audio_length_ms=1000), None, None, conversation)
+    clip = await synthesize(
+        Generation(fake, GenerateOptions(text="next", max_audio_length_ms=1000), None, None, conversation)
+    )
     assert clip.audio.size == 1920 and fake.calls == [3, 2, 1] and fake.closed == 3
     never = FakeTritonForContext(max_segments=-1)  # too long even without context: the client's error
     with pytest.raises(UpstreamRejected, match="context holds"):
-        await synthesize(never, GenerateOptions(text="next", max_audio_length_ms=1000), None, None, conversation)
+        await synthesize(
+            Generation(never, GenerateOptions(text="next", max_audio_length_ms=1000), None, None, conversation)
+        )
     assert never.calls == [3, 2, 1, 0]
 
 

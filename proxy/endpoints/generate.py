@@ -87,7 +87,9 @@ async def job_voice(request: web.Request, job: SpeechJob) -> list:
 async def synthesize_job(request: web.Request, job: SpeechJob, lease):
     reference = await job_voice(request, job)
     settings = request.app[SETTINGS]
-    return await synthesize(request.app[TRITON], job.options, lease, settings.watermark_enabled, None, reference)
+    return await synthesize(
+        Generation(request.app[TRITON], job.options, lease, settings.watermark_enabled, None, reference)
+    )
 
 
 async def stream_chunks(request: web.Request) -> web.StreamResponse:
@@ -126,7 +128,7 @@ async def chunk_line(request: web.Request, options: dict, text: str, conversatio
     try:
         job = with_text(options, text)
         with admit(request, job) as lease:
-            clip = await synthesize(app[TRITON], job, lease, app[SETTINGS].watermark_enabled, conversation)
+            clip = await synthesize(Generation(app[TRITON], job, lease, app[SETTINGS].watermark_enabled, conversation))
     except (ApiError, UpstreamError) as e:
         return json.dumps({"error": e.message, "text": text})
     except Exception:

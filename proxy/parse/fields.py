@@ -126,18 +126,23 @@ Seed = Annotated[int | None, checked(check_seed)]
 Text = Annotated[str, checked(check_text)]
 
 
-class Options(pydantic.BaseModel):
-    """The generation options, as every surface spells them (absent: the job's defaults)."""
+class SamplingOptions(pydantic.BaseModel):
+    """The generation options every surface spells the same way (absent: the job's defaults)."""
 
     model_config = STRICT
 
-    speaker_id: SpeakerId = limits.DEFAULT_SPEAKER_ID
     max_audio_length_ms: AudioLengthMs = None
     temperature: Temperature = limits.DEFAULT_TEMPERATURE
     topk: TopK = limits.DEFAULT_TOPK
     watermark: Watermark = None
     watermark_key: WatermarkKey = None
     seed: Seed = None
+
+
+class Options(SamplingOptions):
+    """The native API's generation options: the sampling options and a speaker id (OpenAI's surface has a voice)."""
+
+    speaker_id: SpeakerId = limits.DEFAULT_SPEAKER_ID
 
 
 def given(model: pydantic.BaseModel, names: Sequence[str] = OPTION_NAMES) -> dict:

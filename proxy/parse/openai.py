@@ -23,13 +23,8 @@ from csm_tts.parsing import shown
 from proxy.errors import OpenAIError, openai_status
 from proxy.formats import FORMATS, RESPONSE_FORMATS
 from proxy.parse.fields import (
-    AudioLengthMs,
     Refusal,
-    Seed,
-    Temperature,
-    TopK,
-    Watermark,
-    WatermarkKey,
+    SamplingOptions,
     check_text,
     checked,
     first_problem,
@@ -98,8 +93,8 @@ def _instructions(value: object) -> str | None:
     return value
 
 
-class SpeechBody(pydantic.BaseModel):
-    """The body of POST /v1/audio/speech."""
+class SpeechBody(SamplingOptions):
+    """The body of POST /v1/audio/speech: OpenAI's fields, this service's sampling options, a voice to clone."""
 
     model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
 
@@ -110,12 +105,6 @@ class SpeechBody(pydantic.BaseModel):
     stream_format: Annotated[str, checked(_one_of(STREAM_FORMATS))] = "audio"
     speed: Annotated[float, checked(_speed)] = 1.0
     instructions: Annotated[str | None, checked(_instructions)] = None  # accepted, and ignored: CSM takes none
-    seed: Seed = None
-    temperature: Temperature = GenerateOptions.temperature
-    topk: TopK = GenerateOptions.topk
-    max_audio_length_ms: AudioLengthMs = None
-    watermark: Watermark = None
-    watermark_key: WatermarkKey = None
     reference_audio: object = None  # checked by parse_reference, after the fields
     reference_text: object = None
 
