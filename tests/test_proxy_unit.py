@@ -23,7 +23,7 @@ from proxy.conversation import ContextBudget, Conversation
 from proxy.errors import ApiError, ValidationError
 from proxy.parse.job import GenerateOptions
 from proxy.parse.native import parse_chunk_options, parse_generate, parse_text_list
-from proxy.parse.websocket import StreamConfig, parse_stream_config
+from proxy.parse.websocket import Message, StreamConfig, parse_stream_config
 from proxy.render.pcm import pcm_bytes, to_pcm16, wav_bytes
 from proxy.settings import Settings, SettingsError
 from proxy.upstream.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable, classify
@@ -497,3 +497,19 @@ async def test_websocket_origin_must_be_allowed_when_cors_is_configured(down_cli
     assert info.value.status == 403
     ws = await down_client.ws_connect("/stream", origin="http://allowed.test")
     await ws.close()
+
+
+def test_websocket_messages_are_read_by_pure_functions():
+    """WS /stream's protocol without a socket: what each client frame is (proxy/parse/websocket.py)."""
+    from proxy.parse.websocket import is_blank, read_message, text_of
+
+    assert read_message('{"text": "Hi", "topk": 5}') == Message("text", {"text": "Hi", "topk": 5})
+    assert read_message('{"config": {"mode": "stream"}}') == Message("config", {"mode": "stream"})
+    assert read_message('{"cancel": true}') == Message("cancel") and read_message('{"done": true}') == Message("done")
+    assert read_message("{oops").kind == "malformed" and read_message("[1]").kind == "malformed"
+    assert read_message('{"done": 1}') == Message("invalid", {"error": "done must be true"})
+    assert read_message('{"cancel": true, "text": "x"}').payload == {
+        "error": "A 'cancel' message must have no other fields"
+    }
+    assert read_message("[" * 100_000).payload["error"].startswith("Invalid JSON")  # nesting: an error, no crash
+    assert is_blank({"text": "  "}) and is_blank({}) and not is_blank({"text": 5}) and text_of({"text": 5}) is None
