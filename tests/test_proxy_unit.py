@@ -269,6 +269,21 @@ def test_classify(message, kind, status):
         assert not error.message.startswith("INVALID_ARG") and "INVALID_ARG" not in error.message
 
 
+def test_a_too_long_prompt_is_a_reason_code_not_a_wording():
+    """The engine's ContextTooLong carries CONTEXT_TOO_LONG in its message (the only thing gRPC streams carry); the
+    proxy reads the code back and the client sees the engine's words without it."""
+    from csm_tts.speech.request import ContextTooLong, InvalidRequest
+    from csm_tts.triton.errors import coded
+
+    engine_error = ContextTooLong("the prompt takes 3000 positions; the model's context holds 2048")
+    assert isinstance(engine_error, InvalidRequest)
+    error = classify("in ensemble 'tts', " + coded("INVALID_ARG", str(engine_error)))
+    assert type(error) is UpstreamRejected and error.reason == CONTEXT_TOO_LONG
+    assert error.message == "the prompt takes 3000 positions; the model's context holds 2048"
+    worded = classify(coded("INVALID_ARG", "text says: the model's context holds 2048"))  # words decide nothing
+    assert worded.reason is None
+
+
 # -- the HTTP API with Triton unreachable --------------------------------------------------------------------------
 @pytest.fixture
 async def down_client(aiohttp_client):
