@@ -53,7 +53,7 @@ class Settings:
     # Watermark defaults (the Triton side applies them; the proxy reports and forwards them).
     watermark_enabled: bool | None = None  # None: not set here, Triton's own default applies (true)
     watermark_key_source: str = "public"  # "private" when CSM_WATERMARK_KEY holds a key other than the public one
-    cpu_threads: int = 4  # the bounded pool for encoding, reference decoding and large JSON (proxy/render/offload.py)
+    cpu_threads: int | None = None  # the pool for encoding, decoding, large JSON; None: cores - 1 (offload.py)
     # Voices and voice cloning (proxy/voices.py): presets from a directory, OpenAI's names, per-request references.
     voices_dir: str | None = None
     openai_voices: tuple[tuple[str, str], ...] = DEFAULT_OPENAI_VOICES

@@ -1,10 +1,12 @@
 """The bounded thread pool for the CPU work the event loop must never do: audio encoding (PyAV, PCM conversion),
 reference decoding and resampling, WAV/base64 and JSON of large bodies (a 90 s clip is ~6 MB of base64).
 
-One pool per app with PROXY_CPU_THREADS workers: a burst of requests queues for a worker instead of starting a
-thread each or blocking the loop. Encoders and decoders release the GIL in their C code (FFmpeg, libsndfile, soxr,
-numpy), so the loop keeps serving while a worker runs. Large bodies are built in slices (`json_body`) so that no
-single C call holds the GIL for long.
+One pool per app with PROXY_CPU_THREADS workers, by default one fewer than the cores the process may run on (at
+least one): a core stays free for the event loop, which otherwise waits for the CPU and the GIL behind busy workers
+(docs/benchmarks.md: p99 lag 12-20 ms with one worker on two cores, 34-44 ms with four). A burst of requests queues
+for a worker instead of starting a thread each or blocking the loop. The work is cut into short calls (base64 in
+slices, JSON with the base64 spliced in, PCM and PyAV frames in pieces: proxy/render/pcm.py, encoders.py) because
+one C call over a 90 s clip holds the GIL for 10-40 ms, which the loop would wait for.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -22,8 +25,18 @@ T = TypeVar("T")
 B64_SLICE = 3 * (1 << 14)
 
 
+def default_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))  # the CPUs this process may use (a container's cpuset)
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores - 1)
+
+
 class Offload:
-    def __init__(self, threads: int):
+    def __init__(self, threads: int | None = None):
+        threads = threads or default_threads()
+        self.threads = threads
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="proxy-cpu")
 
     async def run(self, function: Callable[..., T], *args) -> T:
