@@ -51,6 +51,7 @@ test: setup $(CHROMIUM) lint
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) scripts/bench_engine.py

@@ -8,10 +8,10 @@ import sys
 
 from proxy import NAME, __version__
 from proxy.app import create_app
-from proxy.drain import serve
+from proxy.appkeys import API_KEYS
 from proxy.logs import configure_logging
+from proxy.server import serve
 from proxy.settings import Settings, SettingsError
-from proxy.web import API_KEYS
 
 
 def main() -> int:

@@ -1,40 +1,26 @@
-"""Who may start what: API keys (401), their limits (429 + Retry-After), the watermark policy (403) and the drain
-(503), for every endpoint at once.
+"""Who may start a stream: the drain (503), the watermark policy (403), the API key's limits (429 + Retry-After),
+the proxy's own stream limit (503). Plain Python: the endpoints call it through proxy/requests.py's `admit` and
+`check`, right after parsing and BEFORE reference decoding, context building or Triton, so every refusal is
+answered before a 200 or a WebSocket upgrade. Who the caller is (401) is decided earlier, at the door
+(proxy/middleware.py), before a body is read.
 
-Two places apply them. `guard_middleware` runs before any handler: open paths pass; while draining, everything else
-is 503; with keys configured, a request without a valid key is 401, and an HTTP request whose key is at a limit is
-429 before any work (so `/stream/chunks` answers 429, not a 200 with failed lines). `Admission` is the request
-scope's stream hooks (proxy/scope.py): `Generation` calls it before each Triton stream, which is where a key's
-stream count and rate are taken, the watermark choices of that text are checked, and a WebSocket session's next
-text is refused during the drain.
+`admit` returns a `Lease`: the key's stream slot, held until the stream ends (`with lease:` frees it on any exit),
+the stream's Triton request id and its metrics. Endpoints that start several streams (/stream/chunks, WS /stream)
+`check` before their 200 or upgrade, then `admit` each text.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aiohttp import web
-
-from proxy.api import ApiError, GenerateOptions
-from proxy.auth import WS_BEARER_PREFIX, WS_PROTOCOL, ApiKey, ApiKeys, LimitReached, presented_key
+from proxy.auth import ApiKey, LimitReached
+from proxy.drain import Drain
+from proxy.errors import ApiError
 from proxy.metrics import MetricsHooks, ProxyMetrics
-from proxy.scope import RequestScope, current_scope
-from proxy.web import API_KEYS, DRAIN, METRICS, REQUEST_ID
-
-log = logging.getLogger("proxy.admission")
-
-# Paths anyone may call: what probes, scrapers and a page's static files need. Everything else (new endpoints
-# included) needs a key when keys are configured.
-OPEN_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/metrics"})
-OPEN_PREFIXES = ("/demo",)
-
-
-def is_open(request: web.Request) -> bool:
-    if request.method == "OPTIONS":  # CORS preflights carry no credentials by design
-        return True
-    path = request.path
-    return path in OPEN_PATHS or any(path == p or path.startswith(p + "/") for p in OPEN_PREFIXES)
+from proxy.parse.job import GenerateOptions
+from proxy.scope import RequestScope
+from proxy.upstream.pool import TritonPool
 
 
 @dataclass(frozen=True)
@@ -79,82 +65,78 @@ def draining_error() -> ApiError:
     )
 
 
-@web.middleware
-async def guard_middleware(request: web.Request, handler):
-    if is_open(request):
-        return await handler(request)
-    app = request.app
-    metrics: ProxyMetrics = app[METRICS]
-    drain = app.get(DRAIN)
-    if drain is not None and drain.active:
-        metrics.rejections.labels("draining").inc()
-        raise draining_error()
-    websocket = request.headers.get("Upgrade", "").lower() == "websocket"
-    if websocket:
-        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
-        if any(p.startswith(WS_BEARER_PREFIX) for p in protocols) and WS_PROTOCOL not in protocols:
-            # Without "csm-tts" the server could select no protocol and a browser would fail the handshake.
-            raise ApiError(400, f'Offer the subprotocols ["{WS_PROTOCOL}", "{WS_BEARER_PREFIX}<key>"] together')
-    keys: ApiKeys | None = app.get(API_KEYS)
-    if keys is not None:
-        token = presented_key(request.headers, websocket)
-        key = keys.authenticate(token)
-        if key is None:
-            metrics.rejections.labels("unauthorized").inc()
-            # The key itself is never logged; only that one was missing or unknown.
-            log.warning(
-                "refused %s %s: %s API key (request %s)",
-                request.method,
-                request.path,
-                "no" if token is None else "unknown",
-                request.get(REQUEST_ID, "-"),
-            )
-            if token is None:
-                raise unauthorized("An API key is required: send Authorization: Bearer <key>")
-            raise unauthorized("Invalid API key")
-        scope = current_scope()
-        if scope is not None:
-            scope.key = key
-        if not websocket:
-            try:
-                key.check_room()
-            except LimitReached as e:
-                metrics.rejections.labels("rate_limited").inc()
-                raise too_many(e) from None
-    return await handler(request)
+class Lease:
+    """One admitted Triton stream: the key's stream slot (released exactly once), its Triton request id, its
+    metrics. `with lease:` releases the slot on any exit; `Generation` reports first audio and the end."""
+
+    def __init__(self, admission: Admission, scope: RequestScope):
+        self.admission = admission
+        self.scope = scope
+        self._held = True
+
+    def triton_request_id(self) -> str:
+        return self.scope.next_triton_request_id()
+
+    def first_audio(self, seconds: float) -> None:
+        self.admission.measure.first_audio(self.scope, seconds)
+
+    def closed(self, seconds: float, audio_seconds: float, failed: bool) -> None:
+        """The stream ended (it had started): its metrics, then the slot."""
+        if self._held:
+            self.admission.measure.closed(self.scope, seconds, audio_seconds, failed)
+        self.release()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if self.scope.key is not None:
+                self.scope.key.release_stream()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class Admission:
-    """The stream hooks of every request scope: drain, watermark policy, key limits, then metrics."""
+    """The per-stream decision: drain, watermark policy, key limits, the proxy's own stream limit."""
 
-    def __init__(self, metrics: ProxyMetrics, policy: WatermarkPolicy, drain=None):
+    def __init__(self, metrics: ProxyMetrics, policy: WatermarkPolicy, drain: Drain):
         self.metrics = metrics
         self.measure = MetricsHooks(metrics)
         self.policy = policy
         self.drain = drain
 
-    def admit(self, scope: RequestScope, options: GenerateOptions) -> None:
-        if self.drain is not None and self.drain.active:
-            self.metrics.rejections.labels("draining").inc()
-            raise draining_error()
-        key: ApiKey | None = scope.key
-        try:
-            self.policy.for_key(key).check(options)
-        except ApiError:
-            self.metrics.rejections.labels("forbidden").inc()
-            raise
-        if key is not None:
+    def check(self, scope: RequestScope, asked: Iterable[GenerateOptions] = (), pool: TritonPool | None = None) -> None:
+        """Raise the refusal a stream of these options would get now; takes nothing."""
+        if self.drain.active:
+            self.refuse("draining", draining_error())
+        policy = self.policy.for_key(scope.key)
+        for options in asked:
             try:
-                key.take_stream()
-            except LimitReached as e:
-                self.metrics.rejections.labels("rate_limited").inc()
-                raise too_many(e) from None
-        self.measure.admitted(scope)
-
-    def first_audio(self, scope: RequestScope, seconds: float) -> None:
-        self.measure.first_audio(scope, seconds)
-
-    def closed(self, scope: RequestScope, seconds: float, audio_seconds: float, failed: bool) -> None:
+                policy.check(options)
+            except ApiError as e:
+                self.refuse("forbidden", e)
         if scope.key is not None:
-            scope.key.release_stream()
-        self.measure.closed(scope, seconds, audio_seconds, failed)
+            try:
+                scope.key.check_room()
+            except LimitReached as e:
+                self.refuse("rate_limited", too_many(e))
+        if pool is not None and pool.active_streams >= pool.max_streams:
+            self.refuse("full", pool.full_error())
+
+    def admit(self, scope: RequestScope, options: GenerateOptions, pool: TritonPool | None = None) -> Lease:
+        """`check`, then take the key's stream slot: the caller holds it until its stream ends."""
+        self.check(scope, (options,), pool)
+        if scope.key is not None:
+            try:
+                scope.key.take_stream()
+            except LimitReached as e:
+                self.refuse("rate_limited", too_many(e))
+        self.measure.admitted(scope)
+        return Lease(self, scope)
+
+    def refuse(self, reason: str, error: Exception):
+        self.metrics.rejections.labels(reason).inc()
+        raise error

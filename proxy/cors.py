@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.appkeys import SETTINGS
 from proxy.settings import Settings
-from proxy.web import SETTINGS
 
 
 @web.middleware

@@ -1,5 +1,5 @@
-"""Prometheus metrics of the proxy (`GET /metrics`, prometheus_client) and the middleware that gives every request
-its id and its scope (proxy/scope.py).
+"""Prometheus metrics of the proxy (`GET /metrics`, prometheus_client): the families, and the hooks each admitted
+stream reports to (first audio, end).
 
 Each app has its own `CollectorRegistry` (several apps run side by side in the tests; the process-wide default
 registry would mix them). Labels are bounded: the endpoint is the matched route (unknown paths count as
@@ -9,14 +9,9 @@ path, a request id, a text or a key.
 
 from __future__ import annotations
 
-import asyncio
-import time
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from proxy.scope import REQUEST_ID_HEADER, RequestScope, accept_request_id, enter_scope, leave_scope
-from proxy.web import METRICS, REQUEST_ID, STREAM_HOOKS, TRITON, WEBSOCKETS
+from proxy.scope import RequestScope
 
 # Seconds from a request reaching the proxy to its first audio from Triton.
 TTFA_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -97,67 +92,17 @@ class ProxyMetrics:
         for reason in ("full", "rate_limited", "unauthorized", "forbidden", "draining"):
             self.rejections.labels(reason)  # every series exists from the start (rate() needs a first sample)
 
-    def refresh(self, app: web.Application) -> None:
-        """Gauges that mirror app state, set at scrape time."""
-        pool = app[TRITON]
+    def exposition(self, pool, websockets: int) -> bytes:
+        """The text format, with the gauges that mirror the app's state set now (at scrape time)."""
         self.active_streams.set(pool.active_streams)
-        self.active_websockets.set(len(app[WEBSOCKETS]))
+        self.active_websockets.set(websockets)
         self.replicas.labels("known").set(len(pool.replicas))
         self.replicas.labels("serving").set(len(pool.healthy()))
-
-    def exposition(self, app: web.Application) -> bytes:
-        self.refresh(app)
         return generate_latest(self.registry)
 
 
-def endpoint_label(request: web.Request) -> str:
-    info = request.match_info
-    if info is None or info.http_exception is not None:  # 404 / 405: never the raw path (unbounded labels)
-        return "unmatched"
-    resource = info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-@web.middleware
-async def observe_middleware(request: web.Request, handler):
-    """The outermost middleware: a request id (the client's X-Request-ID or a new one), the request's scope for
-    everything below it, and the request counted with its final status."""
-    request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
-    request[REQUEST_ID] = request_id
-    endpoint = endpoint_label(request)
-    token = enter_scope(RequestScope(request_id, endpoint, hooks=request.app.get(STREAM_HOOKS)))
-    metrics = request.app[METRICS]
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as e:
-        status = e.status
-        raise
-    except asyncio.CancelledError:
-        status = 499  # the client went away (nginx's convention)
-        raise
-    finally:
-        metrics.requests.labels(endpoint, request.method, str(status)).inc()
-        metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
-        leave_scope(token)
-
-
-async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    """Every response carries the request id, WebSocket upgrades (101) and errors included."""
-    if REQUEST_ID in request:
-        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    body = request.app[METRICS].exposition(request.app)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
 class MetricsHooks:
-    """The metrics part of a request scope's stream hooks (proxy/app.py chains it with the key limits)."""
+    """What an admitted stream reports (proxy/admission.py `Lease`)."""
 
     def __init__(self, metrics: ProxyMetrics):
         self.metrics = metrics

@@ -1,12 +1,9 @@
-"""What one API request carries through every layer: its id, its endpoint, its API key and the hooks that count it.
+"""What one API request carries through the layers that serve it: its id, its route, its API key.
 
-The observe middleware (proxy/metrics.py) creates a `RequestScope` for each request and puts it in a context
-variable, so code deep inside a handler -- `Generation` in proxy/synthesis.py, `TritonStream` in
-proxy/triton_client.py, the log formatter -- reads it without every endpoint passing it along. Tasks created by a
-handler (a WebSocket session's reader and worker) inherit it. Endpoints added later get ids, metrics, key limits and
-the watermark policy without code of their own, as long as they generate through `Generation`.
-
-Nothing here imports aiohttp or prometheus_client: the hooks are plain objects given by the app.
+The observe middleware (proxy/middleware.py) creates a `RequestScope` for each request and puts it on the request
+(`request[SCOPE]`), which the endpoints pass on explicitly (admission, the Triton request ids); it is also kept in a
+context variable for one reader only, the log formatter (proxy/logs.py), so every log line carries the request id.
+Plain Python: no aiohttp.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ import itertools
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Protocol
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -34,24 +30,10 @@ def accept_request_id(raw: str | None) -> str:
     return raw if _REQUEST_ID.fullmatch(raw) else new_request_id()
 
 
-class StreamHooks(Protocol):
-    """What the app plugs into a scope (proxy/app.py builds it from the metrics, the key limits, the drain state and
-    the watermark policy)."""
-
-    def admit(self, scope: RequestScope, options) -> None:
-        """Before a Triton stream opens: raise ApiError (403 policy, 429 key limit, 503 draining) to refuse it."""
-
-    def first_audio(self, scope: RequestScope, seconds: float) -> None: ...
-
-    def closed(self, scope: RequestScope, seconds: float, audio_seconds: float, failed: bool) -> None:
-        """Every admitted stream ends here exactly once (releases what `admit` took)."""
-
-
 @dataclass
 class RequestScope:
     request_id: str
     endpoint: str  # the route ("/generate"), never the raw path: it is a metrics label
-    hooks: StreamHooks | None = None
     key: object | None = None  # the caller's ApiKey (proxy/auth.py) when keys are configured
     _streams: itertools.count = field(default_factory=itertools.count, repr=False)
 
@@ -63,6 +45,7 @@ class RequestScope:
         return self.request_id if n == 0 else f"{self.request_id}.{n}"
 
 
+# For log lines only (proxy/logs.py); code that needs the scope gets it passed.
 _CURRENT: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar("request_scope", default=None)
 
 

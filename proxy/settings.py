@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from csm_tts import limits
 from csm_tts.parsing import parse_bool
 from csm_tts.watermark.options import WatermarkSettings
 from proxy.voices import DEFAULT_OPENAI_VOICES, parse_voice_table
@@ -43,19 +44,23 @@ class Settings:
     cors_origins: tuple[str, ...] = ()  # "*" allows any origin
     # Voice continuity: earlier chunks of a session are passed as context, newest first, inside the model's window.
     context_enabled: bool = True
-    context_positions: int = 2048
-    context_tokens_per_byte: float = 0.5  # generous estimate of text tokens per UTF-8 byte
-    context_max_audio_s: float = 30.0
-    context_max_segments: int = 8
+    context_positions: int = limits.MODEL_POSITIONS
+    context_tokens_per_byte: float = (
+        limits.CONVERSATION_TOKENS_PER_BYTE
+    )  # generous estimate of text tokens per UTF-8 byte
+    context_max_audio_s: float = limits.CONVERSATION_MAX_AUDIO_S
+    context_max_segments: int = limits.CONVERSATION_MAX_SEGMENTS
     # Watermark defaults (the Triton side applies them; the proxy reports and forwards them).
     watermark_enabled: bool | None = None  # None: not set here, Triton's own default applies (true)
     watermark_key_source: str = "public"  # "private" when CSM_WATERMARK_KEY holds a key other than the public one
-    wav_offload_seconds: float = 5.0  # encode WAV/base64 of longer clips in a worker thread
+    cpu_threads: int | None = None  # the pool for encoding, decoding, large JSON; None: cores - 1 (offload.py)
     # Voices and voice cloning (proxy/voices.py): presets from a directory, OpenAI's names, per-request references.
     voices_dir: str | None = None
     openai_voices: tuple[tuple[str, str], ...] = DEFAULT_OPENAI_VOICES
-    reference_max_bytes: int = 768 << 10  # one reference clip, decoded from base64 (the body limit applies first)
-    reference_max_seconds: float = 20.0
+    reference_max_bytes: int = (
+        limits.REFERENCE_MAX_BYTES
+    )  # one reference clip, decoded from base64 (the body limit applies first)
+    reference_max_seconds: float = limits.REFERENCE_MAX_SECONDS
     log_level: str = "INFO"
     # Running it in production (docs/deployment.md): replica discovery, API keys, watermark policy, drain, logs.
     triton_grpc_service: str | None = None  # host:port resolved to every replica's address (a headless Service)
@@ -209,7 +214,7 @@ _VARIABLES = [
     ("PROXY_CONTEXT_TOKENS_PER_BYTE", "context_tokens_per_byte", _positive_float),
     ("PROXY_CONTEXT_MAX_AUDIO_S", "context_max_audio_s", _positive_float),
     ("PROXY_CONTEXT_MAX_SEGMENTS", "context_max_segments", _positive_int),
-    ("PROXY_WAV_OFFLOAD_SECONDS", "wav_offload_seconds", _positive_float),
+    ("PROXY_CPU_THREADS", "cpu_threads", _positive_int),
     ("PROXY_LOG_LEVEL", "log_level", _log_level),
     ("TRITON_GRPC_SERVICE", "triton_grpc_service", _service),
     ("TRITON_DISCOVERY_INTERVAL_S", "discovery_interval_s", _positive_float),

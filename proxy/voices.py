@@ -8,30 +8,28 @@ Presets come from CSM_VOICES_DIR (docs/api.md): for each voice a file pair `NAME
 + `NAME.txt` (its transcript, UTF-8), and optionally `NAME.json` (`{"speaker_id": 3, "description": "..."}`).
 OpenAI's names (alloy, echo, ...) map to presets or speaker ids through a table (PROXY_OPENAI_VOICES).
 
-Reference audio from clients (`reference_audio`, base64) is decoded here too: by libsndfile (soundfile), which has
-no network code at all, bounded in bytes and seconds before and while decoding, then resampled to 24 kHz mono with
-soxr. Plain Python (no aiohttp): callers turn `InvalidReference` into their API's error.
+Reference audio from clients (`reference_audio`, checked and base64-decoded by proxy/parse/reference.py) is decoded
+here too: by libsndfile (soundfile), which has no network code at all, bounded in seconds while decoding, then
+resampled to 24 kHz mono with soxr; `decode_reference` is CPU work, called through the bounded thread pool
+(proxy/render/offload.py) and only after admission. Plain Python (no aiohttp): callers turn `InvalidReference` into
+their API's error.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from csm_tts import SAMPLE_RATE, SAMPLES_PER_FRAME
-from proxy.context import Segment
+from csm_tts.limits import MAX_SPEAKER_ID
+from csm_tts.speech.request import ContextSegment
 
-MAX_SPEAKER_ID = 31  # the model's speaker tags (csm_tts Limits.max_speaker_id)
-MAX_REFERENCE_TEXT_CHARS = 2000
-REFERENCE_FIELDS = ("reference_audio", "reference_text")  # the request fields of a per-request reference clip
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")
 # libsndfile's names of the containers accepted as reference audio (WAV, FLAC, MP3, Ogg with Opus or Vorbis).
 REFERENCE_CONTAINERS = ("WAV", "WAVEX", "RF64", "FLAC", "MP3", "OGG")
@@ -76,16 +74,6 @@ class VoiceConfigError(ValueError):
     """The voices directory or the OpenAI voice table is invalid; the message names the file or entry."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int = 768 << 10  # decoded from base64
-    max_seconds: float = 20.0
-
-    @classmethod
-    def from_settings(cls, settings) -> Limits:
-        return cls(max_bytes=settings.reference_max_bytes, max_seconds=settings.reference_max_seconds)
-
-
 # -- decoding ------------------------------------------------------------------------------------------------------
 def decode_reference(data: bytes, max_seconds: float, field: str = "reference_audio") -> np.ndarray:
     """Audio file bytes -> float32 24 kHz mono. Refuses what is not WAV/FLAC/MP3/Ogg, longer than `max_seconds`
@@ -124,49 +112,12 @@ def decode_reference(data: bytes, max_seconds: float, field: str = "reference_au
     return mono
 
 
-def parse_reference(data: Mapping, limits: Limits) -> tuple[bytes, str] | None:
-    """The request fields `reference_audio` (base64 of an audio file, never a URL) and `reference_text` -> the
-    undecoded file and the transcript, or None when neither is present."""
-    audio, text = data.get("reference_audio"), data.get("reference_text")
-    if audio is None and text is None:
-        return None
-    if audio is None:
-        raise InvalidReference("reference_text needs reference_audio (the clip it transcribes)")
-    if text is None:
-        raise InvalidReference("reference_audio needs reference_text (what is said in it)", "reference_text")
-    if not isinstance(audio, str):
-        raise InvalidReference(f"reference_audio must be a base64 string, got {type(audio).__name__}")
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidReference("reference_text must be a non-empty string", "reference_text")
-    if len(text) > MAX_REFERENCE_TEXT_CHARS:
-        raise InvalidReference(
-            f"reference_text has {len(text)} characters; the limit is {MAX_REFERENCE_TEXT_CHARS}", "reference_text"
-        )
-    if audio.lstrip().lower().startswith(("http://", "https://", "ftp://", "file:", "data:")):
-        raise InvalidReference("reference_audio must be the audio file itself, base64-encoded; URLs are not fetched")
-    if len(audio) * 3 // 4 > limits.max_bytes + 3:  # refused before decoding anything
-        raise InvalidReference(_too_large(len(audio) * 3 // 4, limits), status=413)
-    try:
-        raw = base64.b64decode(audio, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidReference("reference_audio is not valid base64") from None
-    if len(raw) > limits.max_bytes:
-        raise InvalidReference(_too_large(len(raw), limits), status=413)
-    if not raw:
-        raise InvalidReference("reference_audio is empty")
-    return raw, text
-
-
-def _too_large(size: int, limits: Limits) -> str:
-    return f"reference_audio has {size} bytes; the limit is {limits.max_bytes} (PROXY_REFERENCE_MAX_BYTES)"
-
-
 # -- voices --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Voice:
     name: str
     speaker_id: int
-    reference: Segment | None = None  # the preset's clip and transcript, the first context segment
+    reference: ContextSegment | None = None  # the preset's clip and transcript, the first context segment
     description: str = ""
     alias_of: str | None = None  # for OpenAI names: the preset or speaker id it stands for
 
@@ -280,7 +231,7 @@ def load_presets(directory: Path, max_seconds: float) -> dict[str, Voice]:
             audio = decode_reference(path.read_bytes(), max_seconds, field=path.name)
         except InvalidReference as e:
             raise VoiceConfigError(f"CSM_VOICES_DIR: {e.message}") from None
-        presets[name] = Voice(name, speaker, Segment(speaker, text, audio), str(meta.get("description", "")))
+        presets[name] = Voice(name, speaker, ContextSegment(speaker, text, audio), str(meta.get("description", "")))
     return presets
 
 

@@ -8,7 +8,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import create_app, start_server
+from proxy.app import create_app
+from proxy.server import start_server
 from proxy.settings import Settings
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import importlib.util
 import json
@@ -188,7 +189,19 @@ def test_playback_stalls():
 def test_bench_scripts_share_the_stall_rule():
     """Both benchmarks count stalls with the one function in csm_tts/tooling/stream_stats.py."""
     assert bench_stream.playback_stalls is stream_stats.playback_stalls
-    assert "from csm_tts.tooling.stream_stats import percentile, playback_stalls" in GPU_SCRIPT.read_text()
+    # bench_gpu.py is not imported here (it needs torch): its imports are read from its syntax tree, so a reworded
+    # or reordered import line still counts and a comment naming the function does not.
+    imported = {
+        (node.module, alias.name)
+        for node in ast.walk(ast.parse(GPU_SCRIPT.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert ("csm_tts.tooling.stream_stats", "playback_stalls") in imported
+    assert not any(
+        isinstance(n, ast.FunctionDef) and n.name == "playback_stalls"
+        for n in ast.walk(ast.parse(GPU_SCRIPT.read_text()))
+    )
 
 
 def test_committed_inputs_agree():

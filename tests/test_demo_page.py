@@ -42,9 +42,9 @@ from csm_tts import SAMPLE_RATE
 from csm_tts.tooling import demo_browser
 from csm_tts.tooling.local_triton import free_port
 from proxy.app import create_app
+from proxy.appkeys import TRITON
 from proxy.endpoints.demo import ASSETS, PAGE, STATIC
 from proxy.settings import Settings
-from proxy.web import TRITON
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "demo.png"

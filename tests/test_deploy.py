@@ -611,7 +611,7 @@ def test_triton_scales_on_a_metric_the_model_exports():
     assert "csm_tts_streams{" in text and 'name="csm_tts_streams"' in Path(metrics.__file__).read_text()
 
 
-LONGEST_CLIP_S = 90  # proxy/api.py's bound on max_audio_length_ms (checked below)
+LONGEST_CLIP_S = 90  # csm_tts/limits.py's bound on max_audio_length_ms (checked below)
 SLOWEST_RTF = 1.1  # a stream may take this much longer than its audio lasts
 
 
@@ -629,7 +629,7 @@ def seconds(value: str) -> float:
 
 
 def test_shutdown_timings_agree_with_the_longest_clip(compose):
-    from proxy.api import CHECKS
+    from proxy.parse.fields import CHECKS
 
     CHECKS["max_audio_length_ms"](LONGEST_CLIP_S * 1000)
     with pytest.raises(ValueError):

@@ -18,7 +18,8 @@ import pytest
 
 from csm_tts.tooling.local_triton import TritonServer, free_port
 from csm_tts.tooling.model_repository import render
-from proxy.app import create_app, start_server
+from proxy.app import create_app
+from proxy.server import start_server
 from proxy.settings import Settings
 
 pytestmark = pytest.mark.live

@@ -36,9 +36,9 @@ from test_proxy_live import (
 
 from csm_tts.speech.request import ContextSegment, GenerationRequest
 from csm_tts.tooling.triton_streams import stream
-from proxy.audio import to_pcm16
-from proxy.encoders import FORMATS, RESPONSE_FORMATS
-from proxy.web import TRITON
+from proxy.appkeys import TRITON
+from proxy.formats import FORMATS, RESPONSE_FORMATS
+from proxy.render.pcm import to_pcm16
 
 pytestmark = pytest.mark.live
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,8 +182,8 @@ class ChunkTimes:
     def __enter__(self) -> ChunkTimes:
         original = self.pool.stream
 
-        def stream(text, parameters, context=()):
-            triton_stream = original(text, parameters, context)
+        def stream(text, parameters, context=(), request_id=""):
+            triton_stream = original(text, parameters, context, request_id)
             read = triton_stream.__anext__
 
             async def timed_read():

@@ -22,25 +22,35 @@ from audio_checks import LOSSLESS, check_audio
 from conftest import FAST_FAIL_S
 
 from csm_tts.tooling.local_triton import free_port
-from proxy.api import StreamConfig, ValidationError, parse_stream_config
 from proxy.app import create_app
-from proxy.audio import to_pcm16
-from proxy.encoders import FORMATS, RESPONSE_FORMATS, StreamEncoder, encode_whole
-from proxy.openai_api import OpenAIError, parse_speech
+from proxy.errors import OpenAIError, ValidationError
+from proxy.formats import FORMATS, RESPONSE_FORMATS
+from proxy.parse.openai import parse_speech
+from proxy.parse.reference import ReferenceLimits as Limits
+from proxy.parse.reference import parse_reference
+from proxy.parse.websocket import StreamConfig, parse_stream_config
+from proxy.render.encoders import StreamEncoder
+from proxy.render.pcm import to_pcm16
 from proxy.settings import Settings, SettingsError
 from proxy.voices import (
     DEFAULT_OPENAI_VOICES,
     InvalidReference,
-    Limits,
     UnknownVoice,
     VoiceBook,
     VoiceConfigError,
     decode_reference,
-    parse_reference,
     parse_voice_table,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def encode_whole(audio: np.ndarray, fmt) -> bytes:
+    """One complete file of `audio`, encoded as one stream."""
+    encoder = StreamEncoder(fmt)
+    return encoder.encode(audio) + encoder.finish()
+
+
 # The model's chunk schedule: 2, 4, 8 frames, then 10 (80 ms = 1920 samples each).
 SCHEDULE = [3840, 7680, 15360, 19200, 19200]
 
@@ -400,12 +410,15 @@ async def test_openai_client_raises_its_usual_exceptions(down_client):
 class FailingTriton:
     """Stands in for the pool: one chunk of audio, then Triton goes away."""
 
+    active_streams, max_streams = 0, 8  # what admission reads
+
     def __init__(self):
         self.contexts = []
         self.closed = 0
 
-    def stream(self, text, parameters, context):
-        from proxy.triton_client import AudioChunk, UpstreamUnavailable
+    def stream(self, text, parameters, context, request_id=""):
+        from proxy.upstream.errors import UpstreamUnavailable
+        from proxy.upstream.stream import AudioChunk
 
         self.contexts.append(list(context))
         pool = self
@@ -429,7 +442,7 @@ class FailingTriton:
 
 @pytest.fixture
 async def failing(aiohttp_client):
-    from proxy.web import TRITON
+    from proxy.appkeys import TRITON
 
     app = create_app(Settings(triton_grpc_urls=(f"127.0.0.1:{free_port()}",), health_timeout_s=0.3))
     fake = FailingTriton()
@@ -468,3 +481,23 @@ async def test_a_reference_becomes_the_first_context_segment(failing):
         (segment,) = context
         assert (segment.speaker, segment.text) == (speaker, "Mine.")
         assert np.array_equal(segment.audio, pcm.astype(np.float32) / 32768)
+
+
+def test_streamed_files_read_as_docs_api_says():
+    """docs/api.md: soundfile reads the streamed wav, mp3 and opus; a streamed FLAC (length unknown) needs PyAV, whose
+    documented snippet returns every sample."""
+    import av
+
+    audio = speech_like(1.0)
+    for name in ("wav", "mp3", "opus", "flac"):
+        encoder = StreamEncoder(FORMATS[name])
+        body = encoder.encode(audio[:9000]) + encoder.encode(audio[9000:]) + encoder.finish()
+        if name == "flac":
+            with pytest.raises(ValueError, match="array is too big"):
+                soundfile.read(io.BytesIO(body))
+            with av.open(io.BytesIO(body)) as container:
+                decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+            assert decoded.size == audio.size
+        else:
+            decoded, rate = soundfile.read(io.BytesIO(body))
+            assert rate == FORMATS[name].sample_rate and decoded.size >= audio.size * rate // 24000

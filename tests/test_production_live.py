@@ -28,8 +28,8 @@ from live_proxy import start_proxy as start_live_proxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from csm_tts.tooling.local_triton import free_port
+from proxy.appkeys import TRITON
 from proxy.auth import generate_key, hash_key
-from proxy.web import TRITON
 
 pytestmark = pytest.mark.live
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,17 +131,19 @@ async def test_triton_stream_metric_rises_under_load_and_falls_back(triton_serve
         async with aiohttp.ClientSession() as session:
 
             async def generate(i: int) -> int:
-                body = {"text": f"Load {i}.", "max_audio_length_ms": 2500}
+                body = {"text": f"Load {i}.", "max_audio_length_ms": 5000}
                 async with session.post(proxy.http + "/generate", json=body) as response:
                     return response.status
 
+            # All four run together for most of their ~60 frames each; sampled every 50 ms until both counts have
+            # shown all four (a quiet box made 2.5 s clips so fast that 0.2 s samples could miss the overlap).
             requests = asyncio.gather(*(generate(i) for i in range(4)))
-            seen, proxy_seen = [], []
-            while not requests.done():
+            seen, proxy_seen = [0], [0]
+            while not requests.done() and min(max(seen), max(proxy_seen)) < 4:
                 streams = await asyncio.to_thread(triton_streams, triton_server)
                 seen.append(streams["active"] + streams["queued"])
                 proxy_seen.append(value(await proxy_metrics(session, proxy.http), "csm_proxy_active_streams"))
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.05)
             assert await requests == [200] * 4
         assert max(seen) == 4, seen
         assert max(proxy_seen) == 4, proxy_seen

@@ -20,14 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from csm_tts.tooling.local_triton import free_port
 from proxy.admission import WatermarkPolicy
-from proxy.api import ApiError, GenerateOptions
 from proxy.app import create_app
 from proxy.auth import ApiKeys, KeyFileError, LimitReached, generate_key, hash_key, parse_keys, presented_key
-from proxy.discovery import ServiceDiscovery, grpc_target
+from proxy.errors import ApiError
 from proxy.logs import JsonFormatter, RequestIdFilter
+from proxy.parse.job import GenerateOptions
 from proxy.scope import RequestScope, accept_request_id, enter_scope, leave_scope
 from proxy.settings import Settings, SettingsError
-from proxy.triton_client import TritonPool
+from proxy.upstream.discovery import ServiceDiscovery, grpc_target
+from proxy.upstream.pool import TritonPool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -269,7 +270,7 @@ async def test_metrics_parse_and_label_routes_not_paths(keyed_client):
 
 
 async def test_draining_proxy_is_not_ready_and_refuses_work(aiohttp_client):
-    from proxy.web import DRAIN
+    from proxy.appkeys import DRAIN
 
     app = create_app(Settings(triton_grpc_urls=(f"127.0.0.1:{free_port()}",), health_timeout_s=0.3))
     client = await aiohttp_client(app)

@@ -35,8 +35,8 @@ from live_proxy import start_proxy as start_live_proxy
 
 from csm_tts.tooling.local_triton import free_port
 from csm_tts.tooling.triton_streams import stream
-from proxy.audio import to_pcm16
-from proxy.web import TRITON
+from proxy.appkeys import TRITON
+from proxy.render.pcm import to_pcm16
 
 pytestmark = pytest.mark.live
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ async def start_proxy(grpc_url: str, **overrides) -> Proxy:
         "triton_model": MODEL,
         "ws_max_pending": 2,
         "watermark_enabled": False,
-        "wav_offload_seconds": 0.5,  # small offload threshold: the executor path is used
+        "cpu_threads": 2,  # the bounded pool that encodes, decodes and builds large bodies
     }
     return await start_live_proxy(grpc_url, **{**settings, **overrides})
 

@@ -3,9 +3,11 @@ handling, with Triton unreachable (a closed port): no server is needed."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -14,30 +16,30 @@ import soundfile
 from aiohttp import WSMsgType
 from conftest import FAST_FAIL_S
 
+from csm_tts.limits import CONTEXT_TOO_LONG
 from csm_tts.tooling.local_triton import free_port
-from proxy.api import (
-    ApiError,
-    GenerateOptions,
-    StreamConfig,
-    ValidationError,
-    parse_chunk_options,
-    parse_generate,
-    parse_stream_config,
-    parse_text_list,
-)
 from proxy.app import create_app
-from proxy.audio import pcm_bytes, to_pcm16, wav_bytes
-from proxy.context import ContextBudget, Conversation
+from proxy.conversation import ContextBudget, Conversation
+from proxy.errors import ApiError, ValidationError
+from proxy.parse.job import GenerateOptions
+from proxy.parse.native import parse_chunk_options, parse_generate, parse_text_list
+from proxy.parse.websocket import Message, StreamConfig, parse_stream_config
+from proxy.render.pcm import pcm_bytes, to_pcm16, wav_bytes
 from proxy.settings import Settings, SettingsError
-from proxy.triton_client import UpstreamError, UpstreamRejected, UpstreamUnavailable, classify
+from proxy.upstream.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable, classify
 
 
 # -- settings ------------------------------------------------------------------------------------------------------
 def test_settings_defaults():
-    s = Settings.from_env({})
-    assert (s.host, s.port, s.triton_grpc_urls, s.triton_model) == ("127.0.0.1", 8000, ("127.0.0.1:8001",), "tts")
-    assert s.watermark_enabled is None and s.watermark_default is True and s.watermark_key_source == "public"
-    assert s.cors_origins == ()
+    """An empty environment changes nothing; every setting has its variable, and every variable is documented."""
+    assert Settings.from_env({}) == Settings()
+    assert Settings().watermark_default is True  # unset CSM_WATERMARK_ENABLED: Triton's default, which is on
+    from proxy.settings import _VARIABLES
+
+    derived = {"watermark_enabled", "watermark_key_source"}  # from CSM_WATERMARK_ENABLED / _KEY / _KEY_SOURCE
+    assert {f.name for f in dataclasses.fields(Settings)} == {field for _, field, _ in _VARIABLES} | derived
+    documented = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    assert [name for name, _, _ in _VARIABLES if f"`{name}`" not in documented] == []
 
 
 def test_settings_from_env():
@@ -267,6 +269,21 @@ def test_classify(message, kind, status):
         assert not error.message.startswith("INVALID_ARG") and "INVALID_ARG" not in error.message
 
 
+def test_a_too_long_prompt_is_a_reason_code_not_a_wording():
+    """The engine's ContextTooLong carries CONTEXT_TOO_LONG in its message (the only thing gRPC streams carry); the
+    proxy reads the code back and the client sees the engine's words without it."""
+    from csm_tts.speech.request import ContextTooLong, InvalidRequest
+    from csm_tts.triton.errors import coded
+
+    engine_error = ContextTooLong("the prompt takes 3000 positions; the model's context holds 2048")
+    assert isinstance(engine_error, InvalidRequest)
+    error = classify("in ensemble 'tts', " + coded("INVALID_ARG", str(engine_error)))
+    assert type(error) is UpstreamRejected and error.reason == CONTEXT_TOO_LONG
+    assert error.message == "the prompt takes 3000 positions; the model's context holds 2048"
+    worded = classify(coded("INVALID_ARG", "text says: the model's context holds 2048"))  # words decide nothing
+    assert worded.reason is None
+
+
 # -- the HTTP API with Triton unreachable --------------------------------------------------------------------------
 @pytest.fixture
 async def down_client(aiohttp_client):
@@ -414,7 +431,7 @@ class FakeTritonForContext:
         self.calls: list[int] = []
         self.closed = 0
 
-    def stream(self, text, parameters, context):
+    def stream(self, text, parameters, context, request_id=""):
         self.calls.append(len(context))
         pool = self
 
@@ -429,9 +446,10 @@ class FakeTritonForContext:
                 if len(context) > pool.max_segments:
                     raise UpstreamRejected(
                         "the prompt takes 3000 positions (text and context) and max_audio_length_ms "
-                        "1000 needs 12 more; the model's context holds 2048: shorten the text"
+                        "1000 needs 12 more; the model's context holds 2048: shorten the text",
+                        CONTEXT_TOO_LONG,
                     )
-                from proxy.triton_client import AudioChunk
+                from proxy.upstream.stream import AudioChunk
 
                 return AudioChunk(np.ones(1920, np.float32), 0, True, False, None)
 
@@ -439,22 +457,26 @@ class FakeTritonForContext:
 
 
 async def test_context_is_shortened_until_triton_accepts_it():
-    from proxy.synthesis import synthesize
+    from proxy.generation import Generation, synthesize
 
     conversation = Conversation(ContextBudget())
     for i in range(3):
         conversation.add(0, f"s{i}", _audio(1))
     fake = FakeTritonForContext(max_segments=1)
-    clip = await synthesize(fake, GenerateOptions(text="next", max_audio_length_ms=1000), None, conversation)
+    clip = await synthesize(
+        Generation(fake, GenerateOptions(text="next", max_audio_length_ms=1000), None, None, conversation)
+    )
     assert clip.audio.size == 1920 and fake.calls == [3, 2, 1] and fake.closed == 3
     never = FakeTritonForContext(max_segments=-1)  # too long even without context: the client's error
     with pytest.raises(UpstreamRejected, match="context holds"):
-        await synthesize(never, GenerateOptions(text="next", max_audio_length_ms=1000), None, conversation)
+        await synthesize(
+            Generation(never, GenerateOptions(text="next", max_audio_length_ms=1000), None, None, conversation)
+        )
     assert never.calls == [3, 2, 1, 0]
 
 
 async def test_pick_prefers_ready_and_least_loaded_replicas():
-    from proxy.triton_client import ReplicaHealth, TritonPool
+    from proxy.upstream.pool import ReplicaHealth, TritonPool
 
     pool = TritonPool(["a:1", "b:2", "c:3"], "tts")
     try:
@@ -490,3 +512,19 @@ async def test_websocket_origin_must_be_allowed_when_cors_is_configured(down_cli
     assert info.value.status == 403
     ws = await down_client.ws_connect("/stream", origin="http://allowed.test")
     await ws.close()
+
+
+def test_websocket_messages_are_read_by_pure_functions():
+    """WS /stream's protocol without a socket: what each client frame is (proxy/parse/websocket.py)."""
+    from proxy.parse.websocket import is_blank, read_message, text_of
+
+    assert read_message('{"text": "Hi", "topk": 5}') == Message("text", {"text": "Hi", "topk": 5})
+    assert read_message('{"config": {"mode": "stream"}}') == Message("config", {"mode": "stream"})
+    assert read_message('{"cancel": true}') == Message("cancel") and read_message('{"done": true}') == Message("done")
+    assert read_message("{oops").kind == "malformed" and read_message("[1]").kind == "malformed"
+    assert read_message('{"done": 1}') == Message("invalid", {"error": "done must be true"})
+    assert read_message('{"cancel": true, "text": "x"}').payload == {
+        "error": "A 'cancel' message must have no other fields"
+    }
+    assert read_message("[" * 100_000).payload["error"].startswith("Invalid JSON")  # nesting: an error, no crash
+    assert is_blank({"text": "  "}) and is_blank({}) and not is_blank({"text": 5}) and text_of({"text": 5}) is None

@@ -29,7 +29,7 @@ from csm_tts.speech.checkpoint import ATTENTION, load_csm
 from csm_tts.speech.chunk_schedule import ChunkSchedule
 from csm_tts.speech.codec_stream import CodecSlots, next_chunks
 from csm_tts.speech.length_rule import default_audio_length_ms
-from csm_tts.speech.request import GenerationRequest, InvalidRequest, Limits, validate_request
+from csm_tts.speech.request import ContextTooLong, GenerationRequest, Limits, validate_request
 from csm_tts.speech.sampling import sample_codes
 from csm_tts.speech.slots import SMALL_TOPK, WINDOWS, DepthCache, SlotCache, SlotState, batch_buckets, fit_slots
 from csm_tts.speech.stream import AudioChunk, NoFreeSlot, Prompt, Stream
@@ -132,14 +132,14 @@ class CsmEngine:
         if request.max_audio_length_ms is not None:
             frames = request.max_audio_length_ms // FRAME_MS
             if frames > room:
-                raise InvalidRequest(
+                raise ContextTooLong(
                     f"the prompt {takes} (text and context) and max_audio_length_ms "
                     f"{request.max_audio_length_ms} needs {frames} more; the model's context holds "
                     f"{self.max_positions}: shorten the text or context, or lower max_audio_length_ms"
                 )
             return frames
         if room < 1:
-            raise InvalidRequest(
+            raise ContextTooLong(
                 f"the prompt {takes} (text and context); the model's context holds "
                 f"{self.max_positions}, leaving no room for audio: shorten the text or context"
             )

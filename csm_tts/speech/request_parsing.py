@@ -12,15 +12,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from csm_tts import limits
 from csm_tts.parsing import parse_bool, shown
 from csm_tts.speech.request import ContextSegment, GenerationRequest, InvalidRequest
 
-# name -> (type, default); defaults match the proxy's documented API defaults. Without max_audio_length_ms the limit
+# name -> (type, default); the defaults are the API's (csm_tts/limits.py). Without max_audio_length_ms the limit
 # follows the text (csm_tts/speech/length_rule.py).
 GENERATION_PARAMETERS: dict[str, tuple[type, object]] = {
-    "speaker_id": (int, 0),
-    "temperature": (float, 0.9),
-    "topk": (int, 50),
+    "speaker_id": (int, limits.DEFAULT_SPEAKER_ID),
+    "temperature": (float, limits.DEFAULT_TEMPERATURE),
+    "topk": (int, limits.DEFAULT_TOPK),
     "max_audio_length_ms": (int, None),
     "seed": (int, None),
     "ignore_eos": (bool, False),

@@ -1,6 +1,7 @@
 """POST /generate (JSON with base64 WAV), POST /generate/wav (a WAV file), POST /generate/audio (any response_format,
 streamed as generated) and POST /stream/chunks (NDJSON, one line per text as soon as it is ready).
 
+Every handler reads top to bottom: parse -> admit -> prepare (voice clip, context) -> generate -> render.
 /generate, /generate/wav and /generate/audio also take a voice to clone: `reference_audio` (base64 audio file) with
 `reference_text`. /generate/wav without `response_format` answers exactly as it always has (the whole WAV, with
 Content-Length); with it, it is /generate/audio.
@@ -15,71 +16,48 @@ import time
 from aiohttp import web
 
 from csm_tts import SAMPLE_RATE
-from csm_tts.parsing import shown
-from proxy.api import (
+from proxy.appkeys import OFFLOAD, SETTINGS, TRITON
+from proxy.conversation import ContextBudget, Conversation
+from proxy.errors import ApiError
+from proxy.generation import Generation, synthesize
+from proxy.parse.job import GenerateOptions, SpeechJob
+from proxy.parse.native import (
     NO_TEXT,
-    ApiError,
-    GenerateOptions,
-    StreamConfig,
-    ValidationError,
     parse_chunk_options,
-    parse_generate,
+    parse_generate_body,
     parse_query,
-    parse_stream_config,
     parse_text_list,
+    reference_error,
     with_text,
 )
-from proxy.audio import run_sized, wav_base64, wav_bytes
-from proxy.context import ContextBudget, Conversation, Segment
-from proxy.encoders import FORMATS, RESPONSE_FORMATS
-from proxy.endpoints.audio_stream import content_disposition, reference_error, reference_segments, stream_speech
-from proxy.synthesis import synthesize
-from proxy.triton_client import UpstreamError
-from proxy.voices import REFERENCE_FIELDS, InvalidReference, Limits, Voice, parse_reference
-from proxy.web import SETTINGS, TRITON, read_json
+from proxy.parse.reference import ReferenceLimits
+from proxy.parse.websocket import StreamConfig, parse_stream_config
+from proxy.render import http
+from proxy.render.frames import wav_message
+from proxy.requests import admit, check_admission, read_json
+from proxy.upstream.errors import UpstreamError
+from proxy.voice_context import voice_segments
+from proxy.voices import InvalidReference
 
 log = logging.getLogger("proxy")
 
 
-async def parse_seed_body(request: web.Request, data: object) -> tuple[GenerateOptions, list[Segment]]:
-    """The seed body (proxy/api.py's checks) plus an optional reference clip, decoded into a context segment."""
-    fields = {k: data.pop(k) for k in REFERENCE_FIELDS if k in data} if isinstance(data, dict) else {}
-    options = parse_generate(data)
-    try:
-        raw = parse_reference(fields, Limits.from_settings(request.app[SETTINGS]))
-        return options, await reference_segments(request, Voice("request", options.speaker_id), raw)
-    except InvalidReference as e:
-        raise reference_error(e) from None
-
-
 async def generate(request: web.Request) -> web.Response:
     started = time.perf_counter()
-    settings, pool = request.app[SETTINGS], request.app[TRITON]
-    options, reference = await parse_seed_body(request, await read_json(request))
-    clip = await synthesize(pool, options, settings.watermark_enabled, reference=reference)
-    encoded = await run_sized(wav_base64, clip.audio, int(settings.wav_offload_seconds * SAMPLE_RATE))
-    return web.json_response(
-        {
-            "audio_base64": encoded,
-            "sample_rate": SAMPLE_RATE,
-            "duration_ms": clip.audio.size * 1000.0 / SAMPLE_RATE,
-            "processing_time_ms": (time.perf_counter() - started) * 1000.0,
-            "watermarked": clip.watermarked,
-        }
-    )
+    job = parse_generate_body(await read_json(request), ReferenceLimits.from_settings(request.app[SETTINGS]))
+    with admit(request, job.options) as lease:
+        clip = await synthesize_job(request, job, lease)
+    return await http.clip_json(clip, request.app[OFFLOAD], (time.perf_counter() - started) * 1000.0)
 
 
 async def generate_wav(request: web.Request) -> web.StreamResponse:
-    settings, pool = request.app[SETTINGS], request.app[TRITON]
     data = await read_json(request)
     if isinstance(data, dict) and "response_format" in data:
         return await stream_generate(request, data)
-    options, reference = await parse_seed_body(request, data)
-    clip = await synthesize(pool, options, settings.watermark_enabled, reference=reference)
-    body = await run_sized(wav_bytes, clip.audio, int(settings.wav_offload_seconds * SAMPLE_RATE))
-    return web.Response(
-        body=body, content_type="audio/wav", headers={"Content-Disposition": "attachment; filename=speech.wav"}
-    )
+    job = parse_generate_body(data, ReferenceLimits.from_settings(request.app[SETTINGS]))
+    with admit(request, job.options) as lease:
+        clip = await synthesize_job(request, job, lease)
+    return await http.wav_file(clip, request.app[OFFLOAD])
 
 
 async def generate_audio(request: web.Request) -> web.StreamResponse:
@@ -88,17 +66,35 @@ async def generate_audio(request: web.Request) -> web.StreamResponse:
 
 async def stream_generate(request: web.Request, data: object) -> web.StreamResponse:
     """The seed body + `response_format` (default wav): the audio file streamed as it is generated."""
-    name = data.pop("response_format", "wav") if isinstance(data, dict) else "wav"
-    if name not in RESPONSE_FORMATS:
-        message = f"must be one of {', '.join(RESPONSE_FORMATS)}, got {shown(name)}"
-        raise ValidationError([{"field": "response_format", "message": message}])
-    options, reference = await parse_seed_body(request, data)
-    fmt = FORMATS[name]
-    return await stream_speech(request, options, fmt, reference, headers=content_disposition(fmt))
+    app = request.app
+    settings = app[SETTINGS]
+    job = parse_generate_body(data, ReferenceLimits.from_settings(settings), response_format=True)
+    with admit(request, job.options) as lease:
+        reference = await job_voice(request, job)
+        async with Generation(app[TRITON], job.options, lease, settings.watermark_enabled, None, reference) as g:
+            headers = http.content_disposition(job.format)
+            return await http.stream_audio(request, g, job.format, app[OFFLOAD], headers=headers)
+
+
+async def job_voice(request: web.Request, job: SpeechJob) -> list:
+    settings = request.app[SETTINGS]
+    try:
+        return await voice_segments(job, request.app[OFFLOAD], settings.reference_max_seconds)
+    except InvalidReference as e:
+        raise reference_error(e) from None
+
+
+async def synthesize_job(request: web.Request, job: SpeechJob, lease):
+    reference = await job_voice(request, job)
+    settings = request.app[SETTINGS]
+    return await synthesize(
+        Generation(request.app[TRITON], job.options, lease, settings.watermark_enabled, None, reference)
+    )
 
 
 async def stream_chunks(request: web.Request) -> web.StreamResponse:
-    settings, pool = request.app[SETTINGS], request.app[TRITON]
+    app = request.app
+    settings, pool = app[SETTINGS], app[TRITON]
     query = dict(request.query)
     context_enabled = settings.context_enabled
     if "context" in query:
@@ -107,33 +103,38 @@ async def stream_chunks(request: web.Request) -> web.StreamResponse:
         ).context
     options = parse_chunk_options(query)
     texts = parse_text_list(await read_json(request), settings.max_text_chunks)
-    await pool.pick()  # 503 now, before the 200 starts, when no Triton replica can serve
+    # Refusals before the 200: what every line would get (policy, key limits, drain, full), and no replica.
+    check_admission(request, [GenerateOptions(text="", **options)])
+    await pool.pick()
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
     await response.prepare(request)
     conversation = Conversation(ContextBudget.from_settings(settings)) if context_enabled else None
-    offload = int(settings.wav_offload_seconds * SAMPLE_RATE)
     try:
         for text in texts:
-            line = await chunk_line(pool, settings, options, text, conversation, offload)
-            await response.write(json.dumps(line).encode() + b"\n")
+            line = await chunk_line(request, options, text, conversation)
+            await response.write(line.encode() + b"\n")
         await response.write_eof()
     except ConnectionError:
         log.info("client left POST /stream/chunks early")
     return response
 
 
-async def chunk_line(pool, settings, options, text, conversation, offload) -> dict:
+async def chunk_line(request: web.Request, options: dict, text: str, conversation: Conversation | None) -> str:
     """One text's line. Whatever fails becomes that line's error: the 200 and the first lines are sent already, so an
     exception escaping here would break the response in the middle of its body."""
     if not text.strip():
-        return {"error": NO_TEXT, "text": text}
+        return json.dumps({"error": NO_TEXT, "text": text})
+    app = request.app
     try:
-        clip = await synthesize(pool, with_text(options, text), settings.watermark_enabled, conversation)
+        job = with_text(options, text)
+        with admit(request, job) as lease:
+            clip = await synthesize(Generation(app[TRITON], job, lease, app[SETTINGS].watermark_enabled, conversation))
     except (ApiError, UpstreamError) as e:
-        return {"error": e.message, "text": text}
+        return json.dumps({"error": e.message, "text": text})
     except Exception:
         log.exception("POST /stream/chunks: a text failed")
-        return {"error": "Internal error while generating this text", "text": text}
+        return json.dumps({"error": "Internal error while generating this text", "text": text})
     if conversation is not None:
-        conversation.add(options.get("speaker_id", 0), text, clip.audio)
-    return {"text": text, "audio_base64": await run_sized(wav_base64, clip.audio, offload), "sample_rate": SAMPLE_RATE}
+        conversation.add(job.speaker_id, text, clip.audio)
+    fields = {"text": text, "audio_base64": None, "sample_rate": SAMPLE_RATE}
+    return await app[OFFLOAD].run(wav_message, fields, clip.audio)

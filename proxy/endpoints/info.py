@@ -1,15 +1,17 @@
-"""GET / (what this service is) and GET /health (proxy, every Triton replica, each model, the watermark)."""
+"""GET / (what this service is), GET /health (proxy, every Triton replica, each model, the watermark), the probes
+GET /livez and /readyz (proxy/drain.py), and GET /metrics."""
 
 from __future__ import annotations
 
 import time
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from csm_tts import SAMPLE_RATE
 from proxy import NAME, __version__
-from proxy.endpoints.demo import index_page, wants_html
-from proxy.web import SETTINGS, STARTED, TRITON, WEBSOCKETS
+from proxy.appkeys import DRAIN, METRICS, SETTINGS, STARTED, TRITON, WEBSOCKETS
+from proxy.render.index_page import index_page, wants_html
 
 ENDPOINTS = {
     "GET /": "This description: name, version, endpoints (HTML with a link to /demo when a browser asks)",
@@ -113,3 +115,19 @@ async def health(request: web.Request) -> web.Response:
             else "Not every model is ready: " + ", ".join(name for name, m in models.items() if not m["ready"])
         )
     return web.json_response(body, status=200 if all_ready else 503)
+
+
+async def livez(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[DRAIN].active:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    app = request.app
+    body = app[METRICS].exposition(app[TRITON], len(app[WEBSOCKETS]))
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -7,54 +7,22 @@ header), and `encode(chunk)` returns whatever the muxer has written so far. Opus
 decoders play back at); the 24 kHz chunks are resampled with soxr's streaming resampler, so chunk borders leave no
 seam. Nothing is written before the first chunk is encoded, so the first bytes a client gets carry sound.
 
-Encoding one chunk (at most 800 ms) costs a few milliseconds, so callers run it inline.
+A chunk may hold up to 90 s of audio (max_chunk_frames), so callers run `encode` in the bounded thread pool
+(proxy/render/audio.py); PyAV is imported with this module, at start-up, not on the first request.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import av
 import numpy as np
+import soxr
 
 from csm_tts import SAMPLE_RATE
-from proxy.audio import to_pcm16
+from proxy.formats import AudioFormat
+from proxy.render.pcm import to_pcm16
 
-
-@dataclass(frozen=True)
-class AudioFormat:
-    name: str
-    content_type: str
-    extension: str
-    container: str | None = None  # FFmpeg muxer; None: raw PCM
-    codec: str | None = None
-    sample_rate: int = SAMPLE_RATE
-    bit_rate: int | None = None
-    container_options: tuple[tuple[str, str], ...] = ()
-
-
-# OpenAI's `response_format` values. Bit rates suit 24 kHz mono speech.
-FORMATS = {
-    f.name: f
-    for f in (
-        AudioFormat("mp3", "audio/mpeg", "mp3", "mp3", "libmp3lame", bit_rate=64_000),
-        # Ogg pages are flushed every 20 ms of audio instead of FFmpeg's default 1 s, so Opus streams too.
-        AudioFormat(
-            "opus",
-            "audio/ogg; codecs=opus",
-            "opus",
-            "ogg",
-            "libopus",
-            sample_rate=48_000,
-            bit_rate=32_000,
-            container_options=(("page_duration", "20000"),),
-        ),
-        AudioFormat("aac", "audio/aac", "aac", "adts", "aac", bit_rate=64_000),
-        AudioFormat("flac", "audio/flac", "flac", "flac", "flac"),
-        AudioFormat("wav", "audio/wav", "wav", "wav", "pcm_s16le"),
-        AudioFormat("pcm", "audio/pcm", "pcm"),
-    )
-}
-RESPONSE_FORMATS = tuple(FORMATS)  # mp3, opus, aac, flac, wav, pcm (OpenAI's order)
+# Samples per frame handed to the encoder (~0.2 s at 24 kHz).
+ENCODE_PIECE = 4608
 
 
 class _Sink:
@@ -84,8 +52,6 @@ class StreamEncoder:
         self._container = self._stream = self._sink = None
         if fmt.container is None:
             return
-        import av  # only the compressed formats need FFmpeg
-
         self._sink = _Sink()
         # bitexact: no encoder tag and a fixed Ogg serial, so the same audio always gives the same bytes.
         options = {"fflags": "+bitexact", **dict(fmt.container_options)}
@@ -94,8 +60,6 @@ class StreamEncoder:
         if fmt.bit_rate:
             self._stream.bit_rate = fmt.bit_rate
         if fmt.sample_rate != SAMPLE_RATE:
-            import soxr
-
             self._resampler = soxr.ResampleStream(SAMPLE_RATE, fmt.sample_rate, 1, dtype="float32", quality="HQ")
 
     def encode(self, audio: np.ndarray) -> bytes:
@@ -127,18 +91,13 @@ class StreamEncoder:
                 self._container = None
 
     def _write(self, audio: np.ndarray) -> None:
-        if audio.size == 0:
-            return
-        import av
-
-        frame = av.AudioFrame.from_ndarray(to_pcm16(audio).reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = self.format.sample_rate
-        # PyAV re-frames to the codec's frame size (1152 for MP3, 1024 for AAC, 960 for Opus) itself.
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
-
-
-def encode_whole(audio: np.ndarray, fmt: AudioFormat) -> bytes:
-    """One complete file of `audio` (tests, non-streaming callers)."""
-    encoder = StreamEncoder(fmt)
-    return encoder.encode(audio) + encoder.finish()
+        # PyAV re-frames to the codec's frame size (1152 for MP3, 1024 for AAC, 960 for Opus) itself, so the pieces
+        # change no byte of the output; they let the GIL change hands (one 90 s frame held it for ~40 ms).
+        pcm = to_pcm16(audio)
+        for start in range(0, pcm.size, ENCODE_PIECE):
+            frame = av.AudioFrame.from_ndarray(
+                pcm[start : start + ENCODE_PIECE].reshape(1, -1), format="s16", layout="mono"
+            )
+            frame.sample_rate = self.format.sample_rate
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)

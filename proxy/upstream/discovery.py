@@ -20,7 +20,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from proxy.triton_client import TritonPool
+from proxy.upstream.pool import TritonPool
 
 log = logging.getLogger("proxy.discovery")
 

@@ -3,7 +3,8 @@
 CSM-1B keeps a speaker's voice steady when it sees the earlier text *and* audio. Its context window holds 2048
 positions: about one per text token, one per 80 ms audio frame of context, plus the frames it is asked to generate.
 `Conversation.context_for` picks the newest segments that fit (dropping the oldest first) using a generous estimate;
-if Triton still says the prompt is too long, the caller drops more (proxy/synthesis.py).
+if the engine still says the prompt is too long, the caller drops more (proxy/generation.py). The budget's defaults
+are csm_tts/limits.py's (PROXY_CONTEXT_* override them).
 """
 
 from __future__ import annotations
@@ -13,26 +14,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from csm_tts import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from csm_tts import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, limits
 from csm_tts.speech.length_rule import default_audio_length_ms
-
-SEGMENT_OVERHEAD = 8  # speaker tag, begin/end of text, audio begin/end markers
-MAX_AUDIO_LENGTH_MS = 90_000  # the largest limit the API accepts, and the csm_1b default cap
-
-
-@dataclass(frozen=True)
-class Segment:
-    speaker: int
-    text: str
-    audio: np.ndarray  # float32, 24 kHz mono
+from csm_tts.speech.request import ContextSegment
 
 
 @dataclass(frozen=True)
 class ContextBudget:
-    positions: int = 2048
-    tokens_per_byte: float = 0.5
-    max_audio_s: float = 30.0
-    max_segments: int = 8
+    positions: int = limits.MODEL_POSITIONS
+    tokens_per_byte: float = limits.CONVERSATION_TOKENS_PER_BYTE
+    max_audio_s: float = limits.CONVERSATION_MAX_AUDIO_S
+    max_segments: int = limits.CONVERSATION_MAX_SEGMENTS
 
     @classmethod
     def from_settings(cls, settings) -> ContextBudget:
@@ -44,16 +36,16 @@ class ContextBudget:
         )
 
     def text_cost(self, text: str) -> int:
-        return math.ceil(len(text.encode("utf-8")) * self.tokens_per_byte) + SEGMENT_OVERHEAD
+        return math.ceil(len(text.encode("utf-8")) * self.tokens_per_byte) + limits.CONTEXT_SEGMENT_OVERHEAD
 
-    def segment_cost(self, segment: Segment) -> int:
+    def segment_cost(self, segment: ContextSegment) -> int:
         return self.text_cost(segment.text) + math.ceil(segment.audio.size / SAMPLES_PER_FRAME) + 1
 
     def request_cost(self, text: str, max_audio_length_ms: int | None) -> int:
         """Positions of the text and of the audio it may produce: without a limit, the model's default for this
         text (csm_tts/speech/length_rule.py; its cap cannot be known here, so the rule's own value counts)."""
         if max_audio_length_ms is None:
-            max_audio_length_ms = default_audio_length_ms(text, MAX_AUDIO_LENGTH_MS)
+            max_audio_length_ms = default_audio_length_ms(text, limits.MAX_AUDIO_LENGTH_MS)
         return self.text_cost(text) + max_audio_length_ms // FRAME_MS
 
 
@@ -62,19 +54,19 @@ class Conversation:
     """The finished chunks of one WebSocket session or one /stream/chunks request, oldest first."""
 
     budget: ContextBudget
-    segments: list[Segment] = field(default_factory=list)
+    segments: list[ContextSegment] = field(default_factory=list)
 
     def add(self, speaker: int, text: str, audio: np.ndarray) -> None:
         if audio.size == 0:
             return
-        self.segments.append(Segment(speaker, text, np.asarray(audio, dtype=np.float32)))
+        self.segments.append(ContextSegment(speaker, text, np.asarray(audio, dtype=np.float32)))
         # Keep no more than could ever be used.
         del self.segments[: max(0, len(self.segments) - self.budget.max_segments)]
 
-    def context_for(self, text: str, max_audio_length_ms: int | None) -> list[Segment]:
+    def context_for(self, text: str, max_audio_length_ms: int | None) -> list[ContextSegment]:
         free = self.budget.positions - self.budget.request_cost(text, max_audio_length_ms)
         max_samples = int(self.budget.max_audio_s * SAMPLE_RATE)
-        chosen: list[Segment] = []
+        chosen: list[ContextSegment] = []
         samples = 0
         for segment in reversed(self.segments):
             cost = self.budget.segment_cost(segment)

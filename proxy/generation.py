@@ -1,12 +1,13 @@
-"""One text chunk through Triton, with voice-continuity context: `async with Generation(...) as g: async for c in g`.
+"""One text through Triton, with voice-continuity context: `async with Generation(...) as g: async for c in g`.
 
 The context is the voice's reference segments (a preset's or the request's clip: always sent, first) followed by the
-conversation's (newest segments that fit the model's window). If Triton still finds the prompt too long
-(INVALID_ARG "... context holds ..."), the oldest conversation segment is dropped and the request retried, down to
-none; only then is the error the client's.
+conversation's (newest segments that fit the model's window). If the engine still finds the prompt too long (the
+reason code CONTEXT_TOO_LONG, csm_tts/limits.py), the oldest conversation segment is dropped and the request
+retried, down to none; only then is the error the client's.
 
-Every endpoint generates through here, so this is where the request's scope (proxy/scope.py) admits a stream
-(watermark policy, API key limits, drain) and hears its time to first audio and its end (metrics).
+Entering waits for the first audio chunk, so everything that fails before it is still an ordinary HTTP error. The
+stream was admitted before (proxy/admission.py): its `Lease` gives each Triton request its id and hears the first
+audio and the end (metrics, the key's stream slot).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from csm_tts import SAMPLE_RATE
-from proxy.api import GenerateOptions
-from proxy.context import Conversation, Segment
-from proxy.scope import current_scope
-from proxy.triton_client import AudioChunk, TritonPool, TritonStream, UpstreamRejected
-
-CONTEXT_TOO_LONG = "context holds"
+from csm_tts.limits import CONTEXT_TOO_LONG
+from csm_tts.speech.request import ContextSegment
+from proxy.admission import Lease
+from proxy.conversation import Conversation
+from proxy.parse.job import GenerateOptions
+from proxy.upstream.errors import UpstreamRejected
+from proxy.upstream.pool import TritonPool
+from proxy.upstream.stream import AudioChunk, TritonStream
 
 
 class Generation:
@@ -31,50 +34,47 @@ class Generation:
         self,
         pool: TritonPool,
         options: GenerateOptions,
+        lease: Lease | None = None,
         watermark_default: bool | None = None,
         conversation: Conversation | None = None,
-        reference: Sequence[Segment] = (),
+        reference: Sequence[ContextSegment] = (),
     ):
         self.pool = pool
+        self.lease = lease
         self.reference = list(reference)
         self.options = options
         self.parameters = options.triton_parameters(watermark_default)
-        self.context: list[Segment] = (
+        self.context: list[ContextSegment] = (
             conversation.context_for(options.text, options.max_audio_length_ms) if conversation else []
         )
         self.started = time.perf_counter()
         self.watermarked = False
         self.key_id: str | None = None
         self.samples = 0
-        self.scope = current_scope()
         self._stream: TritonStream | None = None
         self._first: AudioChunk | None = None
         self._ended = False
-        self._admitted = False
 
     async def __aenter__(self) -> Generation:
-        hooks = self.scope.hooks if self.scope is not None else None
-        if hooks is not None:
-            hooks.admit(self.scope, self.options)  # may refuse: 403 policy, 429 key limit, 503 draining
-            self._admitted = True
         try:
             await self._open()
         except BaseException:
             self._close(failed=True)
             raise
-        if hooks is not None:
-            hooks.first_audio(self.scope, time.perf_counter() - self.started)
+        if self.lease is not None:
+            self.lease.first_audio(time.perf_counter() - self.started)
         return self
 
     async def _open(self) -> None:
         while True:
-            stream = self.pool.stream(self.options.text, self.parameters, [*self.reference, *self.context])
+            request_id = self.lease.triton_request_id() if self.lease is not None else ""
+            stream = self.pool.stream(self.options.text, self.parameters, [*self.reference, *self.context], request_id)
             await stream.__aenter__()
             try:
                 self._first = await stream.__anext__()
             except UpstreamRejected as e:
                 await stream.__aexit__(None, None, None)
-                if self.context and CONTEXT_TOO_LONG in e.message:
+                if self.context and e.reason == CONTEXT_TOO_LONG:
                     self.context = self.context[1:]
                     continue
                 raise
@@ -94,10 +94,8 @@ class Generation:
             self._close(failed=exc[0] is not None or not self._ended)
 
     def _close(self, failed: bool) -> None:
-        if self._admitted:
-            self._admitted = False
-            seconds = time.perf_counter() - self.started
-            self.scope.hooks.closed(self.scope, seconds, self.samples / SAMPLE_RATE, failed)
+        if self.lease is not None:
+            self.lease.closed(time.perf_counter() - self.started, self.samples / SAMPLE_RATE, failed)
 
     def __aiter__(self) -> Generation:
         return self
@@ -118,8 +116,8 @@ class Generation:
         self.watermarked = self.watermarked or chunk.watermarked
         self.key_id = chunk.key_id or self.key_id
 
-    def elapsed_ms(self, since: float | None = None) -> float:
-        return (time.perf_counter() - (self.started if since is None else since)) * 1000.0
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
 
 
 @dataclass
@@ -129,16 +127,10 @@ class Clip:
     processing_time_ms: float
 
 
-async def synthesize(
-    pool: TritonPool,
-    options: GenerateOptions,
-    watermark_default: bool | None = None,
-    conversation: Conversation | None = None,
-    reference: Sequence[Segment] = (),
-) -> Clip:
+async def synthesize(generation: Generation) -> Clip:
     """The whole clip of one text (non-streaming endpoints)."""
     parts = []
-    async with Generation(pool, options, watermark_default, conversation, reference) as generation:
+    async with generation:
         async for chunk in generation:
             if chunk.audio.size:
                 parts.append(chunk.audio)

@@ -1,0 +1,48 @@
+"""What an endpoint reads from its request: the JSON body (bounded; parsed in the thread pool when large) and the
+explicit admission call (proxy/admission.py) with the request's scope and the app's parts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from proxy.admission import Lease
+from proxy.appkeys import ADMISSION, OFFLOAD, SCOPE, SETTINGS, TRITON
+from proxy.errors import ApiError
+from proxy.parse.job import GenerateOptions
+
+# Bodies up to this size are parsed on the event loop (microseconds); larger ones (reference clips) in the pool.
+INLINE_JSON_BYTES = 64 << 10
+
+
+async def read_json(request: web.Request) -> object:
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"Request body too large: {request.content_length} bytes; the limit is {limit}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"Request body too large; the limit is {limit} bytes") from None
+    if not raw.strip():
+        raise ApiError(400, "The request body is empty: send JSON")
+    try:
+        if len(raw) <= INLINE_JSON_BYTES:
+            return json.loads(raw)
+        return await request.app[OFFLOAD].run(json.loads, raw)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"Invalid JSON: {str(e)[:200]}") from None
+
+
+def admit(request: web.Request, options: GenerateOptions) -> Lease:
+    """Admission of one stream (403 policy, 429 key limits, 503 drain or full): call it before any expensive work;
+    hold the lease (`with lease:`) until the stream ends."""
+    return request.app[ADMISSION].admit(request[SCOPE], options, request.app[TRITON])
+
+
+def check_admission(request: web.Request, asked: Iterable[GenerateOptions] = (), full: bool = True) -> None:
+    """Admission of a request that will start several streams, before its 200 or upgrade: raises what a stream
+    of these options would get now, takes nothing. `full`: also refuse when the proxy's stream limit is reached."""
+    app = request.app
+    app[ADMISSION].check(request[SCOPE], asked, app[TRITON] if full else None)
