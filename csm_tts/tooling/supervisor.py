@@ -243,7 +243,7 @@ class Supervisor:
             return False
         delay = state.backoff.delay(ran_s)
         state.restart_at = now + delay
-        log.info("%s restarts in %.0f s", child.name, delay)
+        log.info("%s restarts in %.1f s", child.name, delay)
         return True
 
     def _stop_all(self) -> None:
