@@ -76,7 +76,7 @@ def test_a_child_that_exits_is_restarted_alone_with_backoff_and_logged(caplog):
         wait_for(lambda: running.pid("triton") and running.pid("proxy"))
         wait_for(lambda: all(s.ever_ready for s in running.supervisor.states))
         first_triton, proxy = running.pid("triton"), running.pid("proxy")
-        for kill in range(3):
+        for _ in range(3):
             killed = running.pid("triton")
             os.kill(killed, signal.SIGKILL)
             wait_for(lambda k=killed: running.pid("triton") not in (None, k))

@@ -42,6 +42,25 @@ def terminate_with_parent() -> None:
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls it
 
 
+def group_members(group: int) -> dict[int, list[str]]:
+    """The processes of process group `group` except its leader, zombies left out (they hold nothing): PID -> the
+    Python-backend shared-memory regions named on its command line."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or int(proc.name) == group or os.getpgid(int(proc.name)) != group:
+                continue
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found[int(proc.name)] = [
+                    a.decode()
+                    for a in (proc / "cmdline").read_bytes().split(b"\0")
+                    if a.startswith(b"triton_python_backend_shm_region_") and b"/" not in a
+                ]
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -168,23 +187,9 @@ class TritonServer:
         self.remove_leftovers()
 
     def model_processes(self) -> dict[int, list[str]]:
-        """What runs in the server's process group besides the server (its Python stubs and their watchers; zombies
-        hold nothing and are left out): PID -> the shared-memory regions named on its command line. The group
-        outlives the server (started with a new session), so nothing else is ever in it."""
-        group, found = self.process.pid, {}
-        for proc in Path("/proc").iterdir():
-            try:
-                if not proc.name.isdigit() or int(proc.name) == group or os.getpgid(int(proc.name)) != group:
-                    continue
-                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # a zombie holds nothing
-                    found[int(proc.name)] = [
-                        a.decode()
-                        for a in (proc / "cmdline").read_bytes().split(b"\0")
-                        if a.startswith(b"triton_python_backend_shm_region_") and b"/" not in a
-                    ]
-            except (OSError, ProcessLookupError):
-                continue
-        return found
+        """Its Python stubs and their watchers (`group_members`: the server runs in a session of its own, so its
+        process group is nothing else, and outlives it)."""
+        return group_members(self.process.pid)
 
     def remove_leftovers(self, grace_s: float = 0.0) -> list[str]:
         """Once the server has exited: what it left. Its stubs end by themselves (csm_tts/triton/watchdog.py) and are
