@@ -7,7 +7,8 @@ operation of the mix in turn: a WebSocket stream (stream mode, binary s16le, che
 adding up, a clean 1000 close), a WebSocket cancel (cancel after the first audio), an abrupt WebSocket disconnect
 (the TCP connection aborted mid-stream, no close frame), OpenAI `pcm` and `mp3` downloads (checked), an aborted
 download (the connection dropped after the first bytes) and `POST /generate` (the WAV checked). Each failure is
-counted by kind (operation and what went wrong); refusals (503, 429) are failures too.
+counted by kind (operation and what went wrong); refusals (503, 429) are failures too, and so are streams or
+WebSockets the proxy still reports open (GET /health) 15 s after the last operation.
 
 The proxy (the process listening on the `--base` port), tritonserver (listening on `--triton-port`) and each of its
 Python stubs are sampled before, after a warm-up (the first 10% of the run: first-use allocations) and at the end:
@@ -133,6 +134,23 @@ async def generate(session: aiohttp.ClientSession, ws_base: str) -> None:
 MIX = [ws_stream, ws_cancel, ws_abrupt, openai_pcm, openai_mp3, aborted_download, generate]
 
 
+SETTLE_S = 15.0  # how long the stack may take to end what the aborted operations left running
+
+
+async def settled(session: aiohttp.ClientSession) -> dict:
+    """Waits until the proxy reports no stream and no WebSocket open (GET /health); what is still open, else {}.
+    A /health without these counts (a proxy that hides them) is taken as settled after SETTLE_S."""
+    deadline, left = time.monotonic() + SETTLE_S, {}
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        async with session.get("/health") as response:
+            proxy = (await response.json(content_type=None)).get("proxy") or {}
+        left = {k: proxy[k] for k in ("active_streams", "websockets") if proxy.get(k)}
+        if not left and ("active_streams" in proxy or "websockets" in proxy):
+            return {}
+    return left
+
+
 # ---- processes -------------------------------------------------------------------------------------------------
 
 
@@ -234,7 +252,9 @@ async def soak(args) -> dict:
         sampler = asyncio.create_task(warm_up_snapshot())
         await asyncio.gather(*(client(session) for _ in range(args.clients)))
         sampler.cancel()
-    await asyncio.sleep(1)  # let the stack finish what the aborted operations left running
+        left_open = await settled(session)
+    if left_open:
+        errors[f"stack: still open {SETTLE_S:g} s after the run: {left_open}"] += 1
     after = snapshot(roles)
     return {
         "base": args.base,
