@@ -13,30 +13,23 @@ import threading
 import time
 
 import pytest
+from polling import alive, wait_for
 
 from csm_tts.tooling.supervisor import Backoff, ProcessChild, Supervisor
-from csm_tts.triton.watchdog import started_at
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 # Ignores SIGTERM: only a kill stops it.
 STUBBORN = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"]
 
 
+def ignores_sigterm(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as status:
+        ignored = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+    return bool(ignored & (1 << (signal.SIGTERM - 1)))
+
+
 def quick_backoff():
     return Backoff(first_s=0.2, factor=2.0, max_s=1.0, stable_s=60.0)
-
-
-def alive(pid: int) -> bool:
-    return started_at(pid) is not None
-
-
-def wait_for(condition, timeout_s: float = 10.0) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    pytest.fail(f"not within {timeout_s} s")
 
 
 class Running:
@@ -112,7 +105,7 @@ def test_a_stop_stops_the_last_child_first_and_a_second_stop_kills_at_once(caplo
     triton = ProcessChild("triton", SLEEPER, dict(os.environ))
     proxy = ProcessChild("proxy", STUBBORN, dict(os.environ), stop_timeout_s=60)
     running = Running(Supervisor([triton, proxy], tick_s=0.05, backoff=quick_backoff))
-    wait_for(lambda: all(s.ever_ready for s in running.supervisor.states))
+    wait_for(lambda: proxy.process is not None and ignores_sigterm(proxy.process.pid))
     running.supervisor.request_stop()
     time.sleep(0.5)
     assert running.thread.is_alive() and proxy.process.poll() is None  # SIGTERM ignored: it waits for it

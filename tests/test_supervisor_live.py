@@ -24,18 +24,14 @@ import aiohttp
 import pytest
 import websockets
 from conftest import CPU_THREADS, ROOT, WATERMARK_IDLE_TIMEOUT_S
+from polling import alive, wait_for
 
 from csm_tts.tooling.local_triton import free_port, group_members
 from csm_tts.triton import cancellation
-from csm_tts.triton.watchdog import started_at
 
 pytestmark = pytest.mark.live
 SHORT = {"text": "Still there?", "max_audio_length_ms": 1000}
 BACK_WITHIN_S = 60.0  # the bound for Triton to serve again after a kill
-
-
-def alive(pid: int) -> bool:
-    return started_at(pid) is not None
 
 
 def children(pid: int) -> dict[int, str]:
@@ -64,15 +60,6 @@ def status(url: str, body: dict | None = None) -> tuple[int | None, dict]:
         return e.code, dict(e.headers)
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return None, {}
-
-
-def wait_for(condition, timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.2)
-    pytest.fail(f"{what}: not within {timeout_s:.0f} s")
 
 
 @dataclass

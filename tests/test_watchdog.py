@@ -8,10 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from polling import alive, wait_for
 
 from csm_tts.triton import cancellation, watchdog
 
@@ -42,16 +42,7 @@ SERVER = (
 
 
 def gone(pid: int) -> bool:
-    return watchdog.started_at(pid) is None  # exited (a zombie holds nothing)
-
-
-def wait_for(condition, timeout_s: float) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    pytest.fail(f"not within {timeout_s} s")
+    return not alive(pid)
 
 
 @pytest.fixture
