@@ -182,9 +182,9 @@ class TritonServer:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.kill()  # the server alone: its stubs' watchers remove what the stubs own
                 self.process.wait()
-        self.remove_leftovers()
+        self.remove_leftovers(grace_s=2.0)
 
     def model_processes(self) -> dict[int, list[str]]:
         """Its Python stubs and their watchers (`group_members`: the server runs in a session of its own, so its

@@ -103,13 +103,14 @@ class TritonChild:
             self.server.process.send_signal(signal.SIGINT)
 
     def kill(self) -> None:
+        # The server alone: its stubs' watchers then end the stubs and remove their shared memory (csm_tts/triton/
+        # watchdog.py); killing the whole group would kill the watchers too and leave the regions behind.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.server.process.pid, signal.SIGKILL)
+            self.server.process.kill()
         self.server.process.wait()
 
     def after_exit(self) -> list[str]:
-        # The stubs' watchers remove what their stubs own within a fraction of a second; what is left then is killed
-        # and removed here.
+        # The watchers need a fraction of a second; what is left after the grace is killed and removed here.
         return self.server.remove_leftovers(grace_s=self.leftover_grace_s)
 
     def exit_details(self) -> str:
@@ -250,8 +251,8 @@ class Supervisor:
         """The proxy first (it drains its streams while Triton still serves them), then Triton."""
         for state in reversed(self.states):
             child = state.child
-            if state.restart_at is not None:
-                continue  # not running: it waits for its next start
+            if state.pid is None or state.restart_at is not None:
+                continue  # not running: never started, or waiting for its next start
             if child.exit_code() is not None:
                 self._report_leftovers(child)
                 continue

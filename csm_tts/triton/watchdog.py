@@ -92,16 +92,19 @@ class ServerWatch:
 
     def end_stub(self) -> None:
         started = time.perf_counter()
-        if self.stub_alive():
+        ended_here = self.stub_alive()  # else it ended by itself (an unload, or the stub's own check)
+        if ended_here:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.stub.pid, signal.SIGKILL)  # first, so that it creates nothing more
         removed = self.clean_up()
-        print(
-            f"{self.name} tritonserver (pid {self.stub.server_pid}) is gone: ended stub {self.stub.pid}, removed "
-            f"{', '.join(map(str, removed)) or 'nothing'} ({1000 * (time.perf_counter() - started):.0f} ms)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if ended_here or removed:  # after a clean shutdown there is nothing to say
+            print(
+                f"{self.name} tritonserver (pid {self.stub.server_pid}) is gone: "
+                f"{'ended' if ended_here else 'found ended'} stub {self.stub.pid}, removed "
+                f"{', '.join(map(str, removed)) or 'nothing'} ({1000 * (time.perf_counter() - started):.0f} ms)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def clean_up(self) -> list[Path]:
         removed = []
