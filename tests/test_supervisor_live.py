@@ -83,8 +83,12 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_csm_dir, tiny_watermark_dir):
     build = tmp_path_factory.mktemp("serve")
-    ports = {name: str(free_port()) for name in ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT")}
-    proxy_port = free_port()
+    distinct = set()
+    while len(distinct) < 4:  # free_port can hand out the same free port twice
+        distinct.add(free_port())
+    *triton_ports, proxy_port = distinct
+    names = ("TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT")
+    ports = dict(zip(names, map(str, triton_ports), strict=True))
     env = {
         **os.environ,
         **ports,
