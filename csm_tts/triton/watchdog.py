@@ -119,7 +119,9 @@ class ServerWatch:
 
 def launch(stub: Stub, name: str, shm_dir: Path = SHM_DIR) -> subprocess.Popen:
     """Start the watcher of `stub` (it must be this process: the watcher takes its parent for the stub)."""
-    python = sys.executable if sys.executable and os.path.exists(sys.executable) else shutil.which("python3")
+    # In a stub, sys.executable is what the embedded interpreter found on PATH; make sure it is a Python.
+    executable = sys.executable if os.path.basename(sys.executable or "").startswith("python") else None
+    python = executable if executable and os.path.exists(executable) else shutil.which("python3")
     arguments = [str(stub.pid), str(stub.server_pid), str(stub.server_started), stub.shm_region or "", name]
     return subprocess.Popen(
         [python or "python3", "-m", "csm_tts.triton.watchdog", *arguments, str(shm_dir)],
