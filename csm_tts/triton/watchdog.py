@@ -139,7 +139,10 @@ def watch_server(name: str) -> subprocess.Popen | None:
     if _watcher is None:
         stub = this_stub()
         if stub is not None:
-            _watcher = launch(stub, name)
+            try:
+                _watcher = launch(stub, name)
+            except OSError as e:  # no Python to run it: the model still loads, unwatched, and says so
+                print(f"{name} no watcher for this model process: {e}", file=sys.stderr, flush=True)
     return _watcher
 
 
