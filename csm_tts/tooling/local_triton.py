@@ -9,6 +9,7 @@ stub finds the venv's site-packages (torch, transformers, this package).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csm_tts.tooling.model_repository import render
+from csm_tts.triton import cancellation
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 DEFAULT_TRITON_DIR = ROOT / ".triton"
@@ -29,6 +31,34 @@ DEFAULT_TRITON_DIR = ROOT / ".triton"
 
 class TritonStartError(RuntimeError):
     """The server exited or did not become ready; the message carries the end of its log."""
+
+
+def terminate_with_parent() -> None:
+    """A `preexec_fn` (in the child, between fork and exec): the kernel sends it SIGTERM when the thread that
+    started it dies (Linux; only for a single-threaded parent such as `make serve`'s supervisor)."""
+    _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls it
+
+
+def group_members(group: int) -> dict[int, list[str]]:
+    """The processes of process group `group` except its leader, zombies left out (they hold nothing): PID -> the
+    Python-backend shared-memory regions named on its command line."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or int(proc.name) == group or os.getpgid(int(proc.name)) != group:
+                continue
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found[int(proc.name)] = [
+                    a.decode()
+                    for a in (proc / "cmdline").read_bytes().split(b"\0")
+                    if a.startswith(b"triton_python_backend_shm_region_") and b"/" not in a
+                ]
+        except (OSError, ProcessLookupError):
+            continue
+    return found
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,6 +79,7 @@ class TritonServer:
     verbose: bool = False
     host: str = "127.0.0.1"  # any loopback address (127.x.y.z): several servers may share ports on different ones
     exit_timeout_s: int = 10
+    stop_with_parent: bool = False  # SIGTERM when the process that started it dies (`make serve`'s supervisor)
     process: subprocess.Popen | None = None
 
     @property
@@ -93,17 +124,28 @@ class TritonServer:
         env.update(self.env)
         return env
 
-    def start(self, timeout: float = 120.0) -> TritonServer:
+    def launch(self) -> subprocess.Popen:
+        """Start the server and return at once (`wait_ready` waits for it). In a session of its own: its process
+        group is the server and its Python stubs, which `remove_leftovers` relies on."""
         binary = self.triton_dir / "bin" / "tritonserver"
         if not binary.exists():
             raise TritonStartError(f"{binary} is missing: run `python scripts/install_triton.py` (or `make setup`)")
         if self.log_path is None:
             self.log_path = ROOT / "build" / f"triton-{self.http_port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:  # the server keeps its own copy of the descriptor
+        # A restart appends to the log of the run before; the server keeps its own copy of the descriptor.
+        with open(self.log_path, "ab" if self.process is not None else "wb") as log:
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                start_new_session=True,
+                preexec_fn=terminate_with_parent if self.stop_with_parent else None,
             )
+        return self.process
+
+    def wait_ready(self, timeout: float = 120.0) -> TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -113,6 +155,10 @@ class TritonServer:
             time.sleep(0.2)
         self.stop()
         raise TritonStartError(f"tritonserver was not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def start(self, timeout: float = 120.0) -> TritonServer:
+        self.launch()
+        return self.wait_ready(timeout)
 
     def is_ready(self) -> bool:
         try:
@@ -136,31 +182,34 @@ class TritonServer:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.kill()  # the server alone: its stubs' watchers remove what the stubs own
                 self.process.wait()
-        self._reap_stubs()
+        self.remove_leftovers(grace_s=2.0)
 
-    def _reap_stubs(self) -> None:
-        """Python backend stubs that outlived their server (it exits after --exit-timeout-secs even when a model's
-        finalize still waits for streams) are killed, and their shared-memory regions removed. They are in the
-        server's process group (started with a new session), so nothing else is touched."""
-        group, stubs, regions = self.process.pid, [], []
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and os.getpgid(int(proc.name)) == group:
-                    stubs.append(int(proc.name))
-                    regions += [
-                        a.decode()
-                        for a in (proc / "cmdline").read_bytes().split(b"\0")
-                        if a.startswith(b"triton_python_backend_shm_region_")
-                    ]
-            except (OSError, ProcessLookupError):
-                continue
-        for pid in stubs:
+    def model_processes(self) -> dict[int, list[str]]:
+        """Its Python stubs and their watchers (`group_members`: the server runs in a session of its own, so its
+        process group is nothing else, and outlives it)."""
+        return group_members(self.process.pid)
+
+    def remove_leftovers(self, grace_s: float = 0.0) -> list[str]:
+        """Once the server has exited: what it left. Its stubs end by themselves (csm_tts/triton/watchdog.py) and are
+        given `grace_s` to; the rest is killed, their shared-memory regions and the server's markers removed (a stub
+        stopped while a model's finalize still waited for streams: the server exits after --exit-timeout-secs).
+        Returns what had to be removed here."""
+        deadline = time.monotonic() + grace_s
+        while self.model_processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = self.model_processes()
+        for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for name in regions:
-            Path("/dev/shm", name).unlink(missing_ok=True)
+        removed = [f"process {pid}" for pid in left]
+        for name in (region for regions in left.values() for region in regions):
+            with contextlib.suppress(FileNotFoundError):
+                Path("/dev/shm", name).unlink()
+                removed.append(f"/dev/shm/{name}")
+        markers = cancellation.remove_dead_server_markers(self.process.pid)
+        return removed + ([str(markers)] if markers else [])
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -23,7 +23,8 @@ a stream whose audio waits at the watermarker beyond a bound, so csm_1b never ou
 
 So a marker is created at most once per stream and only by its owner, a late or repeated stop has nothing to leave
 behind, and nothing outlives the stream. Directories of servers that are gone (a killed server cannot clean up) are
-removed by the next csm_1b that starts (`remove_stale_dirs`).
+removed by the server's own model processes when they see it gone (csm_tts/triton/watchdog.py), and otherwise by the
+next csm_1b that starts (`remove_stale_dirs`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def _base() -> Path:
     return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
-def marker_dir() -> Path:
-    return Path(os.environ.get("CSM_CANCEL_DIR") or _base() / f"{_PREFIX}{os.getppid()}")
+def marker_dir(server_pid: int | None = None) -> Path:
+    """The markers of the server `server_pid` (default: this model process's tritonserver, its parent)."""
+    return Path(os.environ.get("CSM_CANCEL_DIR") or _base() / f"{_PREFIX}{server_pid or os.getppid()}")
 
 
 def _progress_path(stream_id: str) -> Path:
@@ -169,6 +171,18 @@ def close_all() -> None:
         _remove(directory, stream_id)
     with contextlib.suppress(OSError):
         directory.rmdir()  # fails while another csm_1b instance still has streams: the last one removes it
+
+
+def remove_dead_server_markers(server_pid: int) -> Path | None:
+    """Once the server `server_pid` is gone (its models' watchers, csm_tts/triton/watchdog.py, or whoever reaped
+    it): its directory, removed whole, returned. A configured CSM_CANCEL_DIR may be shared: it is left alone."""
+    if os.environ.get("CSM_CANCEL_DIR"):
+        return None
+    directory = marker_dir(server_pid)
+    if not directory.exists():
+        return None
+    shutil.rmtree(directory, ignore_errors=True)
+    return directory
 
 
 def remove_stale_dirs() -> list[Path]:

@@ -21,6 +21,7 @@ from csm_tts.triton.config import ConfigError, bool_parameter, config_parameter,
 from csm_tts.triton.errors import error_response, split_code
 from csm_tts.triton.metrics import CsmMetrics, instance_labels
 from csm_tts.triton.request_id import loggable_request_id
+from csm_tts.triton.watchdog import watch_server
 from csm_tts.watermark.options import InvalidWatermarkOption, WatermarkSettings, resolve
 
 PREFIX = "[csm_1b]"
@@ -136,6 +137,7 @@ def read_config(model_config):
 
 class TritonPythonModel:
     def initialize(self, args):
+        watch_server(PREFIX)  # exit with the server, removing its shared memory (csm_tts/triton/watchdog.py)
         self.model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(self.model_config):
             raise pb_utils.TritonModelException(f"{PREFIX} must be decoupled: set model_transaction_policy.decoupled")

@@ -13,6 +13,7 @@ from csm_tts.triton.config import ConfigError, config_parameter, float_parameter
 from csm_tts.triton.errors import coded, error_response
 from csm_tts.triton.metrics import WatermarkMetrics, instance_labels
 from csm_tts.triton.request_id import loggable_request_id
+from csm_tts.triton.watchdog import watch_server
 from csm_tts.watermark.options import InvalidWatermarkOption, WatermarkSettings, resolve
 from csm_tts.watermark.streams import StreamError, StreamGone, TooManyStreams, WatermarkStreams
 from csm_tts.watermark.weights import load_watermark_model
@@ -26,6 +27,7 @@ def scalar(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
+        watch_server(PREFIX)  # exit with the server, removing its shared memory (csm_tts/triton/watchdog.py)
         self.model_config = json.loads(args["model_config"])
         if pb_utils.using_decoupled_model_transaction_policy(self.model_config):
             raise pb_utils.TritonModelException(f"{PREFIX} must not be decoupled: one response per chunk")
