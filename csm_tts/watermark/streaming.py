@@ -91,25 +91,34 @@ class _LayerStream:
         return batch_norm(self.layer, pre, self.stats)
 
 
-def run_layer(layer: GatedLayer, windows: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One convolution over the windows of many streams, packed side by side along time: a stream's output frames
-    only read its own window (the columns that straddle two windows are computed and thrown away)."""
-    if len(windows) == 1:
-        return [layer.gated(windows[0])]
-    packed = layer.gated(torch.cat(windows, dim=-1))
-    outputs, start = [], 0
-    for window in windows:
-        outputs.append(packed[..., start : start + window.shape[-1] - layer.time_taps + 1])
-        start += window.shape[-1]
+def run_layer(layer: GatedLayer, windows: list[torch.Tensor], pack_frames: int | None = None) -> list[torch.Tensor]:
+    """The layer's convolution over the windows of many streams, packed side by side along time (at most
+    `pack_frames` frames per call; None: all in one call): a stream's output frames only read its own window, the
+    columns that straddle two windows are computed and thrown away."""
+    outputs: list[torch.Tensor] = []
+    group: list[torch.Tensor] = []
+    for i, window in enumerate(windows):
+        group.append(window)
+        width = sum(w.shape[-1] for w in group)
+        following = windows[i + 1].shape[-1] if i + 1 < len(windows) else None
+        if following is None or (pack_frames is not None and width + following > pack_frames):
+            packed = layer.gated(group[0] if len(group) == 1 else torch.cat(group, dim=-1))
+            start = 0
+            for w in group:
+                outputs.append(packed[..., start : start + w.shape[-1] - layer.time_taps + 1])
+                start += w.shape[-1]
+            group = []
     return outputs
 
 
-def _run_layers(stacks: list[list[_LayerStream]], xs: list[torch.Tensor], finals: list[bool]) -> list[torch.Tensor]:
+def _run_layers(
+    stacks: list[list[_LayerStream]], xs: list[torch.Tensor], finals: list[bool], pack_frames: int | None
+) -> list[torch.Tensor]:
     """Each layer once for every stream (stacks[i]: stream i's layer states, all over the same weights)."""
     for depth in range(len(stacks[0])):
         windows = [stack[depth].window(x, final) for stack, x, final in zip(stacks, xs, finals, strict=True)]
         live = [w for w in windows if w is not None]
-        pre = iter(run_layer(stacks[0][depth].layer, live) if live else [])
+        pre = iter(run_layer(stacks[0][depth].layer, live, pack_frames) if live else [])
         xs = [
             stack[depth].finish(next(pre) if w is not None else None, x.shape[2])
             for stack, w, x in zip(stacks, windows, xs, strict=True)
@@ -338,7 +347,9 @@ class StreamingWatermarker:
         return samples.cpu().numpy().astype(np.float32)
 
 
-def watermark_together(items: Sequence[tuple[StreamingWatermarker, np.ndarray | None]]) -> list[np.ndarray]:
+def watermark_together(
+    items: Sequence[tuple[StreamingWatermarker, np.ndarray | None]], pack_frames: int | None = None
+) -> list[np.ndarray]:
     """One pass over many streams: each (watermarker, audio) pushes audio, or flushes when audio is None. The networks
     run once per layer over the new frames of every stream (`run_layer`); everything else (resampling, STFT, causal
     statistics, message phase, overlap-add) stays per stream. Each stream's output equals its own push()/flush() up
@@ -359,9 +370,12 @@ def watermark_together(items: Sequence[tuple[StreamingWatermarker, np.ndarray | 
                 groups.setdefault((id(w.model), w.lookahead_frames), []).append((w, final, carrier))
         for group in groups.values():
             marks, finals, xs = (list(column) for column in zip(*group, strict=True))
-            features = _run_layers([w._encoder for w in marks], xs, finals)
+            features = _run_layers([w._encoder for w in marks], xs, finals, pack_frames)
             decoded = _run_layers(
-                [w._decoder for w in marks], [w._decoder_input(f) for w, f in zip(marks, features, strict=True)], finals
+                [w._decoder for w in marks],
+                [w._decoder_input(f) for w, f in zip(marks, features, strict=True)],
+                finals,
+                pack_frames,
             )
             for w, x in zip(marks, decoded, strict=True):
                 w._synthesise(x)
