@@ -77,23 +77,23 @@ def test_streams_batched_in_passes_equal_each_stream_alone(model, count, pack_fr
     """Streams join and leave at different passes; each pass takes one chunk per stream (the last one also flushes)."""
     plans = STREAMS[:count]
     audio = [audio_of(i, seconds) for i, (_, seconds, _, _) in enumerate(plans)]
-    chunks = [np.split(a, np.cumsum(schedule(s, sizes))[:-1]) for a, (_, s, sizes, _) in zip(audio, plans)]
+    chunks = [np.split(a, np.cumsum(schedule(s, sizes))[:-1]) for a, (_, s, sizes, _) in zip(audio, plans, strict=True)]
     streams = WatermarkStreams(model, pack_frames=pack_frames)
     out: list[list[np.ndarray]] = [[] for _ in plans]
-    passes = max(start + len(c) for (start, *_), c in zip(plans, chunks))
+    passes = max(start + len(c) for (start, *_), c in zip(plans, chunks, strict=True))
     for p in range(passes):
         batch = []
-        for i, ((start, _, _, key), cs) in enumerate(zip(plans, chunks)):
+        for i, ((start, _, _, key), cs) in enumerate(zip(plans, chunks, strict=True)):
             k = p - start
             if 0 <= k < len(cs):
                 offset = sum(c.size for c in cs[:k])
                 batch.append(Chunk(f"s{i}", key, "k", cs[k], k, offset, k == len(cs) - 1))
-        for chunk, result in zip(batch, streams.process_batch(batch)):
+        for chunk, result in zip(batch, streams.process_batch(batch), strict=True):
             assert not isinstance(result, Exception), result
             out[int(chunk.stream_id[1:])].append(result.audio)
             assert result.is_last == chunk.is_last
     assert len(streams) == 0  # every stream ended and was forgotten
-    for (_, _, _, key), cs, a, parts in zip(plans, chunks, audio, out):
+    for (_, _, _, key), cs, a, parts in zip(plans, chunks, audio, out, strict=True):
         mine = np.concatenate(parts)
         assert mine.shape == a.shape
         assert np.abs(mine - alone(model, key, cs)).max() <= BATCH_TOLERANCE

@@ -164,11 +164,12 @@ class WatermarkMetrics:
         self.queued_audio = audio.Metric(labels=labels)
         self._shown: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self.reporter = Reporter("watermark-metrics")
 
     def _gauge(self, name: str, value: float) -> None:
         with self._lock:
-            if self._shown.get(name) == value:
+            if self._closed or self._shown.get(name) == value:
                 return
             self._shown[name] = value
         self.reporter.call(getattr(self, name).set, value)
@@ -178,10 +179,14 @@ class WatermarkMetrics:
         self._gauge("queued_audio", round(audio_s, 3))
 
     def watermark_pass(self, seconds: float, streams_held: int) -> None:
+        if self._closed:
+            return
         self.reporter.call(self.pass_time.observe, seconds)
         self._gauge("streams", streams_held)
 
     def chunk(self, seconds: float, streams_held: int | None = None) -> None:
+        if self._closed:  # a request answered at or after unload
+            return
         self.reporter.call(self.latency.observe, seconds)
         if streams_held is not None:
             self._gauge("streams", streams_held)
@@ -190,6 +195,8 @@ class WatermarkMetrics:
         self.reporter.flush()
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self.reporter.stop()
         self.latency = self.pass_time = self.streams = self.queued_chunks = self.queued_audio = None
         self._families.clear()

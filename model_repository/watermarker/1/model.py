@@ -199,9 +199,9 @@ class TritonPythonModel:
 
     def _answer(self, queued, response):
         """Answer a chunk taken off the queue, and tell csm_1b how far its stream has got here."""
-        queued.request.answer(response)
-        report_progress(queued.stream_id, queued.progress)
         self.metrics.chunk(time.monotonic() - queued.arrived)
+        report_progress(queued.stream_id, queued.progress)
+        queued.request.answer(response)
 
     def _response(self, queued, result):
         stream_id = queued.stream_id
