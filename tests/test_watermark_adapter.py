@@ -4,17 +4,13 @@ without audio and csm_1b is told how far the stream got, and the queue gauges co
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
-
 import fake_pb_utils as pb
 import numpy as np
 import pytest
+from test_production_unit import load_watermarker
 
 from csm_tts.triton import cancellation
 
-ROOT = Path(__file__).resolve().parent.parent
 STREAM = "0123456789abcdef0123456789abcdef"
 FRAME = 1920
 
@@ -30,26 +26,8 @@ def markers(tmp_path, monkeypatch):
 def watermarker(tiny_watermark_dir, monkeypatch, markers):
     monkeypatch.delenv("CSM_WATERMARK_KEY", raising=False)
     monkeypatch.delenv("CSM_WATERMARK_ENABLED", raising=False)
-    pb.install()
     pb.MetricFamily.families.clear()
-    spec = importlib.util.spec_from_file_location(
-        "watermarker_model", ROOT / "model_repository" / "watermarker" / "1" / "model.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
-    config = {
-        "model_transaction_policy": {"decoupled": True},
-        "parameters": {"model_dir": {"string_value": str(tiny_watermark_dir)}, "cpu_threads": {"string_value": "1"}},
-    }
-    model.initialize(
-        {
-            "model_config": json.dumps(config),
-            "model_instance_kind": "CPU",
-            "model_instance_device_id": "0",
-            "model_instance_name": "watermarker_0",
-        }
-    )
+    model = load_watermarker(tiny_watermark_dir)
     yield model
     model.finalize()
 
