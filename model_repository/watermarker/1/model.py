@@ -21,7 +21,9 @@ from csm_tts.watermark.streams import Chunk, StreamError, StreamGone, TooManyStr
 from csm_tts.watermark.weights import load_watermark_model
 
 PREFIX = "[watermarker]"
-CPU_PACK_FRAMES = 8  # on a CPU one convolution over more frames is slower per frame (docs/benchmarks.md, issue 20)
+# On a CPU each stream keeps its own convolution call: packing streams together was no faster there (docs/benchmarks.md,
+# issue 20) and changes the float summation order, while separate calls keep every stream bit-exact to its solo run.
+CPU_PACK_FRAMES = 1
 
 
 def scalar(request, name):
