@@ -7,9 +7,12 @@ Real-size silentcipher networks with random weights (written to a temporary fold
 the real model, detection is not. Each stream gets speech-like noise in csm_1b's default chunk schedule (2, 4, 8, 10,
 10, ... frames of 80 ms). Per stream count, in one run and interleaved (the machine is noisy: read the ratios):
 
-- per stream: each stream's chunk watermarked alone, in turn (the watermarker before issue 20);
+- per stream: each stream's chunk watermarked alone, in turn, all its layers at once (the watermarker before
+  issue 20);
 - batched: one pass per round of chunks, every stream's chunk in it (`watermark_together`), with the convolution
-  packing of each --pack value (0: all streams' frames in one call per layer).
+  packing of each --pack value (0: all streams' frames in one call per layer; 1: one call per stream and layer).
+
+--rounds R repeats the comparison, every other round in reverse order.
 
 It checks that every variant's output equals the per-stream output (max abs difference printed) and prints audio
 seconds watermarked per wall second. Then, for first chunks of 1-5 frames: the first push's output and the hold-back
@@ -107,6 +110,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--streams", default="8", help="comma-separated stream counts (default 8)")
     parser.add_argument("--seconds", type=float, default=4.0, help="audio per stream (default 4)")
     parser.add_argument("--pack", default="8,0", help="convolution packing limits of the batched runs (0: all)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, every other one in reverse order (default 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (default 1, as served)")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -125,18 +129,30 @@ def main(argv=None) -> dict:
         audio = [(rng.standard_normal(int(args.seconds * SAMPLE_RATE)) * 0.1).astype(np.float32) for _ in range(count)]
         streams = [chunks_of(a, schedule) for a in audio]
         batched(model, [s[:1] for s in streams], device, packs[0])  # warm-up
-        alone_s, reference = per_stream(model, streams, device)
-        row = {"streams": count, "per_stream_audio_s_per_s": count * args.seconds / alone_s}
-        line = f"{count:>3} streams: per stream {row['per_stream_audio_s_per_s']:.2f} audio s/s"
-        for pack in packs:
-            wall, outs = batched(model, streams, device, pack)
-            diff = max(float(np.abs(a - b).max()) for a, b in zip(outs, reference, strict=True))
-            name = f"batched_pack_{pack or 'all'}"
-            row[name] = {"audio_s_per_s": count * args.seconds / wall, "ratio": alone_s / wall, "max_abs_diff": diff}
-            line += f"; batched (pack {pack or 'all'}) {count * args.seconds / wall:.2f} x{alone_s / wall:.2f}"
-            line += f" (max diff {diff:.1e})"
-        print(line)
-        result["rows"].append(row)
+        _, reference = per_stream(model, streams, device)
+        variants = ["per stream", *packs]
+        for round_ in range(args.rounds):  # every other round in reverse order: load drifts on a shared machine
+            walls = {}
+            for variant in variants if round_ % 2 == 0 else variants[::-1]:
+                if variant == "per stream":
+                    walls[variant], outs = per_stream(model, streams, device)
+                else:
+                    walls[variant], outs = batched(model, streams, device, variant)
+                walls[variant, "diff"] = max(float(np.abs(a - b).max()) for a, b in zip(outs, reference, strict=True))
+            alone_s = walls["per stream"]
+            row = {"streams": count, "round": round_, "per_stream_audio_s_per_s": count * args.seconds / alone_s}
+            line = f"{count:>3} streams, round {round_}: per stream {row['per_stream_audio_s_per_s']:.2f} audio s/s"
+            for pack in packs:
+                wall, diff = walls[pack], walls[pack, "diff"]
+                row[f"batched_pack_{pack or 'all'}"] = {
+                    "audio_s_per_s": count * args.seconds / wall,
+                    "ratio": alone_s / wall,
+                    "max_abs_diff": diff,
+                }
+                line += f"; batched (pack {pack or 'all'}) {count * args.seconds / wall:.2f} x{alone_s / wall:.2f}"
+                line += f" (max diff {diff:.1e})"
+            print(line)
+            result["rows"].append(row)
     probe = (rng.standard_normal(6 * FRAME) * 0.1).astype(np.float32)
     result["first_message"] = [hold_back(model, probe, frames) for frames in range(1, 6)]
     print("first chunk -> first message (24 kHz samples; held back in: up-resampler / STFT / down-resampler)")
