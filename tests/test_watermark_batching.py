@@ -9,7 +9,10 @@ call per stream, the CPU default) it is bit-exact.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from csm_tts.watermark.streaming import StreamingWatermarker, watermark_together
 from csm_tts.watermark.streams import Chunk, WatermarkStreams
 from csm_tts.watermark.weights import load_watermark_model
 
+ROOT = Path(__file__).resolve().parent.parent
 BATCH_TOLERANCE = 1e-6
 MIN_CHUNK = 2400  # 100 ms at 24 kHz
 
@@ -238,3 +242,20 @@ def test_close_returns_what_is_left_and_refuses_more():
     assert [c.progress for c in left] == [2 * FRAME] and q.next_pass(timeout=1) is None
     with pytest.raises(RuntimeError, match="shutting down"):
         q.put(queued("a", 2))
+
+
+def test_bench_watermark_script_prints_equal_outputs_and_the_first_message_table(tmp_path, capsys):
+    """scripts/bench_watermark.py on a tiny load: every batched variant equals the per-stream output."""
+    spec = importlib.util.spec_from_file_location("bench_watermark", ROOT / "scripts" / "bench_watermark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    result = bench.main(["--streams", "2", "--seconds", "0.4", "--pack", "1,0", "--rounds", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    [row] = result["rows"]
+    assert row["batched_pack_1"]["max_abs_diff"] == 0 and row["batched_pack_all"]["max_abs_diff"] <= BATCH_TOLERANCE
+    first = {r["first_chunk_frames"]: r for r in result["first_message"]}
+    assert first[2]["first_message"] < MIN_CHUNK <= first[3]["first_message"]
+    for r in first.values():  # the hold-back adds up (each part rounded to a 24 kHz sample)
+        assert abs(r["first_message"] + r["up_resampler"] + r["stft"] + r["down_resampler"] - r["input"]) <= 2
+    assert "first chunk -> first message" in capsys.readouterr().out
