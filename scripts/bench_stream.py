@@ -21,7 +21,9 @@ benchmarks/texts.json (mixed lengths) and seed = its index, so every target gets
 targets run one after another, and --rounds R splits the requests into R rounds that each visit every target, so that
 ratios between targets see the same load on a shared machine.
 
-Per (target, concurrency): time to first audio (p50/p90/p99, first non-empty chunk after the request was sent), gaps
+Per (target, concurrency): time to first byte (the first response or bytes, empty or not), time to first audio
+(p50/p90/p99, first non-empty chunk after the request was sent), time to the first 100 ms of playable audio (when the
+audio received so far first reaches PLAYABLE_S: what a player needs to start), gaps
 between chunks (p50/p90/p99), stalls (a chunk that arrived after the audio delivered before it had finished playing,
 playback starting at the first chunk: an audible gap), real-time factor (time from request to last chunk / audio
 duration; p50), aggregate audio seconds per wall second, and errors.
@@ -75,6 +77,7 @@ WS_FRAME_HEADER = struct.Struct("<IIII")  # proxy/endpoints/websocket.py: seq, c
 TEXTS_FILE = ROOT / "benchmarks" / "texts.json"
 DEFAULT_MODEL_DIR = ROOT / "checkpoints" / "csm-tiny"
 DEFAULT_WATERMARK_DIR = ROOT / "checkpoints" / "silentcipher-tiny"
+PLAYABLE_S = 0.1  # audio a player needs before it starts (the watermarker's minimum message, issue 20)
 
 
 @dataclass
@@ -89,16 +92,28 @@ class RequestResult:
         pairs = [(a, d) for a, d in zip(self.arrivals, self.durations, strict=True) if d > 0]
         return [a for a, _ in pairs], [d for _, d in pairs]
 
+    def playable(self, seconds: float = PLAYABLE_S) -> float | None:
+        """When the audio received so far first reached `seconds` (None: it never did)."""
+        total = 0.0
+        for arrival, duration in zip(self.arrivals, self.durations, strict=True):
+            total += duration
+            if total >= seconds - 1e-9:
+                return arrival
+        return None
+
 
 def summarize(target: str, concurrency: int, results: list[RequestResult], wall_s: float, extra: dict) -> dict:
     ok = [r for r in results if r.error is None and r.arrivals]
     errors = [r.error or "no audio" for r in results if r not in ok]
-    ttfa, gaps, rtfs, stalls, stalled, audio = [], [], [], 0, 0, 0.0
+    ttfb, ttfa, playable, gaps, rtfs, stalls, stalled, audio = [], [], [], [], [], 0, 0, 0.0
     for r in ok:
+        ttfb.append(r.arrivals[0] * 1000)
         arrivals, durations = r.audible()
         if not arrivals:
             continue
         ttfa.append(arrivals[0] * 1000)
+        if r.playable() is not None:
+            playable.append(r.playable() * 1000)
         gaps += [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
         duration = sum(durations)
         audio += duration
@@ -113,7 +128,9 @@ def summarize(target: str, concurrency: int, results: list[RequestResult], wall_
         "requests": len(results),
         "errors": len(errors),
         "error_samples": sorted(set(e[:200] for e in errors))[:3],
+        "ttfb_ms": pcts(ttfb),
         "ttfa_ms": pcts(ttfa),
+        "playable_100ms_ms": pcts(playable),
         "gap_ms": pcts(gaps),
         "stalls": stalls,
         "stalled_requests": stalled,
@@ -639,14 +656,16 @@ def fmt(value, spec=".0f") -> str:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'target':<10} {'wm':<7} {'conc':>4} {'reqs':>4} {'err':>3}  {'TTFA ms p50/p90/p99':>20}  "
+        f"{'target':<10} {'wm':<7} {'conc':>4} {'reqs':>4} {'err':>3}  {'TTFB p50':>8}  {'TTFA ms p50/p90/p99':>20}  "
+        f"{'100ms p50/p90':>13}  "
         f"{'gap ms p50/p90/p99':>18}  {'stalls':>6} {'RTF p50':>7} {'audio s/s':>9}"
     )
     for r in rows:
-        t, g = r["ttfa_ms"], r["gap_ms"]
+        t, g, p = r["ttfa_ms"], r["gap_ms"], r["playable_100ms_ms"]
         print(
             f"{r['target']:<10} {r['watermark'] or '-':<7} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>3}  "
-            f"{fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['p99']):>20}  "
+            f"{fmt(r['ttfb_ms']['p50']):>8}  {fmt(t['p50']) + '/' + fmt(t['p90']) + '/' + fmt(t['p99']):>20}  "
+            f"{fmt(p['p50']) + '/' + fmt(p['p90']):>13}  "
             f"{fmt(g['p50']) + '/' + fmt(g['p90']) + '/' + fmt(g['p99']):>18}  {r['stalls']:>6} "
             f"{fmt(r['rtf']['p50'], '.3f'):>7} {fmt(r['audio_s_per_s'], '.2f'):>9}"
         )
@@ -696,7 +715,8 @@ def ratios(rows: list[dict], proxy_model: str) -> list[str]:
             lines.append(
                 f"{target} watermark on / off at concurrency {level}: TTFA p50 "
                 f"x{r['ttfa_ms']['p50'] / off['ttfa_ms']['p50']:.2f}, audio s/s "
-                f"x{r['audio_s_per_s'] / off['audio_s_per_s']:.2f}"
+                f"x{r['audio_s_per_s'] / off['audio_s_per_s']:.2f}; first 100 ms playable p50 "
+                f"{fmt(r['playable_100ms_ms']['p50'])} / {fmt(off['playable_100ms_ms']['p50'])} ms"
             )
     return lines
 

@@ -209,7 +209,7 @@ def test_every_watermarker_parameter_is_checked_at_load(tiny_watermark_dir, monk
     spec.loader.exec_module(module)
     config = json.dumps(
         {
-            "model_transaction_policy": {"decoupled": False},
+            "model_transaction_policy": {"decoupled": True},
             "parameters": {
                 k: {"string_value": v} for k, v in {"model_dir": str(tiny_watermark_dir), **parameters}.items()
             },

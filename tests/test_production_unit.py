@@ -367,7 +367,10 @@ def load_watermarker(tiny_watermark_dir):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model = module.TritonPythonModel()
-    config = {"parameters": {"model_dir": {"string_value": str(tiny_watermark_dir)}}}
+    config = {
+        "model_transaction_policy": {"decoupled": True},
+        "parameters": {"model_dir": {"string_value": str(tiny_watermark_dir)}},
+    }
     model.initialize(
         {
             "model_config": json.dumps(config),
@@ -390,16 +393,25 @@ def chunk_request(stream_id, index, offset, audio, is_last, request_id="rid-w"):
     return pb.InferenceRequest(inputs, {"watermark": True}, request_id=request_id)
 
 
+def answers(model, requests):
+    """The decoupled watermarker's one final response to each request (sent by its batching thread)."""
+    assert model.execute(requests) is None
+    for request in requests:
+        assert request.sender.final.wait(30)
+        assert request.sender.final_flags == 1 and len(request.sender.sent) == 1
+    return [request.sender.sent[0][0] for request in requests]
+
+
 def test_watermarker_state_errors_are_internal_and_logged_with_the_request_id(tiny_watermark_dir, monkeypatch):
     monkeypatch.delenv("CSM_WATERMARK_KEY", raising=False)
     pb.MetricFamily.families.clear()
     model = load_watermarker(tiny_watermark_dir)
     try:
         audio = np.zeros(1920, np.float32)
-        [orphan] = model.execute([chunk_request("a" * 32, 3, 5760, audio, False)])  # a chunk of an unknown stream
+        [orphan] = answers(model, [chunk_request("a" * 32, 3, 5760, audio, False)])  # a chunk of an unknown stream
         assert orphan.has_error() and orphan.error().code() == "INTERNAL"  # -> 502 at the proxy, not 422
         assert orphan.error().message().startswith("INTERNAL: ")
-        [ok] = model.execute([chunk_request("b" * 32, 0, 0, audio, True, request_id="rid-done")])
+        [ok] = answers(model, [chunk_request("b" * 32, 0, 0, audio, True, request_id="rid-done")])
         assert not ok.has_error()
         assert any("request rid-done: stream " + "b" * 32 + " finished" in line for line in pb.Logger.lines)
         model.metrics.flush()

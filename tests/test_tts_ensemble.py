@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import urllib.request
 
 import numpy as np
 import pytest
@@ -50,8 +51,10 @@ async def test_watermark_on_keeps_the_length_and_changes_the_audio_a_little(grpc
         f"{marked.chunks[0]['audio'].size} of {raw.chunks[0]['audio'].size} samples"
     )
     assert 25 < sdr < 50
-    # The first response already carries audio (the watermark holds back about two STFT hops, not a chunk).
-    assert marked.chunks[0]["audio"].size > 0
+    # No message shorter than 100 ms but the last: the watermark holds back ~3000 samples, so the output of a short
+    # first chunk waits for the next one (its response carries none); then audio flows with every chunk.
+    sizes = [c["audio"].size for c in marked.chunks]
+    assert all(n == 0 or n >= 2400 for n in sizes[:-1]) and sum(n == 0 for n in sizes[:-1]) <= 1, sizes
 
     private = await stream(grpc_url, "tts", TEXT, {**BASE, "watermark_key": "17,42,99,250,3"})
     assert private.error is None and {c["watermark_key_id"][0] for c in private.chunks} == {
@@ -108,6 +111,41 @@ async def test_cancelled_stream_stops_generation(grpc_url, triton_server):
     assert result.error is None
     cancelled = await wait_for_log(triton_server, r"Cancelling the request \w+ after (\d+) frames", start, 60)
     assert cancelled and int(cancelled.group(1)) < 30_000 // 80 // 2
+
+
+def watermark_queue(server) -> float:
+    """The watermarker's csm_tts_watermark_queued_chunks gauge, from Triton's metrics endpoint."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(r"^csm_tts_watermark_queued_chunks\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    assert match, "no queue gauge on /metrics"
+    return float(match.group(1))
+
+
+async def test_cancelled_streams_queued_chunks_are_dropped_and_the_queue_empties(grpc_url, triton_server):
+    """Four long streams whose clients leave after 3 responses: at the watermarker each stream is cancelled by the
+    first chunk that arrives marked cancelled, every chunk it still has queued is answered without being watermarked
+    (its count is logged), and the queue is empty again within seconds, not after the streams' 20 s of audio."""
+    start = len(triton_server.log_text())
+    streams = [{"seed": 20 + i, "max_audio_length_ms": 20_000} for i in range(4)]
+    results = await asyncio.gather(*(stream(grpc_url, "tts", TEXT, p, stop_after_chunks=3) for p in streams))
+    assert all(r.error is None and len(r.chunks) == 3 for r in results)
+    left = asyncio.get_running_loop().time()
+    pattern = r"\[watermarker\] cancelled stream (\w+): dropped its watermark state and (\d+) queued chunks"
+    deadline = left + 60
+    while len(re.findall(pattern, triton_server.log_text()[start:])) < 4:
+        assert asyncio.get_running_loop().time() < deadline, triton_server.log_text()[start:][-3000:]
+        await asyncio.sleep(0.2)
+    dropped = [int(n) for _, n in re.findall(pattern, triton_server.log_text()[start:])]
+    assert all(n >= 1 for n in dropped)  # at least the chunk that brought the cancel
+    while watermark_queue(triton_server) > 0:
+        assert asyncio.get_running_loop().time() < left + 30, "the watermarker's queue did not empty"
+        await asyncio.sleep(0.2)
+    print(
+        f"chunks dropped per cancelled stream: {dropped}; queue empty "
+        f"{asyncio.get_running_loop().time() - left:.1f} s after the clients left"
+    )
+    assert (await stream(grpc_url, "tts", TEXT, {"max_audio_length_ms": 400})).error is None  # still serving
 
 
 BAD_OPTIONS = [

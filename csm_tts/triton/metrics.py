@@ -5,7 +5,7 @@ way a model's own numbers reach that endpoint. Triton's built-in queue metrics s
 its `execute()` hands each request to the scheduler and returns at once, so `nv_inference_pending_request_count`
 stays at 0 under any load. The numbers here are what load really looks like: streams generating and waiting per
 instance (the autoscaling signal, docs/deployment.md), frames generated, time to first chunk, the batched frame step,
-and the watermark's cost per chunk.
+and the watermarker's queue, passes and time per chunk.
 
 Label values are model and instance names only (never a request id, a text or a key). `pb_utils` is passed in,
 as everywhere in this package, so this module is unit-tested with tests/fake_pb_utils.py.
@@ -21,7 +21,7 @@ import threading
 FIRST_CHUNK_BUCKETS = [0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0]
 # One batched backbone + depth-decoder step: must stay well under 80 ms (one frame of audio) for real time.
 FRAME_STEP_BUCKETS = [0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0]
-WATERMARK_CHUNK_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+WATERMARK_CHUNK_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
 class Reporter:
@@ -126,13 +126,19 @@ class CsmMetrics:
 
 
 class WatermarkMetrics:
-    """watermarker: the time each chunk takes and the streams it holds state for."""
+    """watermarker: what waits in its queue (the backpressure an operator sees), each batched pass, each chunk's time
+    from arrival to answer, and the streams it holds state for. Gauges are only written when they change."""
 
     def __init__(self, pb_utils, labels: dict[str, str]):
         self._families = [
             latency := pb_utils.MetricFamily(
                 name="csm_tts_watermark_chunk_seconds",
-                description="Time the watermarker spends on one audio chunk (watermarked or passed through)",
+                description="From an audio chunk's arrival at the watermarker to its answer (queue wait and pass)",
+                kind=pb_utils.MetricFamily.HISTOGRAM,
+            ),
+            passes := pb_utils.MetricFamily(
+                name="csm_tts_watermark_pass_seconds",
+                description="One batched watermark pass over the pending chunks of many streams",
                 kind=pb_utils.MetricFamily.HISTOGRAM,
             ),
             streams := pb_utils.MetricFamily(
@@ -140,22 +146,57 @@ class WatermarkMetrics:
                 description="Streams whose watermark state the watermarker holds",
                 kind=pb_utils.MetricFamily.GAUGE,
             ),
+            chunks := pb_utils.MetricFamily(
+                name="csm_tts_watermark_queued_chunks",
+                description="Audio chunks waiting in the watermarker's queue (a stage that is behind)",
+                kind=pb_utils.MetricFamily.GAUGE,
+            ),
+            audio := pb_utils.MetricFamily(
+                name="csm_tts_watermark_queued_audio_seconds",
+                description="Seconds of audio waiting in the watermarker's queue, all streams together",
+                kind=pb_utils.MetricFamily.GAUGE,
+            ),
         ]
         self.latency = latency.Metric(labels=labels, buckets=WATERMARK_CHUNK_BUCKETS)
+        self.pass_time = passes.Metric(labels=labels, buckets=WATERMARK_CHUNK_BUCKETS)
         self.streams = streams.Metric(labels=labels)
-        self._shown = None
+        self.queued_chunks = chunks.Metric(labels=labels)
+        self.queued_audio = audio.Metric(labels=labels)
+        self._shown: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._closed = False
         self.reporter = Reporter("watermark-metrics")
 
-    def chunk(self, seconds: float, streams_held: int) -> None:
+    def _gauge(self, name: str, value: float) -> None:
+        with self._lock:
+            if self._closed or self._shown.get(name) == value:
+                return
+            self._shown[name] = value
+        self.reporter.call(getattr(self, name).set, value)
+
+    def queue_depth(self, chunks: int, audio_s: float) -> None:
+        self._gauge("queued_chunks", chunks)
+        self._gauge("queued_audio", round(audio_s, 3))
+
+    def watermark_pass(self, seconds: float, streams_held: int) -> None:
+        if self._closed:
+            return
+        self.reporter.call(self.pass_time.observe, seconds)
+        self._gauge("streams", streams_held)
+
+    def chunk(self, seconds: float, streams_held: int | None = None) -> None:
+        if self._closed:  # a request answered at or after unload
+            return
         self.reporter.call(self.latency.observe, seconds)
-        if streams_held != self._shown:
-            self._shown = streams_held
-            self.reporter.call(self.streams.set, streams_held)
+        if streams_held is not None:
+            self._gauge("streams", streams_held)
 
     def flush(self) -> None:
         self.reporter.flush()
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self.reporter.stop()
-        self.latency = self.streams = None
+        self.latency = self.pass_time = self.streams = self.queued_chunks = self.queued_audio = None
         self._families.clear()

@@ -64,8 +64,9 @@ class _LayerStream:
         self.next_out = 0
         self.stats = CausalMean((2, layer.bn_weight.shape[0]), device)
 
-    def push(self, frames: torch.Tensor, final: bool) -> torch.Tensor:
-        """New input frames (1, C, F, n) -> newly completed output frames (1, C', F, m), m possibly 0."""
+    def window(self, frames: torch.Tensor, final: bool) -> torch.Tensor | None:
+        """Take new input frames (1, C, F, n); return the input window (1, C, F, m + taps - 1) of the m output frames
+        now complete, or None when there are none. The convolution itself runs in `run_layer`, over many streams."""
         if self.inputs is None:  # zero frame before the first one (the convolution's padding)
             zero = frames.new_zeros(*frames.shape[:-1], self.context)
             self.inputs = torch.cat([zero, frames], dim=-1)
@@ -76,12 +77,53 @@ class _LayerStream:
             x = torch.cat([x, x.new_zeros(*x.shape[:-1], 1)], dim=-1)  # zero frame after the last one
         n_out = x.shape[-1] - self.layer.time_taps + 1
         if n_out <= 0:
-            return torch.zeros(1, self.layer.bn_weight.shape[0], x.shape[2], 0, device=x.device)
-        pre = self.layer.gated(x)
+            return None
         self.next_out += n_out
         keep = self.inputs.shape[-1] - n_out
         self.inputs = self.inputs[..., self.inputs.shape[-1] - keep :] if keep > 0 else self.inputs[..., :0]
+        return x
+
+    def finish(self, pre: torch.Tensor | None, bins: int) -> torch.Tensor:
+        """Pre-activations of the completed frames -> this stream's output frames (1, C', F, m), with its own causal
+        BatchNorm statistics."""
+        if pre is None:
+            return torch.zeros(1, self.layer.bn_weight.shape[0], bins, 0, device=self.layer.weight.device)
         return batch_norm(self.layer, pre, self.stats)
+
+
+def run_layer(layer: GatedLayer, windows: list[torch.Tensor], pack_frames: int | None = None) -> list[torch.Tensor]:
+    """The layer's convolution over the windows of many streams, packed side by side along time (at most
+    `pack_frames` frames per call; None: all in one call): a stream's output frames only read its own window, the
+    columns that straddle two windows are computed and thrown away."""
+    outputs: list[torch.Tensor] = []
+    group: list[torch.Tensor] = []
+    for i, window in enumerate(windows):
+        group.append(window)
+        width = sum(w.shape[-1] for w in group)
+        following = windows[i + 1].shape[-1] if i + 1 < len(windows) else None
+        if following is None or (pack_frames is not None and width + following > pack_frames):
+            packed = layer.gated(group[0] if len(group) == 1 else torch.cat(group, dim=-1))
+            start = 0
+            for w in group:
+                outputs.append(packed[..., start : start + w.shape[-1] - layer.time_taps + 1])
+                start += w.shape[-1]
+            group = []
+    return outputs
+
+
+def _run_layers(
+    stacks: list[list[_LayerStream]], xs: list[torch.Tensor], finals: list[bool], pack_frames: int | None
+) -> list[torch.Tensor]:
+    """Each layer once for every stream (stacks[i]: stream i's layer states, all over the same weights)."""
+    for depth in range(len(stacks[0])):
+        windows = [stack[depth].window(x, final) for stack, x, final in zip(stacks, xs, finals, strict=True)]
+        live = [w for w in windows if w is not None]
+        pre = iter(run_layer(stacks[0][depth].layer, live, pack_frames) if live else [])
+        xs = [
+            stack[depth].finish(next(pre) if w is not None else None, x.shape[2])
+            for stack, w, x in zip(stacks, windows, xs, strict=True)
+        ]
+    return xs
 
 
 class StreamingWatermarker:
@@ -151,37 +193,47 @@ class StreamingWatermarker:
     # ---- public
 
     def push(self, audio: np.ndarray) -> np.ndarray:
-        if self._finished:
-            raise RuntimeError("push() after flush(): this stream has ended")
-        audio = np.ascontiguousarray(np.asarray(audio, dtype=np.float32).reshape(-1))
-        self._input = np.concatenate([self._input, audio])
-        self._received += audio.size
-        x = self._up.resample_chunk(audio) if self._up is not None else audio
-        return self._advance(x, final=False)
+        return watermark_together([(self, audio)])[0]
 
     def flush(self) -> np.ndarray:
         """The rest of the stream; after it the watermarker is finished (a second flush returns nothing)."""
-        if self._finished:
-            return np.zeros(0, np.float32)
-        empty = np.zeros(0, np.float32)
-        x = self._up.resample_chunk(empty, last=True) if self._up is not None else empty
-        out = self._advance(x, final=True)
-        self._finished = True
-        return out
+        return watermark_together([(self, None)])[0]
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     @property
     def pending_samples(self) -> int:
         """Input samples received but not yet returned: the delay this stage adds right now."""
         return self._received - self._returned
 
-    # ---- internals
+    # ---- the phases of one pass (watermark_together)
 
-    def _advance(self, x: np.ndarray, final: bool) -> np.ndarray:
-        with torch.inference_mode():
-            self._append_signal(x)
-            if self._x_total:
-                self._run_networks(self._analyse(final), final)
-            delta = self._complete_samples(final)
+    def _take(self, audio: np.ndarray | None) -> torch.Tensor | None:
+        """New input (None: the end of the stream), resampled and analysed: the new carrier frames (1, 1, bins, k)
+        for the networks, or None when the networks have nothing to run for this stream."""
+        if audio is None:
+            empty = np.zeros(0, np.float32)
+            x = self._up.resample_chunk(empty, last=True) if self._up is not None else empty
+        else:
+            audio = np.ascontiguousarray(np.asarray(audio, dtype=np.float32).reshape(-1))
+            self._input = np.concatenate([self._input, audio])
+            self._received += audio.size
+            x = self._up.resample_chunk(audio) if self._up is not None else audio
+        self._append_signal(x)
+        return self._analyse(final=audio is None) if self._x_total else None
+
+    def _decoder_input(self, features: torch.Tensor) -> torch.Tensor:
+        """dec_c's input: encoder features with the (scaled) carrier and the message of the same frames."""
+        n = features.shape[-1]
+        x = torch.cat([features, self._decoder_extra[..., :n]], dim=1)
+        self._decoder_extra = self._decoder_extra[..., n:]
+        return x
+
+    def _release(self, final: bool) -> np.ndarray:
+        """The input samples whose watermark is complete, watermarked."""
+        delta = self._complete_samples(final)
         if self._down is not None:
             delta = self._down.resample_chunk(delta, last=final)
         self._delta = np.concatenate([self._delta, delta])
@@ -194,6 +246,7 @@ class StreamingWatermarker:
         self._input = self._input[ready:]
         self._delta = self._delta[ready:] if not final else np.zeros(0, np.float32)
         self._returned += ready
+        self._finished = self._finished or final
         return out
 
     def _append_signal(self, x: np.ndarray) -> None:
@@ -258,18 +311,9 @@ class StreamingWatermarker:
         self._decoder_extra = torch.cat([self._decoder_extra, extra], dim=-1)
         return carrier[None, None]
 
-    def _run_networks(self, carrier: torch.Tensor, final: bool) -> None:
-        """Feed newly analysed frames (1, 1, n_bins, k) through the layers; overlap-add every finished frame."""
+    def _synthesise(self, x: torch.Tensor) -> None:
+        """The decoder's output for newly finished frames (1, 1, n_bins, n): overlap-add their watermark."""
         m = self.model
-        x = carrier
-        for stream in self._encoder:
-            x = stream.push(x, final)
-        # dec_c's input: encoder features with the (scaled) carrier and the message of the same frames.
-        n = x.shape[-1]
-        x = torch.cat([x, self._decoder_extra[..., :n]], dim=1)
-        self._decoder_extra = self._decoder_extra[..., n:]
-        for stream in self._decoder:
-            x = stream.push(x, final)
         n = x.shape[-1]
         if n == 0:
             return
@@ -301,3 +345,40 @@ class StreamingWatermarker:
         self._ola = self._ola[hi:]
         self._ola_start = done
         return samples.cpu().numpy().astype(np.float32)
+
+
+def watermark_together(
+    items: Sequence[tuple[StreamingWatermarker, np.ndarray | None]], pack_frames: int | None = None
+) -> list[np.ndarray]:
+    """One pass over many streams: each (watermarker, audio) pushes audio, or flushes when audio is None. The networks
+    run once per layer over the new frames of every stream (`run_layer`); everything else (resampling, STFT, causal
+    statistics, message phase, overlap-add) stays per stream. Each stream's output equals its own push()/flush() up
+    to float rounding (the packed convolution may sum in another order; tests/test_watermark_batching.py bounds it).
+    """
+    if len({id(w) for w, _ in items}) != len(items):
+        raise ValueError("a stream appears twice in one pass")
+    for w, audio in items:
+        if w.finished and audio is not None:
+            raise RuntimeError("push() after flush(): this stream has ended")
+    live = [(i, w, audio is None) for i, (w, audio) in enumerate(items) if not (w.finished and audio is None)]
+    outputs = [np.zeros(0, np.float32)] * len(items)
+    with torch.inference_mode():
+        carriers = [(i, w, final, w._take(items[i][1])) for i, w, final in live]
+        groups: dict[tuple[int, int], list[tuple[StreamingWatermarker, bool, torch.Tensor]]] = {}
+        for _, w, final, carrier in carriers:
+            if carrier is not None:  # the same weights and layer plan share one convolution per layer
+                groups.setdefault((id(w.model), w.lookahead_frames), []).append((w, final, carrier))
+        for group in groups.values():
+            marks, finals, xs = (list(column) for column in zip(*group, strict=True))
+            features = _run_layers([w._encoder for w in marks], xs, finals, pack_frames)
+            decoded = _run_layers(
+                [w._decoder for w in marks],
+                [w._decoder_input(f) for w, f in zip(marks, features, strict=True)],
+                finals,
+                pack_frames,
+            )
+            for w, x in zip(marks, decoded, strict=True):
+                w._synthesise(x)
+        for i, w, final in live:
+            outputs[i] = w._release(final)
+    return outputs
