@@ -57,7 +57,7 @@ def test_success_streams_chunks_and_one_final_flag(model):
     assert req.sender.final.wait(30)
     responses = [r for r, _ in req.sender.sent]
     assert req.sender.final_flags == 1 and req.sender.sent[-1][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-    assert [bool(r.output("is_last")[0]) for r in responses] == [False, True]  # 2 frames, then the last 2
+    assert [bool(r.output("is_last")[0]) for r in responses] == [False, True]  # 3 frames, then the last one
     assert sum(r.output("audio").size for r in responses) == 4 * 1920
 
 
@@ -130,6 +130,9 @@ BAD_CONFIG = [
     ({"max_context_audio_s": "1e9"}, "'max_context_audio_s' must be a number from 0 to 163.84"),
     ({"cpu_threads": "-1"}, "'cpu_threads' must be an integer from 0 to 1024"),
     ({"exit_on_engine_failure": "maybe"}, "'exit_on_engine_failure' must be true or false"),
+    ({"max_unwatermarked_ms": "-1"}, "'max_unwatermarked_ms' must be an integer from 0 to 3600000"),
+    ({"behind_queue_wait_ms": "soon"}, "'behind_queue_wait_ms' must be an integer from 0 to 3600000"),
+    ({"cuda_graphs": "sometimes"}, "'cuda_graphs' must be one of auto, on, off, got 'sometimes'"),
 ]
 
 

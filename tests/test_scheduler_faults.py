@@ -116,7 +116,7 @@ def submit(scheduler, sink, text="Hello.", ms=SHORT, **options):
 def assert_still_serving(scheduler):
     sink = submit(scheduler, Sink(), "Next request.")
     assert sink.done.wait(60) and sink.completed, sink.errors
-    assert scheduler.healthy
+    assert scheduler.broken is None
 
 
 @pytest.mark.parametrize("method", ["send_chunk", "is_cancelled"])
@@ -126,9 +126,7 @@ def test_a_sink_that_raises_fails_only_its_own_stream(scheduler, method):
     assert bad.done.wait(60)
     for sink in others:
         assert sink.done.wait(60) and sink.completed
-    deadline = time.monotonic() + 10
-    while scheduler.in_flight and time.monotonic() < deadline:
-        time.sleep(0.02)
+    assert _wait_for(lambda: scheduler.engine.streams_active == 0, timeout=10)  # every stream retired
     assert not bad.completed and bad.errors and bad.errors[0][1] == "INTERNAL" and "injected" in bad.errors[0][0]
     assert any("injected" in e for e in scheduler.errors)
     assert_still_serving(scheduler)
@@ -173,7 +171,7 @@ def test_a_broken_device_fails_every_stream_and_refuses_new_requests(scheduler, 
     for sink in sinks:
         assert sink.done.wait(30)
         assert sink.errors[-1][1] == "INTERNAL" and "illegal memory access" in sink.errors[-1][0]
-    assert not scheduler.healthy and "illegal memory access" in scheduler.broken
+    assert "illegal memory access" in scheduler.broken
     assert len(scheduler.broken_calls) == 1
     with pytest.raises(EngineBroken, match="refuses requests until restarted"):
         submit(scheduler, Sink())

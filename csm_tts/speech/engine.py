@@ -102,6 +102,10 @@ class CsmEngine(PromptBuilder):
         """Whether frames replay CUDA graphs (False when eager, `auto` on a CPU or after a fallback)."""
         return self.graphs.enabled
 
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled: bool) -> None:  # benchmarks switch one engine between graphs and eager
+        self.graphs.enabled = enabled
+
     @classmethod
     def from_dir(cls, model_dir, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> CsmEngine:
         model, processor = load_csm(model_dir, device=device, dtype=dtype)
