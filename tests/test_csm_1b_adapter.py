@@ -190,6 +190,34 @@ def test_every_stream_removes_its_cancellation_marker(model, tmp_path, monkeypat
     assert not any((tmp_path / "markers").iterdir())
 
 
+def test_a_tts_stream_reads_its_watermark_progress_and_a_direct_one_is_never_held(model, tmp_path, monkeypatch):
+    from csm_tts.triton import cancellation
+
+    monkeypatch.setenv("CSM_CANCEL_DIR", str(tmp_path / "markers"))
+    sink = load_model_module().TritonSink(pb.ResponseSender())
+    assert sink.marked and sink.samples_done() is None  # no report yet: a direct client until a watermarker speaks
+    assert cancellation.report_progress(sink.stream_id, 0) and sink.samples_done() == 0
+    assert cancellation.report_progress(sink.stream_id, 5760) and sink.samples_done() == 5760
+    sink.close()
+    assert sink.samples_done() is None
+
+
+def test_stage_metrics_and_the_graph_fallback_gauge_exist(model):
+    model.metrics.flush()
+    families = pb.MetricFamily.families
+    for name in ("csm_tts_codec_decode_seconds", "csm_tts_chunk_send_seconds", "csm_tts_held_seconds"):
+        assert families[name].kind == pb.MetricFamily.HISTOGRAM
+    assert families["csm_tts_cuda_graph_fallback"].metrics[-1].value() == 0  # a CPU runs eagerly by design
+    req = request(seed=1)
+    model.execute([req])
+    assert req.sender.final.wait(30)
+    model.metrics.flush()
+    assert families["csm_tts_codec_decode_seconds"].metrics[-1].observations
+    assert families["csm_tts_chunk_send_seconds"].metrics[-1].observations
+    held = [m for m in families["csm_tts_streams"].metrics if m.labels.get("state") == "held"]
+    assert held and held[-1].value() == 0
+
+
 WATERMARKER_BAD_CONFIG = [
     ({"lookahead_frames": "7"}, "'lookahead_frames' must be an integer from 0 to 6, got 7"),
     ({"message_sdr": "-1"}, "'message_sdr' must be a number from 0 to 100"),

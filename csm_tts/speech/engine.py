@@ -302,7 +302,7 @@ class CsmEngine(PromptBuilder):
             graph.replay()
         else:
             self._frame(*shape)
-        result = state.codes[:rows].cpu(), state.hidden[:rows].cpu()
+        result = state.codes[:rows].to("cpu", copy=True), state.hidden[:rows].to("cpu", copy=True)  # not views
         state.hidden[:rows], state.lengths[:rows] = saved
         return result
 

@@ -42,16 +42,16 @@ def cuda_capable(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def capture_frame(device: torch.device, run: Callable[[], None], pool) -> torch.cuda.CUDAGraph:
-    """Capture one frame step (`run`) as a CUDA graph, after a warm-up run on a side stream (library handles,
-    workspaces) as torch's own `make_graphed_callables` does."""
+def capture_frame(device: torch.device, run: Callable[[], None], pool: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """Capture one frame step (`run`) as a CUDA graph in the memory pool `pool()`, after a warm-up run on a side
+    stream (library handles, workspaces) as torch's own `make_graphed_callables` does."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         run()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool()):
         run()
     return graph
 
@@ -77,10 +77,13 @@ class FrameGraphs:
         graph = self.graphs.get(shape)
         if graph is None:
             reset()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = self.graphs[shape] = capture_frame(self.device, run, self._pool)
+            graph = self.graphs[shape] = capture_frame(self.device, run, self._memory_pool)
         return graph
+
+    def _memory_pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
     def load(self, shapes: list[Shape], capture: Callable[[Shape], object], check: Callable[[], str | None]) -> str:
         """At model load: capture every shape, then `check` one replay against the eager step (it returns what
