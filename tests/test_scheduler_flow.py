@@ -54,10 +54,11 @@ class ProgressSink:
 
 class Observer:
     def __init__(self):
-        self.held, self.holds, self.decodes, self.sends, self.steps = [], [], [], [], []
+        self.held, self.holds, self.decodes, self.sends, self.steps, self.occupancy_seen = [], [], [], [], [], []
 
     def occupancy(self, active, queued, held=0):
         self.held.append(held)
+        self.occupancy_seen.append((active, queued, held))
 
     def frame_step(self, seconds, streams):
         self.steps.append(streams)
@@ -242,6 +243,8 @@ def test_the_output_stage_decodes_and_sends_off_the_frame_loop_in_order(recordin
         assert max(recording.batches) > 1, "streams due in one round are decoded by one take_chunks call"
         seen = sched.observer_seen
         assert sum(seen.decodes) == sum(len(s.chunks) for s in sinks) == len(seen.sends)
+        assert max(a for a, _, _ in seen.occupancy_seen) == 4
+        assert wait_for(lambda: seen.occupancy_seen[-1] == (0, 0, 0))  # the gauges fall back once the last one left
     finally:
         sched.close()
 

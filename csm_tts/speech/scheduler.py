@@ -162,6 +162,8 @@ class StreamScheduler(OutputStage):
             while not (self._waiting or self._ready or self._active):
                 if self._stopping and self._preparing is None:
                     return False
+                self._held = 0
+                self._observe(lambda o: o.occupancy(0, self._queued(), 0))  # the last stream left: gauges go to 0
                 self._wake.wait(0.5 if self._stopping else None)
             now = time.monotonic()
             late = self._expired(now)
