@@ -112,7 +112,7 @@ def recording(engine):
 
 def scheduler_for(engine, **options):
     messages, observer = [], Observer()
-    options.setdefault("flow", FlowControl(max_unwatermarked_s=0.2, behind_queue_wait_s=0.2))
+    options.setdefault("flow", FlowControl(max_unwatermarked_s=0.8, behind_queue_wait_s=0.2))
     sched = StreamScheduler(engine, logger=messages.append, observer=observer, **options)
     sched.messages, sched.observer_seen = messages, observer
     return sched
@@ -136,8 +136,9 @@ def test_a_held_stream_is_not_stepped_and_resumes_when_the_watermarker_takes_its
     sched = scheduler_for(recording, max_active=2, max_queued=2)
     try:
         sink = submit(sched, ProgressSink(done=0))
-        # 0.2 s = 4800 samples may wait: the 2-frame chunk (3840) is sent, the 4-frame one makes it 11520: held.
-        assert wait_for(lambda: len(sink.chunks) == 2)
+        # 0.8 s (10 frames, the largest chunk) may be ahead of the watermarker: the 2- and 4-frame chunks are sent,
+        # 4 frames of the 8-frame chunk are made, then the stream is held.
+        assert wait_for(lambda: len(sink.chunks) == 2 and sink.stream.frames_generated == 2 + 4 + 4)
         frames = sink.stream.frames_generated
         time.sleep(0.3)
         assert sink.stream.frames_generated == frames and len(sink.chunks) == 2, "a held stream was stepped"
@@ -200,6 +201,8 @@ def test_a_held_stream_ahead_of_real_time_blocks_nobody():
     assert flow.queue_wait_s(30.0, now=103.0) == flow.behind_queue_wait_s and flow.queue_wait_s(30.0, 200.0) == 30.0
     with pytest.raises(ValueError, match="max_unwatermarked_s"):
         FlowControl(max_unwatermarked_s=0)
+    with pytest.raises(ValueError, match="must hold the largest chunk"):
+        FlowControl(max_unwatermarked_s=0.5).check(max_chunk_frames=10)
 
 
 def test_an_expired_queued_job_is_refused_before_its_prompt_is_built(engine):

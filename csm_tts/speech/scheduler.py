@@ -39,7 +39,7 @@ import traceback
 from collections.abc import Callable
 
 from csm_tts.speech.engine import CsmEngine
-from csm_tts.speech.flow_control import HELD_CHECK_S, HOLD_POLL_S, FlowControl
+from csm_tts.speech.flow_control import HOLD_POLL_S, FlowControl
 from csm_tts.speech.jobs import EngineBroken, Job, SchedulerObserver, ServerFull, StreamSink
 from csm_tts.speech.output_stage import OutputStage
 from csm_tts.speech.request import GenerationRequest, InvalidRequest
@@ -73,6 +73,7 @@ class StreamScheduler(OutputStage):
         self.max_queued = max_queued
         self.max_queue_wait_s = max_queue_wait_s
         self.flow = flow or FlowControl()
+        self.flow.check(engine.schedule.max_frames)
         self.observer = observer
         self.log = logger
         self.log_error = error_logger or logger
@@ -194,28 +195,11 @@ class StreamScheduler(OutputStage):
                 self._wake.wait(0.5 if self._stopping else None)
 
     def _not_held(self, jobs: list[Job], now: float) -> tuple[list[Job], list[Job]]:
-        """The jobs to step this round, and held jobs due for a cancellation check (they make no chunk that would
-        be checked). Reading a held stream's progress is one small file read, not a frame step."""
-        stepping, checks, held = [], [], 0
-        for job in jobs:
-            try:
-                is_held = self.flow.held(job.hold, job.stream.samples_sent, job.samples_done(), now)
-            except Exception as e:  # a sink that cannot report must not hold (or fail) its stream
-                self.log_error(f"stream {job.name}: its watermark progress could not be read: {e}")
-                is_held = False
-            if not is_held:
-                if job.hold.since is not None:
-                    seconds, job.hold.since = now - job.hold.since, None
-                    self._observe(lambda o, s=seconds: o.hold_ended(s))
-                stepping.append(job)
-                continue
-            held += 1
-            if job.hold.since is None:
-                job.hold.since = job.hold.checked_at = now
-            elif now - job.hold.checked_at >= HELD_CHECK_S:
-                job.hold.checked_at = now
-                checks.append(job)
-        self._held = held
+        """The jobs to step this round, and held jobs due for a cancellation check (flow_control.py)."""
+        stepping, checks, ended = self.flow.sort(jobs, now, self.log_error)
+        self._held = len(jobs) - len(stepping)
+        for seconds in ended:
+            self._observe(lambda o, s=seconds: o.hold_ended(s))
         return stepping, checks
 
     def _step(self, stepping: list[Job]) -> None:

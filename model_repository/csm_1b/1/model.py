@@ -126,6 +126,14 @@ def read_config(model_config):
     largest = integer("max_chunk_frames", 10, 1, 1125)
     if largest < first:
         raise ConfigError(f"parameter 'max_chunk_frames' ({largest}) must be >= first_chunk_frames ({first})")
+    flow = FlowControl(
+        max_unwatermarked_s=integer("max_unwatermarked_ms", 1600, 0, 3_600_000) / 1000 or None,  # 0: never hold
+        behind_queue_wait_s=integer("behind_queue_wait_ms", 500, 0, 3_600_000) / 1000,
+    )
+    try:
+        flow.check(largest)
+    except ValueError as e:
+        raise ConfigError(f"parameter 'max_unwatermarked_ms': {e}") from None
     graphs = config_parameter(model_config, "cuda_graphs", default="auto").lower()
     if graphs not in MODES:
         raise ConfigError(f"parameter 'cuda_graphs' must be one of {', '.join(MODES)}, got {graphs!r}")
@@ -140,10 +148,7 @@ def read_config(model_config):
         "max_active": integer("max_active_streams", 8, 1, 1024),
         "max_queued": integer("max_queued_streams", 32, 1, 100_000),
         "max_queue_wait_s": integer("max_queue_wait_ms", 5000, 1, 3_600_000) / 1000,
-        "flow": FlowControl(
-            max_unwatermarked_s=integer("max_unwatermarked_ms", 1600, 0, 3_600_000) / 1000 or None,  # 0: off
-            behind_queue_wait_s=integer("behind_queue_wait_ms", 500, 0, 3_600_000) / 1000,
-        ),
+        "flow": flow,
         "cuda_graphs": graphs,
         "cpu_threads": integer("cpu_threads", 0, 0, 1024),
         "exit_on_engine_failure": bool_parameter(model_config, "exit_on_engine_failure", True),
