@@ -72,8 +72,8 @@ class OutputStage:
             stream = job.stream
             try:
                 started = time.perf_counter()
-                if chunk.is_last and not job.claim_end():
-                    done.append(job)  # failed from another thread meanwhile
+                if job.ended or (chunk.is_last and not job.claim_end()):
+                    done.append(job)  # failed from another thread meanwhile: its final response is sent
                     continue
                 job.sink.send_chunk(stream, chunk)
                 elapsed = time.perf_counter() - started
