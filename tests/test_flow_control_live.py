@@ -22,11 +22,12 @@ import urllib.request
 
 import aiohttp
 import pytest
-from conftest import TINY_CSM, TINY_WATERMARK, WATERMARK_IDLE_TIMEOUT_S
+from conftest import WATERMARK_IDLE_TIMEOUT_S
 from live_proxy import start_proxy
+from test_hardening_live import start_server
 
-from csm_tts.tooling.local_triton import TritonServer, free_port
-from csm_tts.tooling.model_repository import PROFILES, render
+from csm_tts.tooling.local_triton import TritonServer
+from csm_tts.tooling.model_repository import PROFILES
 
 pytestmark = pytest.mark.live
 CAPACITY = int(PROFILES["cpu"]["max_active_streams"])
@@ -41,23 +42,14 @@ TEXT = "A long story that nobody will hear to its end, told again and again for 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
-    repo = render(
-        root / "model_repository", "cpu", {"csm_model_dir": str(TINY_CSM), "watermark_model_dir": str(TINY_WATERMARK)}
+    server = start_server(
+        root,
+        {},
+        {},
+        CSM_CANCEL_DIR=str(root / "markers"),
+        CSM_WATERMARK_IDLE_TIMEOUT_S=WATERMARK_IDLE_TIMEOUT_S,
+        OMP_NUM_THREADS="1",
     )
-    server = TritonServer(
-        repo,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_path=root / "triton.log",
-        env={
-            "CSM_WATERMARK_KEY": "",
-            "CSM_WATERMARK_ENABLED": "true",
-            "CSM_WATERMARK_IDLE_TIMEOUT_S": WATERMARK_IDLE_TIMEOUT_S,
-            "CSM_CANCEL_DIR": str(root / "markers"),
-            "OMP_NUM_THREADS": "1",
-        },
-    ).start(timeout=240)
     server.markers = root / "markers"
     yield server
     server.stop()

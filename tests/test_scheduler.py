@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import wait_for
 
 from csm_tts.speech.engine import CsmEngine
 from csm_tts.speech.request import GenerationRequest, InvalidRequest
@@ -41,15 +42,6 @@ class RecordingSink:
     @property
     def audio(self):
         return np.concatenate([c.audio for c in self.chunks])
-
-
-def wait_for(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_for
 
 from csm_tts import SAMPLE_RATE
 from csm_tts.speech.flow_control import HELD_CHECK_S, FlowControl, Hold
@@ -116,15 +117,6 @@ def scheduler_for(engine, **options):
     sched = StreamScheduler(engine, logger=messages.append, observer=observer, **options)
     sched.messages, sched.observer_seen = messages, observer
     return sched
-
-
-def wait_for(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def submit(sched, sink, text="Hello.", ms=LONG, seed=1):
