@@ -80,7 +80,7 @@ def scheduler_module(commit: str | None):
     path = Path(tempfile.mkdtemp()) / "scheduler_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("scheduler_before", path)
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules["scheduler_before"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
     spec.loader.exec_module(module)
     return module
 
