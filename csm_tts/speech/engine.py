@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicCache
 from csm_tts.speech.checkpoint import ATTENTION, load_csm
 from csm_tts.speech.chunk_schedule import ChunkSchedule
 from csm_tts.speech.codec_stream import StreamingCodecDecoder
-from csm_tts.speech.graphs import FrameGraphs, compare_probe
+from csm_tts.speech.graphs import FrameGraphs, compare_probe, probe_frame
 from csm_tts.speech.prompt import PromptBuilder
 from csm_tts.speech.request import GenerationRequest, Limits
 from csm_tts.speech.sampling import sample_codes
@@ -39,10 +39,12 @@ class CsmEngine(PromptBuilder):
     """Generation for many streams at once.
 
     Threads: the slots' tensors are shared by all streams, so calls that touch them (start, step_many, release,
-    capture_graphs) take the engine lock and take turns. A stream's own state (its pending frames, codec state and
-    counters) has one owner at a time: `step_many` appends frames while the stream is not due, `take_chunks` decodes
-    once `chunk_ready` says so. A caller that runs the two on different threads (the scheduler's stepper and output
-    stage) never steps a stream whose chunk is due until its chunk has been taken; `prepare` touches no slot at all."""
+    capture_graphs) take the engine lock and take turns. A stream's own state has two parts with one owner each: the
+    stepping thread's (`pending` frames, appended by `step_many`; `cut_chunk` moves them to `due` once `chunk_ready`)
+    and the decoding thread's (`due`, the codec state, `chunk_index`, `samples_sent`, used by `take_chunks`). So a
+    stream is stepped while its last chunk is decoded; a caller that runs the two on different threads (the
+    scheduler's stepper and output stage) cuts a stream's next chunk only after its previous one has been taken, and
+    releases slots on the stepping thread. `prepare` touches no slot at all."""
 
     def __init__(
         self,
@@ -286,25 +288,9 @@ class CsmEngine(PromptBuilder):
 
     def _check_graphs(self) -> str | None:
         shape = (self.batch_sizes[-1], self.windows[0], self.topk_bounds[0])
-        return compare_probe(self._probe(shape, eager=True), self._probe(shape, eager=False))
-
-    def _probe(self, shape: tuple[int, int, int], eager: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One frame of `shape` on a fixed random batch (every row steps), eager or replayed: its codes and hidden
-        states. The slots' lengths and hidden states are restored (only at load: no stream runs)."""
-        state, rows = self._slot_state(), shape[0]
-        saved = state.hidden[:rows].clone(), state.lengths[:rows].clone()
-        generator = torch.Generator().manual_seed(0)
-        state.hidden[:rows] = torch.randn(saved[0].shape, generator=generator).to(state.hidden)
-        graph = None if eager else self._graph(shape)
-        state.inputs[:rows, :-1] = torch.rand(rows, self.num_codebooks, generator=generator).to(state.inputs)
-        state.inputs[:rows, -1] = 1
-        if graph is not None:
-            graph.replay()
-        else:
-            self._frame(*shape)
-        result = state.codes[:rows].to("cpu", copy=True), state.hidden[:rows].to("cpu", copy=True)  # not views
-        state.hidden[:rows], state.lengths[:rows] = saved
-        return result
+        state, graph = self._slot_state(), self._graph(shape)  # captured first: a capture resets the inputs
+        eager = probe_frame(state, shape[0], lambda: self._frame(*shape))
+        return compare_probe(eager, probe_frame(state, shape[0], graph.replay))
 
     @torch.inference_mode()
     def step_many(self, streams: list[Stream]) -> None:
@@ -358,26 +344,37 @@ class CsmEngine(PromptBuilder):
     def chunk_ready(self, stream: Stream) -> bool:
         return stream.finished or len(stream.pending) >= self.schedule.frames_in_chunk(stream.chunk_index)
 
+    def cut_chunk(self, stream: Stream) -> None:
+        """The stepping thread, once `chunk_ready`: the pending frames become the due chunk, and new frames start the
+        next one (the previous due chunk must have been taken)."""
+        if stream.due is not None:
+            raise RuntimeError(f"stream {stream.stream_id}: its previous chunk has not been taken yet")
+        stream.due, stream.pending, stream.due_is_last = stream.pending, [], stream.finished
+
     def take_chunks(self, streams: list[Stream]) -> list[AudioChunk]:
-        """Decode the due chunk of each stream (`chunk_ready`), in order: the output stage's one codec call per
-        round. Touches only these streams' own state (pending frames, codec state, counters), never the slots, so
-        it runs without the engine lock beside a frame step, as long as none of these streams is being stepped."""
+        """Decode the due chunk of each stream (`cut_chunk`), in order: the output stage's one codec call per round.
+        Touches only the decoding side of these streams (due frames, codec state, counters), never the slots or
+        `pending`, so it runs without the engine lock beside a frame step that advances the same streams."""
         return [self.take_chunk(stream) for stream in streams]
 
     def take_chunk(self, stream: Stream) -> AudioChunk:
-        """Decode the pending frames into the next chunk (empty audio when a stream ends on a chunk border)."""
-        codes = torch.stack(stream.pending) if stream.pending else torch.zeros(0, self.num_codebooks, dtype=torch.long)
-        stream.pending = []
+        """Decode the due frames (cut now if nobody has) into the next chunk (empty audio when a stream ends on a
+        chunk border)."""
+        if stream.due is None:
+            self.cut_chunk(stream)
+        frames, is_last = stream.due, stream.due_is_last
+        codes = torch.stack(frames) if frames else torch.zeros(0, self.num_codebooks, dtype=torch.long)
         audio = stream.codec.decode(codes.to(self.device))
         chunk = AudioChunk(
             index=stream.chunk_index,
             audio=audio,
             sample_offset=stream.samples_sent,
-            is_last=stream.finished,
-            finish_reason=stream.finish_reason,
+            is_last=is_last,
+            finish_reason=stream.finish_reason if is_last else None,
         )
         stream.chunk_index += 1
         stream.samples_sent += audio.size
+        stream.due = None  # after the counters: flow control reads them from the stepping thread
         return chunk
 
     def generate(self, request: GenerationRequest) -> Iterator[AudioChunk]:

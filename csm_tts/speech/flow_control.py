@@ -76,7 +76,8 @@ class FlowControl:
         stepping, checks, ended = [], [], []
         for job in jobs:
             try:
-                made = job.stream.samples_sent + len(job.stream.pending) * SAMPLES_PER_FRAME
+                stream = job.stream  # sent, being decoded, and generated for the next chunk
+                made = stream.samples_sent + (len(stream.due or ()) + len(stream.pending)) * SAMPLES_PER_FRAME
                 held = self.held(job.hold, made, job.samples_done(), now)
             except Exception as e:  # a sink that cannot report must not hold (or fail) its stream
                 log_error(f"stream {job.name}: its watermark progress could not be read: {e}")

@@ -107,6 +107,20 @@ class FrameGraphs:
         return f"CUDA GRAPHS DISABLED, serving eager frame steps (slower): {mismatch}"
 
 
+def probe_frame(state, rows: int, run: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One frame (`run`: eager or a replay) of `rows` slots on a fixed random batch, every row stepping: its codes and
+    hidden states, copied. The slots' lengths and hidden states are restored; only at load, while no stream runs."""
+    saved = state.hidden[:rows].clone(), state.lengths[:rows].clone()
+    generator = torch.Generator().manual_seed(0)
+    state.hidden[:rows] = torch.randn(saved[0].shape, generator=generator).to(state.hidden)
+    state.inputs[:rows, :-1] = torch.rand(state.inputs[:rows, :-1].shape, generator=generator).to(state.inputs)
+    state.inputs[:rows, -1] = 1
+    run()
+    result = state.codes[:rows].to("cpu", copy=True), state.hidden[:rows].to("cpu", copy=True)  # copies, not views
+    state.hidden[:rows], state.lengths[:rows] = saved
+    return result
+
+
 def compare_probe(eager: tuple[torch.Tensor, torch.Tensor], replayed: tuple[torch.Tensor, torch.Tensor]) -> str | None:
     """What differs between an eager frame and its replay: (codes, hidden) of each. Codes must be equal; hidden
     states may differ in rounding only."""

@@ -1,9 +1,11 @@
 """The scheduler's output stage, on its own thread: cancellation checks, codec decoding, sending, retiring.
 
-The stepper hands a stream over when its chunk is due (or, while the watermarker holds it back, now and then for a
-cancellation check) and does not step it again until the stream is handed back: its frames have one owner at a
-time (csm_tts/speech/engine.py). One round takes every stream handed over since the last round, in that order: a
-stream's chunks leave in order, and the due chunks of a round are decoded by one `engine.take_chunks` call.
+The stepper cuts a stream's chunk when it is due (`engine.cut_chunk`) and hands the stream over (or, while the
+watermarker holds it back, now and then for a cancellation check); it goes on stepping the stream meanwhile, but
+cuts its next chunk only once the stream is handed back (the engine's thread rule, csm_tts/speech/engine.py). One
+round takes every stream handed over since the last round, in that order: a stream's chunks leave in order, and the
+due chunks of a round are decoded by one `engine.take_chunks` call. Ended streams go back to the stepper, which
+releases their slots (a step may be using them while they end here).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class OutputStage:
     _wake: threading.Condition
     _outbox: list[Job]
     _active: list[Job]
+    _retired: list[Job]
     _stopping: bool
     _threads: list[threading.Thread]
 
@@ -45,16 +48,15 @@ class OutputStage:
                 self._end_cancelled(job)
                 done.append(job)
             else:
-                (due if self.engine.chunk_ready(job.stream) else back).append(job)
+                (due if job.stream.due is not None else back).append(job)  # a chunk, or a check while held
         if due:
             self._decode_and_send(due, back, done)
-        for job in done:
-            self._release(job)
         with self._wake:
             for job in back:
                 job.handed_over = False
-            if done:
+            if done:  # their slots are released by the stepper: it may be stepping them right now
                 self._active = [j for j in self._active if j not in done]
+                self._retired.extend(done)
             self._wake.notify_all()
         return True
 
@@ -84,4 +86,4 @@ class OutputStage:
                 continue
             if job.hold.first_sent_at is None:
                 job.hold.first_sent_at = time.monotonic()
-            (done if job.ended or (stream.finished and not stream.pending) else back).append(job)
+            (done if job.ended else back).append(job)

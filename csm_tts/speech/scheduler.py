@@ -6,8 +6,7 @@ can be in flight on one instance. Like vLLM's engine core, stepping is split fro
 - the *preparer* builds each queued request's prompt (tokenizing, Mimi encoding of context audio: up to a second
   for long contexts), so that work never stalls running streams;
 - the *stepper* only runs batched frame steps: it admits prepared streams (prefill, at most one between two steps)
-  and advances every stream that may run by one frame per round. A stream whose chunk is due is handed to the
-  output stage and not stepped again until its chunk is taken (one owner of a stream's frames at a time, the
+  and advances every stream that may run by one frame per round, cutting due chunks for the output stage (the
   engine's thread rule); a stream held back by the watermarker (flow_control.py) costs no step;
 - the *output stage* checks each handed-over stream for cancellation (once per chunk, not every frame), decodes the
   due chunks of a round in one `engine.take_chunks` call, sends them in order and retires ended streams.
@@ -23,8 +22,8 @@ When the engine itself is broken (a probe computation on its device fails after 
 scheduler's own code fails), every stream fails at once with INTERNAL, `submit` refuses new requests with
 `EngineBroken`, and `broken` says why (the adapter reports it and can take the server down for a restart).
 
-An optional `observer` (csm_tts/triton/metrics.py in production) hears the streams active, queued and held, and the
-time of each stage (frame step, codec decode, send, holds); a failing observer is logged, never fatal.
+An `observer` (csm_tts/triton/metrics.py) hears the streams active, queued and held, and each stage's time (frame
+step, codec decode, send, holds); a failing observer is logged, never fatal.
 """
 
 from __future__ import annotations
@@ -44,8 +43,6 @@ from csm_tts.speech.jobs import EngineBroken, Job, SchedulerObserver, ServerFull
 from csm_tts.speech.output_stage import OutputStage
 from csm_tts.speech.request import GenerationRequest, InvalidRequest
 from csm_tts.speech.stream import NoFreeSlot
-
-__all__ = ["EngineBroken", "ServerFull", "StreamScheduler", "StreamSink"]
 
 log = logging.getLogger("csm_tts.speech.scheduler")
 PREPARER_NICE = 5  # the prompt-building thread's CPU priority below the stepping thread's (Linux nice, 0-19)
@@ -84,6 +81,7 @@ class StreamScheduler(OutputStage):
         self._ready: collections.deque[Job] = collections.deque()  # prompt built, waiting for a batch slot
         self._active: list[Job] = []
         self._outbox: list[Job] = []  # handed to the output stage, in the order their chunks became due
+        self._retired: list[Job] = []  # ended by the output stage; the stepper releases their slots
         self._held = 0
         self._wake = threading.Condition()
         self._stopping = False
@@ -118,6 +116,9 @@ class StreamScheduler(OutputStage):
 
     def _queued(self) -> int:
         return len(self._waiting) + len(self._ready) + (self._preparing is not None)
+
+    def _due(self, job: Job) -> bool:
+        return job.stream.finished or self.engine.chunk_ready(job.stream)
 
     # -- the threads ----------------------------------------------------------------------------------------------
     def _loop(self, work: Callable[[], bool]) -> None:
@@ -160,24 +161,31 @@ class StreamScheduler(OutputStage):
     def _step_next(self) -> bool:
         """One round of the stepper: refuse expired jobs, admit at most one, step every stream that may run."""
         with self._wake:
-            while not (self._waiting or self._ready or self._active):
+            while not (self._waiting or self._ready or self._active or self._retired):
                 if self._stopping and self._preparing is None:
                     return False
                 self._held = 0
                 self._observe(lambda o: o.occupancy(0, self._queued(), 0))  # the last stream left: gauges go to 0
                 self._wake.wait(0.5 if self._stopping else None)
+            retired, self._retired = self._retired, []
             now = time.monotonic()
             late = self._expired(now)
             # At most one prefill between two batched steps, so a burst of new streams cannot freeze running ones.
             job = self._ready.popleft() if self._admissible(now) else None
-            candidates = [j for j in self._active if not j.handed_over and not j.ended]
+            # A stream whose next chunk is due while its last one is still being decoded waits for the output stage.
+            candidates = [j for j in self._active if not j.ended and not (j.handed_over and self._due(j))]
+        for gone in retired:  # slots are released here, never while a step may use them
+            self._release(gone)
         self._refuse_late(late)
         if job is not None:
             self._admit(job)
         stepping, checks = self._not_held(candidates, now)
         if stepping:
             self._step(stepping)
-        self._hand_over(checks + [j for j in stepping if j.stream.finished or self.engine.chunk_ready(j.stream)])
+        due = [j for j in stepping if not j.handed_over and self._due(j)]
+        for ready in due:
+            self.engine.cut_chunk(ready.stream)
+        self._hand_over(checks + due)
         self._observe(lambda o: o.occupancy(len(self._active), self._queued(), self._held))
         if not stepping and job is None:
             self._idle()
@@ -187,8 +195,8 @@ class StreamScheduler(OutputStage):
         """Nothing ran this round: wait for the output stage to hand a stream back, a new job, or (polling) the
         watermarker's progress and the queue's deadlines."""
         with self._wake:
-            if sum(1 for j in self._active if not j.handed_over and not j.ended) > self._held:
-                return  # handed back meanwhile
+            if self._retired or sum(1 for j in self._active if not j.handed_over and not j.ended) > self._held:
+                return  # handed back or retired meanwhile
             if self._held or self._queued():
                 self._wake.wait(HOLD_POLL_S if self._held else 0.05)
             elif not self._admissible(time.monotonic()):
@@ -375,7 +383,7 @@ class StreamScheduler(OutputStage):
             jobs = [*self._waiting, *self._ready, *self._active]
             self._waiting.clear()
             self._ready.clear()
-            self._active, self._outbox = [], []
+            self._active, self._outbox, self._retired = [], [], []
             self._wake.notify_all()
         if first:
             self.log_error(

@@ -51,6 +51,9 @@ class Stream:
     slot: int | None = None  # the engine's batch slot, owned until the stream finishes or is released
     positions: int = 0  # positions of the backbone context filled (prompt, then one per frame fed back)
     pending: list[torch.Tensor] = field(default_factory=list)  # frames not yet decoded, each [32] on the CPU
+    # The next chunk's frames, cut from `pending` when it fell due (`CsmEngine.cut_chunk`); decoded by `take_chunk`.
+    due: list[torch.Tensor] | None = None
+    due_is_last: bool = False
     codes: list[torch.Tensor] = field(default_factory=list)  # every frame generated so far
     chunk_index: int = 0
     samples_sent: int = 0
