@@ -245,10 +245,8 @@ class StreamScheduler(OutputStage):
 
     def _refuse_late(self, late: list[tuple[float, Job]]) -> None:
         for waited, job in late:
-            if self.flow.behind():
-                why = f"the watermarker is behind ({self._held} streams held back)"
-            else:
-                why = f"no stream slot became free within {waited:.1f} s ({len(self._active)} streams active)"
+            behind, slot = f"the watermarker is behind ({self._held} streams held back)", "no stream slot became free"
+            why = behind if self.flow.behind() else f"{slot} within {waited:.1f} s ({len(self._active)} streams active)"
             message = f"{why}; retry in a moment or on another server"
             self.log(f"refusing a queued request: {message}")
             self._send_error(job, message, "UNAVAILABLE")
@@ -271,6 +269,7 @@ class StreamScheduler(OutputStage):
             self._failed([job], e, "preparing its prompt")
             return
         took_ms = (time.perf_counter() - started) * 1000
+        job.queued_at += took_ms / 1000  # the queue wait bound counts waiting, not building its own prompt
         if job.request.context:
             self.log(
                 f"prompt of {job.prompt.length} positions ({len(job.request.context)} context segments) "
