@@ -7,10 +7,12 @@ test's own: 4x the stack's capacity of long requests, then every client gone aft
 - the next 1 s request is served at its usual speed (measured before the burst, same server).
 
 What each part relies on: refusing at once is csm_1b's admission (a short queue wait on the CPU profile; no new
-stream while the watermarker is behind); stopping within seconds needs the watermarker to learn of the clients'
-cancellation and drop their queued chunks, and csm_1b to hold streams back once the watermarker reports progress
-(flow_control.py) so that little is queued there in the first place. With a watermarker that reports no progress,
-csm_1b is never held back and only the first part is csm_1b's alone.
+stream while the watermarker is behind). Streaming within 2 s, and stopping within seconds, need csm_1b to hold
+streams back on the watermarker's progress reports (flow_control.py), so that little waits at the watermarker: a
+late stream's first chunk does not queue behind seconds of other streams' audio, and a client's cancellation (which
+csm_1b learns only when the watermarker reaches that stream's next chunk) is reached soon. With a watermarker that
+reports no progress this test is an expected failure (measured: refusals within 1.2-2 s, but the last admitted
+streams' first audio after 3-5 s and the watermarker still 15-64 requests behind 10 s after the clients left).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import re
 import time
 import urllib.request
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -29,6 +32,13 @@ from test_hardening_live import start_server
 from csm_tts.tooling.local_triton import TritonServer
 from csm_tts.tooling.model_repository import PROFILES
 
+ROOT = Path(__file__).resolve().parent.parent
+# csm_1b holds streams back only on the watermarker's progress reports (cancellation.report_progress); without them
+# the watermarker's queue is unbounded and a left client is noticed late. Stated, not skipped: an expected failure.
+WATERMARKER_REPORTS = any(
+    "report_progress(" in path.read_text()
+    for path in [*ROOT.glob("model_repository/watermarker/**/*.py"), *ROOT.glob("csm_tts/watermark/**/*.py")]
+)
 pytestmark = pytest.mark.live
 CAPACITY = int(PROFILES["cpu"]["max_active_streams"])
 BURST = 4 * CAPACITY
@@ -121,6 +131,9 @@ async def wait_idle(server: TritonServer, timeout: float) -> tuple[float, dict]:
     return time.monotonic() - started, left
 
 
+@pytest.mark.xfail(
+    not WATERMARKER_REPORTS, reason="the watermarker reports no progress yet: csm_1b cannot hold streams back"
+)
 async def test_a_burst_is_answered_at_once_and_leaves_nothing_behind(server):
     """Every part is checked and reported before the test fails, so that one run shows which of them hold."""
     proxy = await start_proxy(server.grpc_url)
