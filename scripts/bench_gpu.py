@@ -551,7 +551,7 @@ def compiled_frame_steps(paths: Paths, texts, frames: int, levels=(1, 8)) -> dic
     result = {}
     compiled = torch.compile(CsmEngine._frame.__get__(engine), fullgraph=True, dynamic=False)
     engine._frame = compiled  # an instance attribute shadows the method: start/step_many call it
-    saved_graphs, engine._graphs = engine._graphs, {}
+    saved_graphs, engine.graphs.graphs = engine.graphs.graphs, {}
     try:
         for variant, graphs in (("compiled", False), ("compiled+graphs", engine.device.type == "cuda")):
             if variant == "compiled+graphs" and not graphs:
@@ -564,7 +564,7 @@ def compiled_frame_steps(paths: Paths, texts, frames: int, levels=(1, 8)) -> dic
                 result[f"{variant}_{level}"] = frame_step_ms(engine, texts, level, frames)
     finally:
         del engine._frame
-        engine._graphs = saved_graphs
+        engine.graphs.graphs = saved_graphs
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,16 @@ WATERMARK_IDLE_TIMEOUT_S = "20"
 # "Fast" failure when Triton is down: the proxy's health RPC gives up after 0.5 s; a hang would last until the
 # 60 s stream timeout. The margin lets a loaded CI machine pass.
 FAST_FAIL_S = 3.0
+
+
+def wait_for(condition, timeout: float = 60.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def require_dir(path: Path, how: str) -> Path:

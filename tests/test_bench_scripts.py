@@ -334,7 +334,7 @@ def test_bench_stream_json_schema(grpc_url, tmp_path, capsys):
             "--requests",
             "2",
             "--fixed-frames",
-            "3",
+            "4",
             "--watermark",
             "off",
             "--no-warmup",
@@ -350,8 +350,8 @@ def test_bench_stream_json_schema(grpc_url, tmp_path, capsys):
         for key in ("ttfa_ms", "gap_ms"):
             assert set(row[key]) == {"p50", "p90", "p99"}
         assert 0 < row["ttfa_ms"]["p50"] <= row["ttfa_ms"]["p99"]
-        assert row["gap_ms"]["p50"] is not None  # 3 frames: a 2-frame chunk, then a 1-frame chunk
+        assert row["gap_ms"]["p50"] is not None  # 4 frames: a 3-frame chunk, then a 1-frame chunk
         assert isinstance(row["stalls"], int) and row["rtf"]["p50"] > 0 and row["audio_s_per_s"] > 0
-        assert row["audio_s"] == pytest.approx(2 * 3 * 0.08)
-        assert row["fixed_frames"] == 3
+        assert row["audio_s"] == pytest.approx(2 * 4 * 0.08)
+        assert row["fixed_frames"] == 4
     assert "TTFA ms" in capsys.readouterr().out

@@ -57,7 +57,7 @@ def test_success_streams_chunks_and_one_final_flag(model):
     assert req.sender.final.wait(30)
     responses = [r for r, _ in req.sender.sent]
     assert req.sender.final_flags == 1 and req.sender.sent[-1][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-    assert [bool(r.output("is_last")[0]) for r in responses] == [False, True]  # 2 frames, then the last 2
+    assert [bool(r.output("is_last")[0]) for r in responses] == [False, True]  # 3 frames, then the last one
     assert sum(r.output("audio").size for r in responses) == 4 * 1920
 
 
@@ -130,6 +130,10 @@ BAD_CONFIG = [
     ({"max_context_audio_s": "1e9"}, "'max_context_audio_s' must be a number from 0 to 163.84"),
     ({"cpu_threads": "-1"}, "'cpu_threads' must be an integer from 0 to 1024"),
     ({"exit_on_engine_failure": "maybe"}, "'exit_on_engine_failure' must be true or false"),
+    ({"max_unwatermarked_ms": "-1"}, "'max_unwatermarked_ms' must be an integer from 0 to 3600000"),
+    ({"max_unwatermarked_ms": "500"}, "'max_unwatermarked_ms': max_unwatermarked_ms 500 must hold the largest chunk"),
+    ({"behind_queue_wait_ms": "soon"}, "'behind_queue_wait_ms' must be an integer from 0 to 3600000"),
+    ({"cuda_graphs": "sometimes"}, "'cuda_graphs' must be one of auto, on, off, got 'sometimes'"),
 ]
 
 
@@ -185,6 +189,34 @@ def test_every_stream_removes_its_cancellation_marker(model, tmp_path, monkeypat
     for req in requests:
         assert req.sender.final.wait(60) and req.sender.final_flags == 1
     assert not any((tmp_path / "markers").iterdir())
+
+
+def test_a_tts_stream_reads_its_watermark_progress_and_a_direct_one_is_never_held(model, tmp_path, monkeypatch):
+    from csm_tts.triton import cancellation
+
+    monkeypatch.setenv("CSM_CANCEL_DIR", str(tmp_path / "markers"))
+    sink = load_model_module().TritonSink(pb.ResponseSender())
+    assert sink.marked and sink.samples_done() is None  # no report yet: a direct client until a watermarker speaks
+    assert cancellation.report_progress(sink.stream_id, 0) and sink.samples_done() == 0
+    assert cancellation.report_progress(sink.stream_id, 5760) and sink.samples_done() == 5760
+    sink.close()
+    assert sink.samples_done() is None
+
+
+def test_stage_metrics_and_the_graph_fallback_gauge_exist(model):
+    model.metrics.flush()
+    families = pb.MetricFamily.families
+    for name in ("csm_tts_codec_decode_seconds", "csm_tts_chunk_send_seconds", "csm_tts_held_seconds"):
+        assert families[name].kind == pb.MetricFamily.HISTOGRAM
+    assert families["csm_tts_cuda_graph_fallback"].metrics[-1].value() == 0  # a CPU runs eagerly by design
+    req = request(seed=1)
+    model.execute([req])
+    assert req.sender.final.wait(30)
+    model.metrics.flush()
+    assert families["csm_tts_codec_decode_seconds"].metrics[-1].observations
+    assert families["csm_tts_chunk_send_seconds"].metrics[-1].observations
+    held = [m for m in families["csm_tts_streams"].metrics if m.labels.get("state") == "held"]
+    assert held and held[-1].value() == 0
 
 
 WATERMARKER_BAD_CONFIG = [

@@ -13,6 +13,8 @@ import pytest
 from tritonclient.grpc import InferInput
 
 from csm_tts import SAMPLES_PER_FRAME
+from csm_tts.speech.chunk_schedule import ChunkSchedule
+from csm_tts.speech.engine import CsmEngine
 from csm_tts.speech.request import GenerationRequest
 from csm_tts.tooling.triton_streams import make_inputs, stream
 
@@ -25,9 +27,9 @@ async def test_chunks_arrive_in_schedule_with_the_requested_length(grpc_url):
     result = await stream(grpc_url, MODEL, TEXT, {"seed": 1, "max_audio_length_ms": 2000})
     assert result.error is None
     frames = [c["audio"].size // SAMPLES_PER_FRAME for c in result.chunks]
-    assert frames == [2, 4, 8, 10, 1]  # default schedule 2, x2, capped at 10; 25 frames in all
-    assert [int(c["chunk_index"][0]) for c in result.chunks] == list(range(5))
-    assert [bool(c["is_last"][0]) for c in result.chunks] == [False] * 4 + [True]
+    assert frames == [3, 6, 10, 6]  # default schedule 3, x2, capped at 10; 25 frames in all
+    assert [int(c["chunk_index"][0]) for c in result.chunks] == list(range(4))
+    assert [bool(c["is_last"][0]) for c in result.chunks] == [False] * 3 + [True]
     assert [int(c["sample_offset"][0]) for c in result.chunks] == np.cumsum(
         [0] + [c["audio"].size for c in result.chunks[:-1]]
     ).tolist()
@@ -47,9 +49,9 @@ async def test_same_seed_same_audio(grpc_url):
 
 async def test_matches_the_in_process_engine(grpc_url, engine):
     served = await stream(grpc_url, MODEL, TEXT, {"seed": 5, "max_audio_length_ms": 800, "speaker_id": 1})
-    local = np.concatenate(
-        [c.audio for c in engine.generate(GenerationRequest(TEXT, speaker_id=1, seed=5, max_audio_length_ms=800))]
-    )
+    served_schedule = CsmEngine(engine.model, engine.processor, schedule=ChunkSchedule(first_frames=3))  # as config
+    request = GenerationRequest(TEXT, speaker_id=1, seed=5, max_audio_length_ms=800)
+    local = np.concatenate([c.audio for c in served_schedule.generate(request)])
     assert np.array_equal(served.audio, local)
 
 

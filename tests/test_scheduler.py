@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import wait_for
 
 from csm_tts.speech.engine import CsmEngine
 from csm_tts.speech.request import GenerationRequest, InvalidRequest
@@ -20,9 +21,11 @@ class RecordingSink:
         self.chunks, self.errors = [], []
         self.cancel_after_chunks = cancel_after_chunks
         self.done = threading.Event()
+        self.first_chunk = threading.Event()
 
     def send_chunk(self, stream, chunk):
         self.chunks.append(chunk)
+        self.first_chunk.set()
         if chunk.is_last:
             self.done.set()
 
@@ -102,8 +105,7 @@ def test_cancel_stops_within_a_frame_and_others_continue(scheduler):
     assert len(cancelled.chunks) == 1 and not cancelled.chunks[0].is_last
     assert cancelled.errors == [("the request was cancelled", "CANCELLED")]  # its one final response
     assert other.chunks[-1].is_last
-    assert scheduler.in_flight == 0
-    assert scheduler.engine.streams_active == 0  # the cancelled stream gave its slot back
+    assert wait_for(lambda: scheduler.engine.streams_active == 0)  # the cancelled stream gave its slot back
 
 
 def test_full_queue_is_refused(engine):
@@ -111,7 +113,7 @@ def test_full_queue_is_refused(engine):
     try:
         sinks = [RecordingSink(), RecordingSink()]
         sched.submit(GenerationRequest("Hello.", max_audio_length_ms=2000), sinks[0])
-        time.sleep(0.5)  # the first stream is active now; the queue has room for one more
+        assert sinks[0].first_chunk.wait(30)  # the first stream is active now; the queue has room for one more
         sched.submit(GenerationRequest("Hello.", max_audio_length_ms=160), sinks[1])
         with pytest.raises(ServerFull, match="retry"):
             sched.submit(GenerationRequest("Hello.", max_audio_length_ms=160), RecordingSink())

@@ -362,21 +362,18 @@ class CodecSlots:
 
 
 def next_chunks(codec: CodecSlots, streams: list[Stream]) -> list[AudioChunk]:
-    """Each stream's pending frames as its next chunk, in the order given, decoded in one `codec.decode` call. A
-    stream's last chunk gives its codec slot back."""
+    """Each stream's due frames (`Stream.due`, cut by the stepping thread) as its next chunk, in the order given,
+    decoded in one `codec.decode` call. A stream's last chunk gives its codec slot back."""
     if len({id(s) for s in streams}) != len(streams):
         raise ValueError("a stream appears twice")
     for stream in streams:
-        if stream.pending and stream.codec_slot is None:
+        if stream.due is None:
+            raise ValueError(f"stream {stream.stream_id} has no chunk due")
+        if stream.due and stream.codec_slot is None:
             raise ValueError(f"stream {stream.stream_id} has no codec slot (it was released)")
     taken = []
     for stream in streams:
-        # Safe beside a stepping thread: `finished` is read first (a stream's frames are all appended before it
-        # finishes), and the frames are taken by count (a frame appended meanwhile stays for the next chunk).
-        last, slot = stream.finished, stream.codec_slot
-        count = len(stream.pending)
-        frames = stream.pending[:count]
-        del stream.pending[:count]
+        last, slot, frames = stream.due_is_last, stream.codec_slot, stream.due
         # No slot: released from another thread since the check above; its frames are dropped with it.
         taken.append((stream, last, torch.stack(frames) if frames and slot is not None else None, slot))
     decoding = [(stream, codes, slot) for stream, _, codes, slot in taken if codes is not None]
@@ -395,6 +392,7 @@ def next_chunks(codec: CodecSlots, streams: list[Stream]) -> list[AudioChunk]:
         )
         stream.chunk_index += 1
         stream.samples_sent += audio.size
+        stream.due = None  # after the counters: flow control reads them from the stepping thread
         if last:
             codec.free(stream.codec_slot, stream)
             stream.codec_slot = None

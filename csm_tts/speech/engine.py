@@ -24,20 +24,27 @@ from collections.abc import Iterator
 import torch
 from transformers.cache_utils import DynamicCache
 
-from csm_tts import FRAME_MS, SAMPLES_PER_FRAME
 from csm_tts.speech.checkpoint import ATTENTION, load_csm
 from csm_tts.speech.chunk_schedule import ChunkSchedule
 from csm_tts.speech.codec_stream import CodecSlots, next_chunks
-from csm_tts.speech.length_rule import default_audio_length_ms
-from csm_tts.speech.request import ContextTooLong, GenerationRequest, Limits, validate_request
+from csm_tts.speech.graphs import FrameGraphs, compare_probe, probe_frame
+from csm_tts.speech.prompt import PromptBuilder
+from csm_tts.speech.request import GenerationRequest, Limits
 from csm_tts.speech.sampling import sample_codes
-from csm_tts.speech.slots import SMALL_TOPK, WINDOWS, DepthCache, SlotCache, SlotState, batch_buckets, fit_slots
+from csm_tts.speech.slots import SMALL_TOPK, WINDOWS, SlotState, batch_buckets, fit_slots
 from csm_tts.speech.stream import AudioChunk, NoFreeSlot, Prompt, Stream
 
 
-class CsmEngine:
-    """Generation for many streams at once. The slots' tensors are shared by all streams, so calls that touch them
-    (start, step_many, release, capture_graphs) take one lock: threads may share an engine, their calls take turns."""
+class CsmEngine(PromptBuilder):
+    """Generation for many streams at once.
+
+    Threads: the slots' tensors are shared by all streams, so calls that touch them (start, step_many, release,
+    capture_graphs) take the engine lock and take turns. A stream's own state has two parts with one owner each: the
+    stepping thread's (`pending` frames, appended by `step_many`; `cut_chunk` moves them to `due` once `chunk_ready`)
+    and the decoding thread's (`due`, the codec state, `chunk_index`, `samples_sent`, used by `take_chunks`). So a
+    stream is stepped while its last chunk is decoded; a caller that runs the two on different threads (the
+    scheduler's stepper and output stage) cuts a stream's next chunk only after its previous one has been taken, and
+    releases slots on the stepping thread. `prepare` touches no slot at all."""
 
     def __init__(
         self,
@@ -46,7 +53,7 @@ class CsmEngine:
         schedule: ChunkSchedule | None = None,
         limits: Limits | None = None,
         max_streams: int = 8,
-        cuda_graphs: bool | None = None,
+        cuda_graphs: str | bool | None = "auto",
     ):
         self.model = model
         self.processor = processor
@@ -88,25 +95,27 @@ class CsmEngine:
         # keeps its codec slot until its last chunk is decoded, so twice the slots: room for a new stream in every
         # backbone slot while the streams that left it still wait for the output stage.
         self.codec = CodecSlots(model.codec_model, 2 * max_streams, self.schedule.max_frames)
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and self.device.type != "cuda":
-            raise ValueError("cuda_graphs needs a CUDA device")
+        self.graphs = FrameGraphs(cuda_graphs, self.device)  # auto|on|off (graphs.py)
         self.batch_sizes = batch_buckets(max_streams)
         self.windows = tuple(sorted({min(w, self.max_positions) for w in WINDOWS}))
         self.topk_bounds = (min(SMALL_TOPK, self.codebook_size), self.codebook_size)
         self._owners: list[weakref.ref | None] = [None] * max_streams  # slot -> its stream
         self._state: SlotState | None = None  # allocated by the first start (or capture)
-        self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
-        self._graph_pool = None
         self._lock = threading.RLock()
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether frames replay CUDA graphs (False when eager, `auto` on a CPU or after a fallback)."""
+        return self.graphs.enabled
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled: bool) -> None:  # benchmarks switch one engine between graphs and eager
+        self.graphs.enabled = enabled
 
     @classmethod
     def from_dir(cls, model_dir, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> CsmEngine:
         model, processor = load_csm(model_dir, device=device, dtype=dtype)
         return cls(model, processor, **kwargs)
-
-    def validate(self, request: GenerationRequest) -> None:
-        validate_request(request, self.limits, self.codebook_size)
 
     def check_health(self) -> None:
         """A tiny computation on the model's device: raises when the device itself is broken (a CUDA error poisons
@@ -115,91 +124,10 @@ class CsmEngine:
         if float((probe + probe).sum().cpu()) != 4.0:
             raise RuntimeError(f"the device {self.device} computes wrong results")
 
-    # -- limits -------------------------------------------------------------------------------------------------
-    def min_prompt_positions(self, request: GenerationRequest) -> int:
-        """A lower bound of the prompt's positions, cheap: the texts' tokens plus one position per 80 ms frame of
-        context audio (Mimi's frame rate). The chat template's markers only add to it. No Mimi, no chat template."""
-        tokenizer = self.processor.tokenizer
-        texts = [request.text, *(s.text for s in request.context)]
-        tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-        return tokens + sum(-(-s.audio.size // SAMPLES_PER_FRAME) for s in request.context)
-
-    def max_frames(self, request: GenerationRequest, prompt_length: int, estimated: bool = False) -> int:
-        """Frames this request may generate. An explicit max_audio_length_ms must fit the context with the prompt;
-        without one the limit follows the text (length_rule.py) and shrinks to what the context has left."""
-        room = self.max_positions - prompt_length
-        takes = f"takes {'at least ' if estimated else ''}{prompt_length} positions"
-        if request.max_audio_length_ms is not None:
-            frames = request.max_audio_length_ms // FRAME_MS
-            if frames > room:
-                raise ContextTooLong(
-                    f"the prompt {takes} (text and context) and max_audio_length_ms "
-                    f"{request.max_audio_length_ms} needs {frames} more; the model's context holds "
-                    f"{self.max_positions}: shorten the text or context, or lower max_audio_length_ms"
-                )
-            return frames
-        if room < 1:
-            raise ContextTooLong(
-                f"the prompt {takes} (text and context); the model's context holds "
-                f"{self.max_positions}, leaving no room for audio: shorten the text or context"
-            )
-        return min(default_audio_length_ms(request.text, self.limits.max_audio_length_ms) // FRAME_MS, room)
-
-    # -- prompt -------------------------------------------------------------------------------------------------
-    def prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
-        conversation = [
-            {"role": str(s.speaker), "content": [{"type": "text", "text": s.text}, {"type": "audio", "audio": s.audio}]}
-            for s in request.context
-        ]
-        conversation.append({"role": str(request.speaker_id), "content": [{"type": "text", "text": request.text}]})
-        inputs = self.processor.apply_chat_template(conversation, tokenize=True, return_dict=True).to(self.device)
-        if "input_values" in inputs:
-            inputs["input_values"] = inputs["input_values"].to(self.model.dtype)
-        # transformers' own merge of text embeddings with Mimi-encoded context audio, as `generate` uses it.
-        merged = self.model._merge_input_ids_with_input_values(
-            input_ids=inputs["input_ids"],
-            input_values=inputs.get("input_values"),
-            input_values_cutoffs=inputs.get("input_values_cutoffs"),
-        )
-        return merged["inputs_embeds"]
-
     # -- slots --------------------------------------------------------------------------------------------------
     def _slot_state(self) -> SlotState:
         if self._state is None:
-            config, depth, device, dtype = self.model.config, self.depth_config, self.device, self.model.dtype
-            slots = self.max_streams
-            staging = torch.zeros(slots, self.num_codebooks + 1)
-            depth_positions = torch.arange(self.num_codebooks, device=device)[None]
-            probe = torch.zeros(1, dtype=dtype, device=device)
-            self._state = SlotState(
-                backbone=SlotCache(
-                    config.num_hidden_layers,
-                    slots,
-                    config.num_key_value_heads,
-                    self.max_positions,
-                    config.head_dim,
-                    dtype,
-                    device,
-                ),
-                depth=DepthCache(
-                    depth.num_hidden_layers,
-                    slots,
-                    depth.num_key_value_heads,
-                    self.num_codebooks,
-                    depth.head_dim,
-                    dtype,
-                    device,
-                ),
-                lengths=torch.zeros(slots, dtype=torch.long, device=device),
-                hidden=torch.zeros(slots, config.hidden_size, dtype=dtype, device=device),
-                temperature=torch.zeros(slots, device=device),
-                topk=torch.ones(slots, dtype=torch.long, device=device),
-                inputs=torch.zeros(slots, self.num_codebooks + 1, device=device),
-                staging=staging.pin_memory() if device.type == "cuda" else staging,
-                codes=torch.zeros(slots, self.num_codebooks, dtype=torch.long, device=device),
-                window_ids=torch.arange(self.max_positions, device=device),
-                depth_rotary=self.depth.rotary_emb(probe, depth_positions),
-            )
+            self._state = SlotState.allocate(self.model, self.max_streams)
         return self._state
 
     def _free_slot(self) -> int:
@@ -226,16 +154,6 @@ class CsmEngine:
                 self._owners[slot] = None
 
     # -- generation ---------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def prepare(self, request: GenerationRequest) -> Prompt:
-        """Validate and build the prompt, cheap checks first: the prompt's positions are bounded from below before
-        any context audio is Mimi-encoded, so a request that cannot fit costs a tokenizer call, not seconds of
-        encoding. Raises InvalidRequest. Needs no stream state: the scheduler runs it off its stepping thread."""
-        self.validate(request)
-        self.max_frames(request, self.min_prompt_positions(request), estimated=True)  # raises early when it cannot fit
-        embeds = self.prompt_embeds(request)
-        return Prompt(request, embeds, self.max_frames(request, embeds.shape[1]))
-
     @torch.inference_mode()
     def start(self, request: GenerationRequest | Prompt, stream_id: str | None = None) -> Stream:
         """Take a free slot and run the prefill of a prepared prompt into it (or prepare the request first). Raises
@@ -358,35 +276,34 @@ class CsmEngine:
 
     @torch.inference_mode()
     def capture_graphs(self, max_window: int | None = None) -> int:
-        """Capture the frame step as a CUDA graph for every batch size, window (up to `max_window`) and top-k bound,
-        so that no stream pays for a capture later (at model load). Returns how many graphs exist."""
-        if not self.cuda_graphs:
-            return 0
+        """Apply the `cuda_graphs` policy at model load (graphs.py): capture the frame step for every batch size,
+        window (up to `max_window`) and top-k bound, so that no stream pays for a capture later, and check a probe
+        replay against the eager step. Returns how many graphs are in use (0 when frames run eagerly)."""
+        self.load_graphs(max_window)
+        return len(self.graphs.graphs)
+
+    @torch.inference_mode()
+    def load_graphs(self, max_window: int | None = None) -> str:
+        """`capture_graphs`, returning the sentence for the log (it says when `auto` fell back to eager frames)."""
+        shapes = [
+            (rows, window, topk)
+            for rows in self.batch_sizes
+            for window in self.windows
+            if max_window is None or window <= max_window
+            for topk in self.topk_bounds
+        ]
         with self._lock:
-            for rows in self.batch_sizes:
-                for window in self.windows:
-                    if max_window is None or window <= max_window:
-                        for topk in self.topk_bounds:
-                            self._graph((rows, window, topk))
-            return len(self._graphs)
+            return self.graphs.load(shapes, self._graph, self._check_graphs)
 
     def _graph(self, shape: tuple[int, int, int]):
-        graph = self._graphs.get(shape)
-        if graph is None:
-            state = self._slot_state()
-            state.inputs.zero_()  # no row steps: the warm-up run leaves every length and hidden state as it was
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._frame(*shape)  # warm-up outside the capture (library handles, workspaces)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):  # graphs never run at once: one memory pool
-                self._frame(*shape)
-            self._graphs[shape] = graph
-        return graph
+        # A capture's warm-up run steps no row (inputs zeroed): lengths and hidden states stay as they were.
+        return self.graphs.get(shape, lambda: self._frame(*shape), lambda: self._slot_state().inputs.zero_())
+
+    def _check_graphs(self) -> str | None:
+        shape = (self.batch_sizes[-1], self.windows[0], self.topk_bounds[0])
+        state, graph = self._slot_state(), self._graph(shape)  # captured first: a capture resets the inputs
+        eager = probe_frame(state, shape[0], lambda: self._frame(*shape))
+        return compare_probe(eager, probe_frame(state, shape[0], graph.replay))
 
     @torch.inference_mode()
     def step_many(self, streams: list[Stream]) -> None:
@@ -402,7 +319,7 @@ class CsmEngine:
             if owner is None or owner() is not stream:
                 raise ValueError(f"stream {stream.stream_id} has no slot (it was released)")
         shape = self._shape(streams)
-        graph = self._graph(shape) if self.cuda_graphs else None  # a capture (once per shape) resets the inputs
+        graph = self._graph(shape)  # None when eager; a capture (once per shape) resets the inputs
         state = self._state
         rows = shape[0]
         # Each stream's uniforms come from its own generator, on the CPU; with the step flags they reach the device
@@ -440,8 +357,16 @@ class CsmEngine:
     def chunk_ready(self, stream: Stream) -> bool:
         return stream.finished or len(stream.pending) >= self.schedule.frames_in_chunk(stream.chunk_index)
 
+    def cut_chunk(self, stream: Stream) -> None:
+        """The stepping thread, once `chunk_ready`: the pending frames become the due chunk, and new frames start the
+        next one (the previous due chunk must have been taken)."""
+        if stream.due is not None:
+            raise RuntimeError(f"stream {stream.stream_id}: its previous chunk has not been taken yet")
+        stream.due, stream.pending, stream.due_is_last = stream.pending, [], stream.finished
+
     def take_chunk(self, stream: Stream) -> AudioChunk:
-        """Decode the pending frames into the next chunk (empty audio when a stream ends on a chunk border)."""
+        """Decode the due frames (cut now if nobody has) into the next chunk (empty audio when a stream ends on a
+        chunk border)."""
         return self.take_chunks([stream])[0]
 
     def generate(self, request: GenerationRequest) -> Iterator[AudioChunk]:
@@ -459,6 +384,12 @@ class CsmEngine:
             self.release(stream)  # a consumer that stops early frees the slot at once
 
     def take_chunks(self, streams: list[Stream]) -> list[AudioChunk]:
-        """Each stream's pending frames as its next chunk, in the order given, decoded in one batched codec call (one
-        per frame bucket present). A stream's last chunk gives its codec slot back. Safe beside a stepping thread."""
+        """Decode the due chunk of each stream (`cut_chunk`; cut now where nobody has), in order: the output stage's
+        codec call per round, batched across streams (one call per frame bucket present). A stream's last chunk gives
+        its codec slot back. Touches only the decoding side of these streams (due frames, codec slots, counters),
+        never the backbone slots or `pending`, so it runs without the engine lock beside a frame step that advances
+        the same streams."""
+        for stream in streams:
+            if stream.due is None:
+                self.cut_chunk(stream)
         return next_chunks(self.codec, streams)

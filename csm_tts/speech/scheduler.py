@@ -1,23 +1,29 @@
-"""Runs all active streams of one model instance, interleaved frame by frame, on two background threads.
+"""Runs all active streams of one model instance, interleaved frame by frame, on three background threads.
 
 Triton's `execute()` only validates and hands a request over (`submit`), so it returns at once and many requests
-can be in flight on one instance. The *preparer* thread builds each queued request's prompt (tokenizing, Mimi
-encoding of context audio: up to a second for long contexts), so that work never stalls running streams; the
-*stepper* thread admits prepared streams (prefill, at most one between two steps), advances every active stream by
-one frame per round, and sends a chunk whenever a stream's chunk schedule says so. A full queue is refused
-(`ServerFull`, retry-able) instead of growing latency without bound, and a stream that waits longer than
-`max_queue_wait_s` for a free slot is refused too (`UNAVAILABLE`, retry-able: another replica may have room).
-Cancelled streams are dropped between frames, and a request cancelled while it waits is dropped before its prompt is
-built or prefilled. Every stream that leaves gives its engine slot back.
+can be in flight on one instance. Like vLLM's engine core, stepping is split from output work:
+
+- the *preparer* builds each queued request's prompt (tokenizing, Mimi encoding of context audio: up to a second
+  for long contexts), so that work never stalls running streams;
+- the *stepper* only runs batched frame steps: it admits prepared streams (prefill, at most one between two steps)
+  and advances every stream that may run by one frame per round, cutting due chunks for the output stage (the
+  engine's thread rule); a stream held back by the watermarker (flow_control.py) costs no step;
+- the *output stage* checks each handed-over stream for cancellation (once per chunk, not every frame), decodes the
+  due chunks of a round in one `engine.take_chunks` call, sends them in order and retires ended streams.
+
+Admission is bounded: a full queue is refused (`ServerFull`, retry-able); a queued request that cannot start within
+`max_queue_wait_s` (shorter while the watermarker is behind) is refused with UNAVAILABLE, before its prompt is built
+when it expired in the queue. Cancelled streams give their engine slot back, and a request cancelled while it waits
+is dropped before its prompt is built or prefilled.
 
 Failures stay where they happen. A sink that raises (the client went away, a broken response sender) fails its own
-stream; a batched step that raises fails the streams of that step; the others go on and the next request is served.
+stream; a batched step or decode that raises fails its streams; the others go on and the next request is served.
 When the engine itself is broken (a probe computation on its device fails after an error, e.g. a CUDA error, or the
 scheduler's own code fails), every stream fails at once with INTERNAL, `submit` refuses new requests with
 `EngineBroken`, and `broken` says why (the adapter reports it and can take the server down for a restart).
 
-An optional `observer` (csm_tts/triton/metrics.py in production) hears how many streams are active and queued and how
-long each batched step took; a failing observer is logged, never fatal.
+An `observer` (csm_tts/triton/metrics.py) hears the streams active, queued and held, and each stage's time (frame
+step, codec decode, send, holds); a failing observer is logged, never fatal.
 """
 
 from __future__ import annotations
@@ -30,59 +36,19 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from csm_tts.speech.engine import CsmEngine
+from csm_tts.speech.flow_control import HOLD_POLL_S, FlowControl
+from csm_tts.speech.jobs import EngineBroken, Job, SchedulerObserver, ServerFull, StreamSink
+from csm_tts.speech.output_stage import OutputStage
 from csm_tts.speech.request import GenerationRequest, InvalidRequest
-from csm_tts.speech.stream import AudioChunk, NoFreeSlot, Prompt, Stream
+from csm_tts.speech.stream import NoFreeSlot
 
 log = logging.getLogger("csm_tts.speech.scheduler")
 PREPARER_NICE = 5  # the prompt-building thread's CPU priority below the stepping thread's (Linux nice, 0-19)
 
 
-class ServerFull(RuntimeError):
-    pass
-
-
-class EngineBroken(RuntimeError):
-    """The engine cannot serve any more (its device failed); the message says why."""
-
-
-class StreamSink(Protocol):
-    """Where one request's output goes (a Triton response sender in production, a list in tests)."""
-
-    def send_chunk(self, stream: Stream, chunk: AudioChunk) -> None: ...
-
-    def send_error(
-        self, message: str, code: str
-    ) -> None: ...  # code: INVALID_ARG, UNAVAILABLE, INTERNAL or CANCELLED; ends the request
-
-    def is_cancelled(self) -> bool: ...
-
-
-@dataclass(eq=False)
-class _Job:
-    request: GenerationRequest
-    sink: StreamSink
-    stream_id: str | None = None
-    prompt: Prompt | None = None
-    stream: Stream | None = None
-    ended: bool = False  # its final response was sent (or could not be): nothing more goes to its sink
-    queued_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def name(self) -> str:
-        return self.stream.stream_id if self.stream is not None else (self.stream_id or "(queued)")
-
-
-class SchedulerObserver(Protocol):
-    def occupancy(self, active: int, queued: int) -> None: ...
-
-    def frame_step(self, seconds: float, streams: int) -> None: ...
-
-
-class StreamScheduler:
+class StreamScheduler(OutputStage):
     def __init__(
         self,
         engine: CsmEngine,
@@ -93,6 +59,7 @@ class StreamScheduler:
         on_broken: Callable[[str], None] | None = None,
         observer: SchedulerObserver | None = None,
         max_queue_wait_s: float | None = None,
+        flow: FlowControl | None = None,
     ):
         if max_active < 1 or max_queued < 1:
             raise ValueError(f"need max_active >= 1 and max_queued >= 1, got {max_active} and {max_queued}")
@@ -102,32 +69,29 @@ class StreamScheduler:
             logger(f"max_active_streams {max_active} lowered to the engine's {engine.max_streams} stream slots")
         self.max_queued = max_queued
         self.max_queue_wait_s = max_queue_wait_s
+        self.flow = flow or FlowControl()
+        self.flow.check(engine.schedule.max_frames)
         self.observer = observer
         self.log = logger
         self.log_error = error_logger or logger
         self.on_broken = on_broken
         self.broken: str | None = None  # why the engine cannot serve any more
-        self._waiting: collections.deque[_Job] = collections.deque()  # submitted, prompt not built yet
-        self._preparing: _Job | None = None
-        self._ready: collections.deque[_Job] = collections.deque()  # prompt built, waiting for a batch slot
-        self._active: list[_Job] = []
+        self._waiting: collections.deque[Job] = collections.deque()  # submitted, prompt not built yet
+        self._preparing: Job | None = None
+        self._ready: collections.deque[Job] = collections.deque()  # prompt built, waiting for a batch slot
+        self._active: list[Job] = []
+        self._outbox: list[Job] = []  # handed to the output stage, in the order their chunks became due
+        self._retired: list[Job] = []  # ended by the output stage; the stepper releases their slots
+        self._held = 0
         self._wake = threading.Condition()
         self._stopping = False
         self._threads = [
             threading.Thread(target=self._prepare_loop, name="csm-preparer", daemon=True),
             threading.Thread(target=self._loop, args=(self._step_next,), name="csm-stepper", daemon=True),
+            threading.Thread(target=self._loop, args=(self._output_next,), name="csm-output", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
-
-    @property
-    def in_flight(self) -> int:
-        with self._wake:
-            return len(self._waiting) + len(self._ready) + len(self._active) + (self._preparing is not None)
-
-    @property
-    def healthy(self) -> bool:
-        return self.broken is None
 
     def submit(self, request: GenerationRequest, sink: StreamSink, stream_id: str | None = None) -> None:
         with self._wake:
@@ -135,10 +99,10 @@ class StreamScheduler:
                 raise EngineBroken(f"the speech engine failed and refuses requests until restarted: {self.broken}")
             if self._stopping:
                 raise ServerFull("the model is shutting down")
-            queued = len(self._waiting) + len(self._ready) + (self._preparing is not None)
+            queued = self._queued()
             if queued >= self.max_queued:
                 raise ServerFull(f"server is full ({len(self._active)} active streams, {queued} queued); retry later")
-            self._waiting.append(_Job(request, sink, stream_id))
+            self._waiting.append(Job(request, sink, stream_id))
             self._wake.notify_all()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -150,7 +114,13 @@ class StreamScheduler:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    # -- the two threads ------------------------------------------------------------------------------------------
+    def _queued(self) -> int:
+        return len(self._waiting) + len(self._ready) + (self._preparing is not None)
+
+    def _due(self, job: Job) -> bool:
+        return job.stream.finished or self.engine.chunk_ready(job.stream)
+
+    # -- the threads ----------------------------------------------------------------------------------------------
     def _loop(self, work: Callable[[], bool]) -> None:
         """Run `work` until it says stop. Nothing escapes: a bug in the scheduler's own code breaks the engine loudly
         (every stream fails, requests are refused) instead of ending a thread silently with requests hanging."""
@@ -175,7 +145,11 @@ class StreamScheduler:
                 self._wake.wait()
             if not self._waiting:
                 return False  # stopping, nothing left to prepare
-            job = self._preparing = self._waiting.popleft()
+            late = self._expired(time.monotonic())  # refused before any Mimi encoding is spent on them
+            job = self._preparing = self._waiting.popleft() if self._waiting else None
+        self._refuse_late(late)
+        if job is None:
+            return True
         try:
             self._prepare(job)
         finally:
@@ -185,48 +159,104 @@ class StreamScheduler:
         return True
 
     def _step_next(self) -> bool:
+        """One round of the stepper: refuse expired jobs, admit at most one, step every stream that may run."""
         with self._wake:
-            while not self._admissible() and not self._active:
-                if self._stopping and not (self._waiting or self._ready or self._preparing):
+            while not (self._waiting or self._ready or self._active or self._retired):
+                if self._stopping and self._preparing is None:
                     return False
+                self._held = 0
+                self._observe(lambda o: o.occupancy(0, self._queued(), 0))  # the last stream left: gauges go to 0
                 self._wake.wait(0.5 if self._stopping else None)
-            late = self._expired()
+            retired, self._retired = self._retired, []
+            now = time.monotonic()
+            late = self._expired(now)
             # At most one prefill between two batched steps, so a burst of new streams cannot freeze running ones.
-            job = self._ready.popleft() if self._admissible() else None
-            queued = len(self._waiting) + len(self._ready) + (self._preparing is not None)
-        for waited, expired in late:
-            self._refuse_late(expired, waited)
+            job = self._ready.popleft() if self._admissible(now) else None
+            # A stream whose next chunk is due while its last one is still being decoded waits for the output stage.
+            candidates = [j for j in self._active if not j.ended and not (j.handed_over and self._due(j))]
+        for gone in retired:  # slots are released here, never while a step may use them
+            self._release(gone)
+        self._refuse_late(late)
         if job is not None:
             self._admit(job)
-        if self._active:
-            self._round()
-        self._observe(lambda o: o.occupancy(len(self._active), queued))
+        stepping, checks = self._not_held(candidates, now)
+        if stepping:
+            self._step(stepping)
+        due = [j for j in stepping if not j.handed_over and self._due(j)]
+        for ready in due:
+            self.engine.cut_chunk(ready.stream)
+        self._hand_over(checks + due)
+        self._observe(lambda o: o.occupancy(len(self._active), self._queued(), self._held))
+        if not stepping and job is None:
+            self._idle()
         return True
 
-    def _expired(self) -> list[tuple[float, _Job]]:
-        """Prepared jobs that waited longer than `max_queue_wait_s` for a slot (oldest first); holding the lock."""
+    def _idle(self) -> None:
+        """Nothing ran this round: wait for the output stage to hand a stream back, a new job, or (polling) the
+        watermarker's progress and the queue's deadlines."""
+        with self._wake:
+            if self._retired or sum(1 for j in self._active if not j.handed_over and not j.ended) > self._held:
+                return  # handed back or retired meanwhile
+            if self._held or self._queued():
+                self._wake.wait(HOLD_POLL_S if self._held else 0.05)
+            elif not self._admissible(time.monotonic()):
+                self._wake.wait(0.5 if self._stopping else None)
+
+    def _not_held(self, jobs: list[Job], now: float) -> tuple[list[Job], list[Job]]:
+        """The jobs to step this round, and held jobs due for a cancellation check (flow_control.py)."""
+        stepping, checks, ended = self.flow.sort(jobs, now, self.log_error)
+        self._held = len(jobs) - len(stepping)
+        for seconds in ended:
+            self._observe(lambda o, s=seconds: o.hold_ended(s))
+        return stepping, checks
+
+    def _step(self, stepping: list[Job]) -> None:
+        try:
+            started = time.perf_counter()
+            self.engine.step_many([job.stream for job in stepping])
+            elapsed = time.perf_counter() - started
+            self._observe(lambda o: o.frame_step(elapsed, len(stepping)))
+        except Exception as e:  # a failed batch fails its streams, not the server
+            self._failed(stepping, e, "a batched step")
+            self._hand_over(list(stepping))  # ended: the output stage retires them
+            stepping.clear()
+
+    def _hand_over(self, jobs: list[Job]) -> None:
+        if jobs:
+            with self._wake:
+                for job in jobs:
+                    if not job.handed_over:
+                        job.handed_over = True
+                        self._outbox.append(job)
+                self._wake.notify_all()
+
+    # -- admission ------------------------------------------------------------------------------------------------
+    def _expired(self, now: float) -> list[tuple[float, Job]]:
+        """Queued jobs (prepared or not) that waited longer than they may; holding the lock."""
+        limit = self.flow.queue_wait_s(self.max_queue_wait_s, now)
+        if limit is None:
+            return []
         expired = []
-        now = time.monotonic()
-        while self.max_queue_wait_s is not None and self._ready:
-            waited = now - self._ready[0].queued_at
-            if waited <= self.max_queue_wait_s:
-                break
-            expired.append((waited, self._ready.popleft()))
+        for queue in (self._waiting, self._ready):
+            for job in [j for j in queue if now - j.queued_at > limit]:
+                queue.remove(job)
+                expired.append((now - job.queued_at, job))
         return expired
 
-    def _refuse_late(self, job: _Job, waited: float) -> None:
-        message = (
-            f"no stream slot became free within {waited:.1f} s ({len(self._active)} streams active); "
-            "retry in a moment or on another server"
-        )
-        self.log(f"refusing a queued request: {message}")
-        self._send_error(job, message, "UNAVAILABLE")
+    def _refuse_late(self, late: list[tuple[float, Job]]) -> None:
+        for waited, job in late:
+            behind, slot = f"the watermarker is behind ({self._held} streams held back)", "no stream slot became free"
+            why = behind if self.flow.behind() else f"{slot} within {waited:.1f} s ({len(self._active)} streams active)"
+            message = f"{why}; retry in a moment or on another server"
+            self.log(f"refusing a queued request: {message}")
+            self._send_error(job, message, "UNAVAILABLE")
 
-    def _admissible(self) -> bool:
-        return bool(self._ready) and len(self._active) < self.max_active
+    def _admissible(self, now: float) -> bool:
+        """A prepared job may start: a slot is free and the watermarker keeps up (flow_control.py)."""
+        return bool(self._ready) and len(self._active) < self.max_active and not self.flow.behind(now)
 
     # -- one job ----------------------------------------------------------------------------------------------------
-    def _prepare(self, job: _Job) -> None:
+    def _prepare(self, job: Job) -> None:
         if self._gone_before_start(job):
             return
         started = time.perf_counter()
@@ -239,6 +269,7 @@ class StreamScheduler:
             self._failed([job], e, "preparing its prompt")
             return
         took_ms = (time.perf_counter() - started) * 1000
+        job.queued_at += took_ms / 1000  # the queue wait bound counts waiting, not building its own prompt
         if job.request.context:
             self.log(
                 f"prompt of {job.prompt.length} positions ({len(job.request.context)} context segments) "
@@ -254,7 +285,7 @@ class StreamScheduler:
         if refused:
             self._send_error(job, f"the speech engine failed: {self.broken}", "INTERNAL")
 
-    def _admit(self, job: _Job) -> None:
+    def _admit(self, job: Job) -> None:
         if self._gone_before_start(job):
             return
         try:
@@ -278,58 +309,16 @@ class StreamScheduler:
         with self._wake:
             self._active.append(job)
 
-    def _round(self) -> None:
-        """Advance every active stream by one frame in one batched step; send the chunks that are due."""
-        done, stepping = [], []
-        for job in self._active:
-            if job.ended:  # failed from the other thread (a broken engine)
-                done.append(job)
-                continue
-            cancelled = self._cancelled(job)
-            if cancelled is None:  # its sink failed (and the stream with it)
-                done.append(job)
-            elif cancelled:
-                self.log(f"Cancelling the request {job.stream.stream_id} after {job.stream.frames_generated} frames")
-                self._end_cancelled(job)
-                done.append(job)
-            else:
-                stepping.append(job)
-        try:
-            started = time.perf_counter()
-            self.engine.step_many([job.stream for job in stepping])
-            elapsed = time.perf_counter() - started
-            self._observe(lambda o: o.frame_step(elapsed, len(stepping)))
-        except Exception as e:  # a failed batch fails its streams, not the server
-            self._failed(stepping, e, "a batched step")
-            done.extend(stepping)
-            stepping = []
-        for job in stepping:
-            stream = job.stream
-            try:
-                if self.engine.chunk_ready(stream) and not job.ended:
-                    chunk = self.engine.take_chunk(stream)
-                    job.ended = chunk.is_last
-                    job.sink.send_chunk(stream, chunk)
-            except Exception as e:
-                self._fail(job, f"stream {stream.stream_id} failed: {type(e).__name__}: {e}", traceback.format_exc())
-                done.append(job)
-                continue
-            if job.ended or (stream.finished and not stream.pending):
-                done.append(job)
-        for job in done:
-            self._release(job)
-        if done:
-            with self._wake:
-                self._active = [j for j in self._active if j not in done]
-                self._wake.notify_all()
-
-    def _release(self, job: _Job) -> None:
+    def _release(self, job: Job) -> None:
         """Cancelled or failed streams still hold their engine slot (finished ones free theirs themselves)."""
         if job.stream is not None:
             try:
                 self.engine.release(job.stream)
             except Exception as e:
                 self.log_error(f"stream {job.name}: could not release its slot: {type(e).__name__}: {e}")
+        if job.hold.since is not None:
+            seconds, job.hold.since = time.monotonic() - job.hold.since, None
+            self._observe(lambda o: o.hold_ended(seconds))
 
     def _observe(self, report) -> None:
         """Metrics must never stop the scheduler."""
@@ -341,7 +330,7 @@ class StreamScheduler:
             self.log(f"metrics observer failed: {e}")
 
     # -- failures -----------------------------------------------------------------------------------------------------
-    def _gone_before_start(self, job: _Job) -> bool:
+    def _gone_before_start(self, job: Job) -> bool:
         """True when a waiting job was cancelled (it gets its final response) or its sink failed (it has failed)."""
         cancelled = self._cancelled(job)
         if cancelled:
@@ -349,7 +338,7 @@ class StreamScheduler:
             self._end_cancelled(job)
         return cancelled is not False
 
-    def _cancelled(self, job: _Job) -> bool | None:
+    def _cancelled(self, job: Job) -> bool | None:
         """The sink's answer; None when asking failed (then the job has been failed)."""
         try:
             return bool(job.sink.is_cancelled())
@@ -357,7 +346,7 @@ class StreamScheduler:
             self._fail(job, f"stream {job.name} failed: its cancellation check raised {type(e).__name__}: {e}")
             return None
 
-    def _failed(self, jobs: list[_Job], error: Exception, during: str) -> None:
+    def _failed(self, jobs: list[Job], error: Exception, during: str) -> None:
         """An engine call raised. If the device still computes, only these jobs fail; otherwise the engine is broken."""
         trace = traceback.format_exc()
         try:
@@ -368,20 +357,19 @@ class StreamScheduler:
         for job in jobs:
             self._fail(job, f"stream {job.name} failed during {during}: {type(error).__name__}: {error}", trace)
 
-    def _fail(self, job: _Job, message: str, trace: str | None = None) -> None:
+    def _fail(self, job: Job, message: str, trace: str | None = None) -> None:
         self.log_error(message + (f"\n{trace}" if trace else ""))
         self._send_error(job, message, "INTERNAL")
 
-    def _send_error(self, job: _Job, message: str, code: str) -> None:
-        if job.ended:
+    def _send_error(self, job: Job, message: str, code: str) -> None:
+        if not job.claim_end():
             return
-        job.ended = True
         try:
             job.sink.send_error(message, code)
         except Exception as e:  # the client may be gone already; nothing more can be told
             self.log_error(f"stream {job.name}: could not send its final {code} response: {type(e).__name__}: {e}")
 
-    def _end_cancelled(self, job: _Job) -> None:
+    def _end_cancelled(self, job: Job) -> None:
         """A cancelled request still gets its one final response (nobody may be listening any more)."""
         self._send_error(job, "the request was cancelled", "CANCELLED")
 
@@ -394,7 +382,7 @@ class StreamScheduler:
             jobs = [*self._waiting, *self._ready, *self._active]
             self._waiting.clear()
             self._ready.clear()
-            self._active = []
+            self._active, self._outbox, self._retired = [], [], []
             self._wake.notify_all()
         if first:
             self.log_error(

@@ -107,3 +107,27 @@ class SlotState:
     codes: torch.Tensor  # [slots, num_codebooks] the frame's codes
     window_ids: torch.Tensor  # arange(context), for the length masks
     depth_rotary: tuple[torch.Tensor, torch.Tensor]  # the depth decoder's cos/sin for its positions
+
+    @classmethod
+    def allocate(cls, model, slots: int) -> SlotState:
+        """Every buffer for `slots` streams of a CSM model, on its device and in its dtype."""
+        config, depth, device, dtype = model.config, model.depth_decoder.config, model.device, model.dtype
+        codebooks, context = config.num_codebooks, config.max_position_embeddings
+        staging = torch.zeros(slots, codebooks + 1)
+        probe = torch.zeros(1, dtype=dtype, device=device)
+        depth_positions = torch.arange(codebooks, device=device)[None]
+        backbone_shape = (config.num_hidden_layers, slots, config.num_key_value_heads, context, config.head_dim)
+        depth_shape = (depth.num_hidden_layers, slots, depth.num_key_value_heads, codebooks, depth.head_dim)
+        return cls(
+            backbone=SlotCache(*backbone_shape, dtype, device),
+            depth=DepthCache(*depth_shape, dtype, device),
+            lengths=torch.zeros(slots, dtype=torch.long, device=device),
+            hidden=torch.zeros(slots, config.hidden_size, dtype=dtype, device=device),
+            temperature=torch.zeros(slots, device=device),
+            topk=torch.ones(slots, dtype=torch.long, device=device),
+            inputs=torch.zeros(slots, codebooks + 1, device=device),
+            staging=staging.pin_memory() if device.type == "cuda" else staging,
+            codes=torch.zeros(slots, codebooks, dtype=torch.long, device=device),
+            window_ids=torch.arange(context, device=device),
+            depth_rotary=model.depth_decoder.model.rotary_emb(probe, depth_positions),
+        )

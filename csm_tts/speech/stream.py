@@ -52,6 +52,9 @@ class Stream:
     codec_slot: int | None = None
     pending: list[torch.Tensor] = field(default_factory=list)  # frames not yet decoded, each [32] on the CPU
     frames_generated: int = 0
+    # The next chunk's frames, cut from `pending` when it fell due (`CsmEngine.cut_chunk`); decoded by `take_chunk`.
+    due: list[torch.Tensor] | None = None
+    due_is_last: bool = False
     chunk_index: int = 0
     samples_sent: int = 0
     finish_reason: str | None = None

@@ -127,15 +127,16 @@ def report_progress(stream_id: str, samples: int) -> bool:
     return True
 
 
-def samples_done(stream_id: str) -> int | None:
-    """csm_1b: how many samples of its stream the watermarker has taken so far (0 before its first report); None when
-    unknown (no marker, or an unreadable record: then csm_1b must not hold the stream back on it)."""
+def samples_done(stream_id: str, before_first_report: int | None = 0) -> int | None:
+    """csm_1b: how many samples of its stream the watermarker has taken so far (`before_first_report` until its first
+    report: None where a stream no watermarker reports on must run free); None when unknown (no marker, or an
+    unreadable record: then csm_1b must not hold the stream back on it)."""
     try:
         record = _progress_path(stream_id).read_bytes()
     except OSError:
         return None
     if not record:
-        return 0
+        return before_first_report
     try:
         return int(record[:_PROGRESS_WIDTH])
     except ValueError:

@@ -4,8 +4,10 @@ The Python backend's metrics API (`pb_utils.MetricFamily`, Triton 23.05+; histog
 way a model's own numbers reach that endpoint. Triton's built-in queue metrics say nothing useful about `csm_1b`:
 its `execute()` hands each request to the scheduler and returns at once, so `nv_inference_pending_request_count`
 stays at 0 under any load. The numbers here are what load really looks like: streams generating and waiting per
-instance (the autoscaling signal, docs/deployment.md), frames generated, time to first chunk, the batched frame step,
-and the watermarker's queue, passes and time per chunk.
+instance (the autoscaling signal, docs/deployment.md), frames generated, time to first chunk, and the time of each
+stage so that an operator sees which one bounds the stream count: the batched frame step, the codec decode and send of
+the output stage, the time streams spend held back by the watermarker (and how many are held now), and the
+watermarker's queue, passes and time per chunk.
 
 Label values are model and instance names only (never a request id, a text or a key). `pb_utils` is passed in,
 as everywhere in this package, so this module is unit-tested with tests/fake_pb_utils.py.
@@ -21,6 +23,11 @@ import threading
 FIRST_CHUNK_BUCKETS = [0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0]
 # One batched backbone + depth-decoder step: must stay well under 80 ms (one frame of audio) for real time.
 FRAME_STEP_BUCKETS = [0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0]
+# Per-stage time of the output stage: one codec call for a round's due chunks, one send.
+CODEC_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2]
+SEND_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1]
+# How long a stream waited for the watermarker once held back.
+HELD_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 WATERMARK_CHUNK_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
@@ -86,28 +93,69 @@ class CsmMetrics:
                 kind=pb_utils.MetricFamily.HISTOGRAM,
             ),
         ]
+        self._families += [
+            codec := pb_utils.MetricFamily(
+                name="csm_tts_codec_decode_seconds",
+                description="One codec (Mimi) call of csm_1b's output stage, decoding the chunks due in a round",
+                kind=pb_utils.MetricFamily.HISTOGRAM,
+            ),
+            send := pb_utils.MetricFamily(
+                name="csm_tts_chunk_send_seconds",
+                description="Sending one audio chunk of csm_1b (to the client or the watermarker)",
+                kind=pb_utils.MetricFamily.HISTOGRAM,
+            ),
+            held := pb_utils.MetricFamily(
+                name="csm_tts_held_seconds",
+                description="Time a csm_1b stream spent held back because its audio waited at the watermarker",
+                kind=pb_utils.MetricFamily.HISTOGRAM,
+            ),
+            fallback := pb_utils.MetricFamily(
+                name="csm_tts_cuda_graph_fallback",
+                description="1 when cuda_graphs=auto could not use CUDA graphs and csm_1b serves eager frame steps",
+                kind=pb_utils.MetricFamily.GAUGE,
+            ),
+        ]
         self.active = streams.Metric(labels={**labels, "state": "active"})
         self.queued = streams.Metric(labels={**labels, "state": "queued"})
+        self.held = streams.Metric(labels={**labels, "state": "held"})
         self.frames = frames.Metric(labels=labels)
         self.first_chunk = first.Metric(labels=labels, buckets=FIRST_CHUNK_BUCKETS)
         self.step = step.Metric(labels=labels, buckets=FRAME_STEP_BUCKETS)
-        self._shown = (None, None)
+        self.codec = codec.Metric(labels=labels, buckets=CODEC_BUCKETS)
+        self.send = send.Metric(labels=labels, buckets=SEND_BUCKETS)
+        self.held_time = held.Metric(labels=labels, buckets=HELD_BUCKETS)
+        self.fallback = fallback.Metric(labels=labels)
+        self._shown = (None, None, None)
         self._lock = threading.Lock()
         self.reporter = Reporter("csm-metrics")
         self.occupancy(0, 0)
 
     # -- the scheduler's observer ------------------------------------------------------------------------------------
-    def occupancy(self, active: int, queued: int) -> None:
+    def occupancy(self, active: int, queued: int, held: int = 0) -> None:
         with self._lock:
-            if (active, queued) == self._shown:
+            if (active, queued, held) == self._shown:
                 return
-            self._shown = (active, queued)
+            self._shown = (active, queued, held)
         self.reporter.call(self.active.set, active)
         self.reporter.call(self.queued.set, queued)
+        self.reporter.call(self.held.set, held)
 
     def frame_step(self, seconds: float, streams: int) -> None:
         self.reporter.call(self.step.observe, seconds)
         self.reporter.call(self.frames.increment, streams)
+
+    def chunks_decoded(self, seconds: float, chunks: int) -> None:
+        self.reporter.call(self.codec.observe, seconds)
+
+    def chunk_sent(self, seconds: float) -> None:
+        self.reporter.call(self.send.observe, seconds)
+
+    def hold_ended(self, seconds: float) -> None:
+        self.reporter.call(self.held_time.observe, seconds)
+
+    # -- the adapter -------------------------------------------------------------------------------------------------
+    def graph_fallback(self, fell_back: bool) -> None:
+        self.reporter.call(self.fallback.set, int(fell_back))
 
     # -- the response sink -------------------------------------------------------------------------------------------
     def first_chunk_sent(self, seconds: float) -> None:
@@ -120,8 +168,9 @@ class CsmMetrics:
         """Make the queued calls, stop the reporter, then drop the Metric objects before their families (the backend
         requires that order)."""
         self.reporter.stop()
-        for name in ("active", "queued", "frames", "first_chunk", "step"):
+        for name in ("active", "queued", "held", "frames", "first_chunk", "step", "codec", "send", "held_time"):
             setattr(self, name, None)
+        self.fallback = None
         self._families.clear()
 
 

@@ -13,6 +13,8 @@ import triton_python_backend_utils as pb_utils
 
 from csm_tts.speech.chunk_schedule import ChunkSchedule
 from csm_tts.speech.engine import CsmEngine
+from csm_tts.speech.flow_control import FlowControl
+from csm_tts.speech.graphs import MODES, GraphCaptureFailed
 from csm_tts.speech.request import InvalidRequest, Limits
 from csm_tts.speech.request_parsing import CONTEXT_INPUTS, parse_parameters, parse_request
 from csm_tts.speech.scheduler import EngineBroken, ServerFull, StreamScheduler
@@ -81,6 +83,11 @@ class TritonSink:
     def close(self):
         cancellation.close_marker(self.stream_id)
 
+    def samples_done(self):
+        """How much of this stream's audio the watermarker has taken, for flow control; None (never held back) for
+        a direct csm_1b client, whose stream no watermarker reports on."""
+        return cancellation.samples_done(self.stream_id, before_first_report=None) if self.marked else None
+
     def is_cancelled(self):
         # Direct clients cancel this request; tts streams are stopped by the watermarker (cancellation.py).
         if self.sender.is_cancelled():
@@ -114,11 +121,23 @@ def read_config(model_config):
     def integer(key, default, low, high=None):
         return int_parameter(model_config, key, default, low, high)
 
-    first = integer("first_chunk_frames", 2, 1, 1125)
+    # 3 frames: the watermarker's first message is then >= 100 ms after its hold-back (docs/benchmarks.md).
+    first = integer("first_chunk_frames", 3, 1, 1125)
     growth = float_parameter(model_config, "chunk_growth", 2.0, 1.0, 16.0)
     largest = integer("max_chunk_frames", 10, 1, 1125)
     if largest < first:
         raise ConfigError(f"parameter 'max_chunk_frames' ({largest}) must be >= first_chunk_frames ({first})")
+    flow = FlowControl(
+        max_unwatermarked_s=integer("max_unwatermarked_ms", 1600, 0, 3_600_000) / 1000 or None,  # 0: never hold
+        behind_queue_wait_s=integer("behind_queue_wait_ms", 500, 0, 3_600_000) / 1000,
+    )
+    try:
+        flow.check(largest)
+    except ValueError as e:
+        raise ConfigError(f"parameter 'max_unwatermarked_ms': {e}") from None
+    graphs = config_parameter(model_config, "cuda_graphs", default="auto").lower()
+    if graphs not in MODES:
+        raise ConfigError(f"parameter 'cuda_graphs' must be one of {', '.join(MODES)}, got {graphs!r}")
     return {
         "model_dir": config_parameter(model_config, "model_dir", env="CSM_MODEL_DIR"),
         "schedule": ChunkSchedule(first_frames=first, growth=growth, max_frames=largest),
@@ -130,6 +149,8 @@ def read_config(model_config):
         "max_active": integer("max_active_streams", 8, 1, 1024),
         "max_queued": integer("max_queued_streams", 32, 1, 100_000),
         "max_queue_wait_s": integer("max_queue_wait_ms", 5000, 1, 3_600_000) / 1000,
+        "flow": flow,
+        "cuda_graphs": graphs,
         "cpu_threads": integer("cpu_threads", 0, 0, 1024),
         "exit_on_engine_failure": bool_parameter(model_config, "exit_on_engine_failure", True),
     }
@@ -164,18 +185,24 @@ class TritonPythonModel:
             schedule=config["schedule"],
             limits=config["limits"],
             max_streams=config["max_active"],
+            cuda_graphs=config["cuda_graphs"],
         )
         pb_utils.Logger.log_info(
             f"{PREFIX} loaded {config['model_dir']} on {device} ({torch.get_num_threads()} torch threads); "
             f"chunk schedule {config['schedule']}; {config['limits']}; {self.engine.slot_summary}"
         )
-        if self.engine.cuda_graphs:
-            started = time.perf_counter()
-            graphs = self.engine.capture_graphs()
-            pb_utils.Logger.log_info(
-                f"{PREFIX} captured {graphs} CUDA graphs of the frame step in {time.perf_counter() - started:.1f} s"
-            )
         self.metrics = CsmMetrics(pb_utils, instance_labels(args, "csm_1b"))
+        started = time.perf_counter()
+        try:
+            summary = self.engine.load_graphs()
+        except GraphCaptureFailed as e:
+            raise pb_utils.TritonModelException(f"{PREFIX} {e}") from None
+        summary = f"{PREFIX} {summary} ({time.perf_counter() - started:.1f} s)"
+        if self.engine.graphs.fallback:  # loud: eager frames are several times slower on a GPU
+            pb_utils.Logger.log_error(summary)
+        else:
+            pb_utils.Logger.log_info(summary)
+        self.metrics.graph_fallback(bool(self.engine.graphs.fallback))
         self.scheduler = StreamScheduler(
             self.engine,
             max_active=config["max_active"],
@@ -185,6 +212,7 @@ class TritonPythonModel:
             on_broken=self._on_broken,
             observer=self.metrics,
             max_queue_wait_s=config["max_queue_wait_s"],
+            flow=config["flow"],
         )
 
     def _on_broken(self, reason):

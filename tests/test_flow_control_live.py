@@ -1,0 +1,181 @@
+"""A burst against the whole stack (proxy -> tts ensemble: csm_1b -> watermarker, watermark on), on a Triton of the
+test's own: 4x the stack's capacity of long requests, then every client gone after 3 s.
+
+- every request was either streaming (first audio) or refused with 503 + Retry-After within 2 s: no 504 after 60 s;
+- within 10 s of the clients leaving, nothing is generating or queued at either model (Triton's metrics, and no
+  csm_1b stream left: every cancellation marker is gone);
+- the next 1 s request is served at its usual speed (measured before the burst, same server).
+
+What each part relies on: refusing at once is csm_1b's admission (a short queue wait on the CPU profile; no new
+stream while the watermarker is behind). Streaming within 2 s, and stopping within seconds, need csm_1b to hold
+streams back on the watermarker's progress reports (flow_control.py), so that little waits at the watermarker: a
+late stream's first chunk does not queue behind seconds of other streams' audio, and a client's cancellation (which
+csm_1b learns only when the watermarker reaches that stream's next chunk) is reached soon. With a watermarker that
+reports no progress this test is an expected failure (measured: refusals within 1.2-2 s, but the last admitted
+streams' first audio after 3-5 s and the watermarker still 15-64 requests behind 10 s after the clients left).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import WATERMARK_IDLE_TIMEOUT_S
+from live_proxy import start_proxy
+from test_hardening_live import start_server
+
+from csm_tts.tooling.local_triton import TritonServer
+from csm_tts.tooling.model_repository import PROFILES
+
+ROOT = Path(__file__).resolve().parent.parent
+# csm_1b holds streams back only on the watermarker's progress reports (cancellation.report_progress); without them
+# the watermarker's queue is unbounded and a left client is noticed late. Stated, not skipped: an expected failure.
+WATERMARKER_REPORTS = any(
+    "report_progress(" in path.read_text()
+    for path in [*ROOT.glob("model_repository/watermarker/**/*.py"), *ROOT.glob("csm_tts/watermark/**/*.py")]
+)
+pytestmark = pytest.mark.live
+CAPACITY = int(PROFILES["cpu"]["max_active_streams"])
+BURST = 4 * CAPACITY
+ANSWER_S = 2.0  # streaming or refused within this (the issue's bound)
+SLACK_S = 1.0  # a loaded shared 2-core machine: the stated slack on top
+CLIENTS_LEAVE_S = 3.0
+IDLE_WITHIN_S = 10.0
+TEXT = "A long story that nobody will hear to its end, told again and again for a whole minute."
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    server = start_server(
+        root,
+        {},
+        {},
+        CSM_CANCEL_DIR=str(root / "markers"),
+        CSM_WATERMARK_IDLE_TIMEOUT_S=WATERMARK_IDLE_TIMEOUT_S,
+        OMP_NUM_THREADS="1",
+    )
+    server.markers = root / "markers"
+    yield server
+    server.stop()
+
+
+def metrics(server: TritonServer) -> dict[str, float]:
+    """Triton's metrics, name{labels} -> value."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return {m[1]: float(m[2]) for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", text, re.M)}
+
+
+def busy(server: TritonServer) -> dict[str, float]:
+    """What is still generating, queued or pending at either model (empty when idle)."""
+    found = {}
+    for name, value in metrics(server).items():
+        generating = name.startswith("csm_tts_streams{") and ('state="active"' in name or 'state="queued"' in name)
+        pending = name.startswith("nv_inference_pending_request_count{")
+        watermarking = name.startswith("csm_tts_watermark_streams{")
+        if (generating or pending or watermarking) and value > 0:
+            found[name] = value
+    markers = (
+        [p.name for p in server.markers.iterdir() if not p.name.endswith(".done")] if server.markers.exists() else []
+    )
+    if markers:
+        found["csm_1b streams with a marker"] = len(markers)
+    return found
+
+
+def body(ms: int, seed: int) -> dict:
+    return {
+        "model": "csm-1b",
+        "voice": "alloy",
+        "input": TEXT,
+        "response_format": "pcm",
+        "max_audio_length_ms": ms,
+        "seed": seed,
+    }
+
+
+async def one_request(session, url: str, ms: int, seed: int, stay_s: float | None) -> dict:
+    """Status and the time to the answer (first audio bytes, or the refusal); then it stays `stay_s` at most."""
+    sent = time.monotonic()
+    result = {"status": None, "answered_s": None, "retry_after": None, "audio": 0}
+    try:
+        async with session.post(url + "/v1/audio/speech", json=body(ms, seed)) as response:
+            result["status"], result["retry_after"] = response.status, response.headers.get("Retry-After")
+            if response.status != 200:
+                result["answered_s"] = time.monotonic() - sent
+                await response.read()
+                return result
+            deadline = None if stay_s is None else sent + stay_s
+            async for piece in response.content.iter_any():
+                if piece and result["answered_s"] is None:
+                    result["answered_s"] = time.monotonic() - sent
+                result["audio"] += len(piece)
+                if deadline is not None and time.monotonic() > deadline:
+                    break  # the client leaves: the connection closes with the response
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        result["status"] = f"{type(e).__name__}: {e}"
+    result["total_s"] = time.monotonic() - sent
+    return result
+
+
+async def wait_idle(server: TritonServer, timeout: float) -> tuple[float, dict]:
+    started = time.monotonic()
+    while (left := busy(server)) and time.monotonic() - started < timeout:
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started, left
+
+
+@pytest.mark.xfail(
+    not WATERMARKER_REPORTS, reason="the watermarker reports no progress yet: csm_1b cannot hold streams back"
+)
+async def test_a_burst_is_answered_at_once_and_leaves_nothing_behind(server):
+    """Every part is checked and reported before the test fails, so that one run shows which of them hold."""
+    proxy = await start_proxy(server.grpc_url)
+    problems = []
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            usual = await one_request(session, proxy.http, 1000, 0, None)
+            assert usual["status"] == 200 and usual["audio"] == 2 * 12 * 1920, usual  # 1000 ms: 12 frames, 16 bit
+            burst = await asyncio.gather(
+                *(one_request(session, proxy.http, 60_000, i, CLIENTS_LEAVE_S) for i in range(BURST))
+            )
+            left_at = time.monotonic()
+            statuses = sorted(str(r["status"]) for r in burst)
+            print(f"burst of {BURST}: statuses {statuses}; usual 1 s request {usual['total_s']:.2f} s")
+            print("answered in s:", sorted(round(r["answered_s"] or -1, 2) for r in burst))
+            if not all(r["status"] in (200, 503) for r in burst):
+                problems.append(f"a request was neither served nor refused with 503 (a 504?): {statuses}")
+            if not all(r["retry_after"] for r in burst if r["status"] == 503):
+                problems.append("a 503 without Retry-After")
+            if not any(r["status"] == 200 for r in burst):
+                problems.append("nothing was served")
+            for kind, status in (("refused", 503), ("streaming", 200)):
+                late = [r["answered_s"] for r in burst if r["status"] == status]
+                late = [t for t in late if t is None or t > ANSWER_S + SLACK_S]
+                if late:
+                    problems.append(f"{len(late)} requests {kind} later than {ANSWER_S} s (+{SLACK_S} s): {late}")
+            waited, left = await wait_idle(server, IDLE_WITHIN_S)
+            print(f"idle {time.monotonic() - left_at:.1f} s after the clients left; still busy: {left}")
+            if left:
+                problems.append(f"still busy {IDLE_WITHIN_S} s after the clients left: {left}")
+                await wait_idle(server, 120)  # the next request then measures the stack, not the backlog
+            after = await one_request(session, proxy.http, 1000, 0, None)
+            print(f"the next 1 s request took {after['total_s']:.2f} s (before the burst {usual['total_s']:.2f} s)")
+            if after["status"] != 200 or after["audio"] != usual["audio"]:
+                problems.append(f"the next request failed: {after}")
+            elif after["total_s"] > 3 * usual["total_s"] + SLACK_S:
+                problems.append(f"the next 1 s request took {after['total_s']:.1f} s, {usual['total_s']:.1f} s before")
+    finally:
+        await proxy.runner.cleanup()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_servers_log_names_the_graph_policy(server):
+    log = server.log_text()
+    assert "CUDA graphs auto: frames run eagerly" in log
