@@ -362,17 +362,17 @@ class CodecSlots:
 
 
 def next_chunks(codec: CodecSlots, streams: list[Stream]) -> list[AudioChunk]:
-    """Each stream's due frames (`Stream.due`, cut by the stepping thread) as its next chunk, in the order given,
-    decoded in one `codec.decode` call. A stream's last chunk gives its codec slot back."""
+    """Each stream's due frames (`Stream.due`, cut by the stepping thread; cut here where nobody has) as its next
+    chunk, in the order given, decoded in one `codec.decode` call. A stream's last chunk gives its codec slot back."""
     if len({id(s) for s in streams}) != len(streams):
         raise ValueError("a stream appears twice")
     for stream in streams:
-        if stream.due is None:
-            raise ValueError(f"stream {stream.stream_id} has no chunk due")
-        if stream.due and stream.codec_slot is None:
+        if (stream.due or stream.pending) and stream.codec_slot is None:
             raise ValueError(f"stream {stream.stream_id} has no codec slot (it was released)")
     taken = []
     for stream in streams:
+        if stream.due is None:
+            stream.cut()
         last, slot, frames = stream.due_is_last, stream.codec_slot, stream.due
         # No slot: released from another thread since the check above; its frames are dropped with it.
         taken.append((stream, last, torch.stack(frames) if frames and slot is not None else None, slot))

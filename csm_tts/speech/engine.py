@@ -358,11 +358,8 @@ class CsmEngine(PromptBuilder):
         return stream.finished or len(stream.pending) >= self.schedule.frames_in_chunk(stream.chunk_index)
 
     def cut_chunk(self, stream: Stream) -> None:
-        """The stepping thread, once `chunk_ready`: the pending frames become the due chunk, and new frames start the
-        next one (the previous due chunk must have been taken)."""
-        if stream.due is not None:
-            raise RuntimeError(f"stream {stream.stream_id}: its previous chunk has not been taken yet")
-        stream.due, stream.pending, stream.due_is_last = stream.pending, [], stream.finished
+        """The stepping thread, once `chunk_ready`: see `Stream.cut`."""
+        stream.cut()
 
     def take_chunk(self, stream: Stream) -> AudioChunk:
         """Decode the due frames (cut now if nobody has) into the next chunk (empty audio when a stream ends on a
@@ -389,7 +386,4 @@ class CsmEngine(PromptBuilder):
         its codec slot back. Touches only the decoding side of these streams (due frames, codec slots, counters),
         never the backbone slots or `pending`, so it runs without the engine lock beside a frame step that advances
         the same streams."""
-        for stream in streams:
-            if stream.due is None:
-                self.cut_chunk(stream)
         return next_chunks(self.codec, streams)

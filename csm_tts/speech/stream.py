@@ -52,12 +52,19 @@ class Stream:
     codec_slot: int | None = None
     pending: list[torch.Tensor] = field(default_factory=list)  # frames not yet decoded, each [32] on the CPU
     frames_generated: int = 0
-    # The next chunk's frames, cut from `pending` when it fell due (`CsmEngine.cut_chunk`); decoded by `take_chunk`.
+    # The next chunk's frames, cut from `pending` when it fell due (`cut`); decoded by `CsmEngine.take_chunks`.
     due: list[torch.Tensor] | None = None
     due_is_last: bool = False
     chunk_index: int = 0
     samples_sent: int = 0
     finish_reason: str | None = None
+
+    def cut(self) -> None:
+        """The pending frames become the due chunk, and new frames start the next one (the stepping thread, once the
+        chunk is due; the previous due chunk must have been taken)."""
+        if self.due is not None:
+            raise RuntimeError(f"stream {self.stream_id}: its previous chunk has not been taken yet")
+        self.due, self.pending, self.due_is_last = self.pending, [], self.finished
 
     @property
     def finished(self) -> bool:
