@@ -145,7 +145,8 @@ async def test_cancelled_streams_queued_chunks_are_dropped_and_the_queue_empties
         f"chunks dropped per cancelled stream: {dropped}; queue empty "
         f"{asyncio.get_running_loop().time() - left:.1f} s after the clients left"
     )
-    assert (await stream(grpc_url, "tts", TEXT, {"max_audio_length_ms": 400})).error is None  # still serving
+    after = await stream(grpc_url, "tts", TEXT, {"max_audio_length_ms": 400})
+    assert after.error is None, f"{after.error}\n{triton_server.log_text()[start:][-4000:]}"  # still serving
 
 
 BAD_OPTIONS = [
