@@ -232,16 +232,17 @@ class StreamScheduler(OutputStage):
 
     # -- admission ------------------------------------------------------------------------------------------------
     def _expired(self, now: float) -> list[tuple[float, Job]]:
-        """Queued jobs (prepared or not) that waited longer than they may; holding the lock."""
+        """Queued jobs that waited longer than they may for a slot; holding the lock. In admission order, the first
+        jobs have a free slot each (they only wait for their turn, one prefill a round) and never expire."""
         limit = self.flow.queue_wait_s(self.max_queue_wait_s, now)
         if limit is None:
             return []
-        expired = []
-        for queue in (self._waiting, self._ready):
-            for job in [j for j in queue if now - j.queued_at > limit]:
-                queue.remove(job)
-                expired.append((now - job.queued_at, job))
-        return expired
+        slots = 0 if self.flow.behind(now) else self.max_active - len(self._active)
+        order = [*self._ready, *([self._preparing] if self._preparing else []), *self._waiting]
+        late = [j for j in order[slots:] if j is not self._preparing and now - j.queued_at > limit]
+        for job in late:
+            (self._ready if job.prompt is not None else self._waiting).remove(job)
+        return [(now - job.queued_at, job) for job in late]
 
     def _refuse_late(self, late: list[tuple[float, Job]]) -> None:
         for waited, job in late:
