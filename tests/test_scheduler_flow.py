@@ -193,8 +193,9 @@ def test_a_held_stream_ahead_of_real_time_blocks_nobody():
     assert flow.queue_wait_s(30.0, now=103.0) == flow.behind_queue_wait_s and flow.queue_wait_s(30.0, 200.0) == 30.0
     with pytest.raises(ValueError, match="max_unwatermarked_s"):
         FlowControl(max_unwatermarked_s=0)
-    with pytest.raises(ValueError, match="must hold the largest chunk"):
-        FlowControl(max_unwatermarked_s=0.5).check(max_chunk_frames=10)
+    small = FlowControl(max_unwatermarked_s=0.5)
+    assert "raised to 800" in small.fit(max_chunk_frames=10) and small.max_unwatermarked_s == 0.8
+    assert small.fit(max_chunk_frames=10) is None and FlowControl(None).fit(50) is None
 
 
 def test_an_expired_queued_job_is_refused_before_its_prompt_is_built(engine):
