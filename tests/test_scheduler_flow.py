@@ -193,22 +193,40 @@ def test_a_held_stream_ahead_of_real_time_blocks_nobody():
     assert flow.queue_wait_s(30.0, now=103.0) == flow.behind_queue_wait_s and flow.queue_wait_s(30.0, 200.0) == 30.0
     with pytest.raises(ValueError, match="max_unwatermarked_s"):
         FlowControl(max_unwatermarked_s=0)
-    with pytest.raises(ValueError, match="must hold the largest chunk"):
-        FlowControl(max_unwatermarked_s=0.5).check(max_chunk_frames=10)
+    small = FlowControl(max_unwatermarked_s=0.5)
+    assert "raised to 800" in small.fit(max_chunk_frames=10) and small.max_unwatermarked_s == 0.8
+    assert small.fit(max_chunk_frames=10) is None and FlowControl(None).fit(50) is None
 
 
 def test_an_expired_queued_job_is_refused_before_its_prompt_is_built(engine):
     slow = RecordingEngine(engine, slow_prepare_s=1.5)
-    sched = scheduler_for(slow, max_active=2, max_queued=4, max_queue_wait_s=0.3, flow=FlowControl(None))
+    sched = scheduler_for(slow, max_active=1, max_queued=4, max_queue_wait_s=0.3, flow=FlowControl(None))
     try:
+        running = submit(sched, ProgressSink(None), text="Takes the only slot.", ms=LONG)
+        assert running.first.wait(30)
         first = submit(sched, ProgressSink(None), text="slow prompt", ms=800)
         assert wait_for(lambda: "slow prompt" in slow.prepared)
         expired = submit(sched, ProgressSink(None), text="Expires in the queue.", ms=800)
         assert expired.ended.wait(10)
         assert expired.errors and expired.errors[0][1] == "UNAVAILABLE"
         assert not first.ended.is_set(), "refused while the prompt before it was still being built, not after"
-        assert first.ended.wait(60)  # (it waited longer than 0.3 s too, being built: refused or served, it ends)
+        assert first.ended.wait(60) and first.errors[0][1] == "UNAVAILABLE"  # built, then no slot for 0.3 s
         assert "Expires in the queue." not in slow.prepared  # no tokenizing, no Mimi encoding of its context
+        running.cancelled = True
+    finally:
+        sched.close()
+
+
+def test_jobs_with_a_free_slot_wait_for_their_turn_not_against_the_clock(engine):
+    """Admission is one prefill per round: in a burst the last of the jobs that have a slot may wait longer than
+    max_queue_wait_s for its turn, and is still served; only jobs with no slot expire."""
+    slow = RecordingEngine(engine)
+    sched = scheduler_for(slow, max_active=4, max_queued=8, max_queue_wait_s=0.01, flow=FlowControl(None))
+    try:
+        sinks = [submit(sched, ProgressSink(None), f"Burst {i}.", ms=400, seed=i) for i in range(6)]
+        assert all(s.ended.wait(60) for s in sinks)
+        served = [s for s in sinks if s.chunks and s.chunks[-1].is_last and not s.errors]
+        assert len(served) >= 4 and all(s.errors[0][1] == "UNAVAILABLE" for s in sinks if s not in served)
     finally:
         sched.close()
 

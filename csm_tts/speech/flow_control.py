@@ -5,7 +5,7 @@ stream is held back (left out of the batched frame step: it costs nothing) when 
 `max_unwatermarked_s` of its audio ahead of the watermarker: sent but not yet taken, or generated for the next chunk.
 Its sink says how much the watermarker took (`samples_done`, from csm_tts/triton/cancellation.py). A sink that
 cannot tell (None: a direct csm_1b client, whose audio goes straight out, or a watermarker that has not reported
-yet) never holds its stream. The bound must hold a whole chunk, or a stream could never finish its next one.
+yet) never holds its stream. The bound is raised to the largest chunk, or a stream could never finish one.
 
 A client that leaves a `tts` stream is noticed by csm_1b only when the watermarker reaches that stream's next chunk
 (cancellation.py): the bound is also how much audio a cancelled stream may still cost the watermarker.
@@ -50,12 +50,13 @@ class FlowControl:
         if not self.behind_queue_wait_s >= 0:
             raise ValueError(f"behind_queue_wait_s must be >= 0, got {self.behind_queue_wait_s!r}")
 
-    def check(self, max_chunk_frames: int) -> None:
-        if self.max_unwatermarked_s is not None and self.max_unwatermarked_s * 1000 < max_chunk_frames * FRAME_MS:
-            raise ValueError(
-                f"max_unwatermarked_ms {self.max_unwatermarked_s * 1000:.0f} must hold the largest chunk "
-                f"({max_chunk_frames} frames = {max_chunk_frames * FRAME_MS} ms), or a held stream never finishes it"
-            )
+    def fit(self, max_chunk_frames: int) -> str | None:
+        """Raise the bound to the largest chunk (a held stream could never finish a larger one); says so, or None."""
+        chunk_s = max_chunk_frames * FRAME_MS / 1000
+        if self.max_unwatermarked_s is None or self.max_unwatermarked_s >= chunk_s:
+            return None
+        low, self.max_unwatermarked_s = self.max_unwatermarked_s, chunk_s
+        return f"max_unwatermarked_ms {low * 1000:.0f} raised to {chunk_s * 1000:.0f}: the largest chunk must fit"
 
     def held(self, hold: Hold, samples_made: int, samples_done: int | None, now: float) -> bool:
         """Whether the stream waits this round (and notes when the watermarker is behind). `samples_made`: sent,

@@ -11,10 +11,9 @@ can be in flight on one instance. Like vLLM's engine core, stepping is split fro
 - the *output stage* checks each handed-over stream for cancellation (once per chunk, not every frame), decodes the
   due chunks of a round in one `engine.take_chunks` call, sends them in order and retires ended streams.
 
-Admission is bounded: a full queue is refused (`ServerFull`, retry-able); a queued request that cannot start within
+Admission is bounded: a full queue is refused (`ServerFull`, retry-able); a queued request that finds no slot within
 `max_queue_wait_s` (shorter while the watermarker is behind) is refused with UNAVAILABLE, before its prompt is built
-when it expired in the queue. Cancelled streams give their engine slot back, and a request cancelled while it waits
-is dropped before its prompt is built or prefilled.
+if it is not built yet. Streams that end give their slot back; a request cancelled while queued is never prefilled.
 
 Failures stay where they happen. A sink that raises (the client went away, a broken response sender) fails its own
 stream; a batched step or decode that raises fails its streams; the others go on and the next request is served.
@@ -70,7 +69,8 @@ class StreamScheduler(OutputStage):
         self.max_queued = max_queued
         self.max_queue_wait_s = max_queue_wait_s
         self.flow = flow or FlowControl()
-        self.flow.check(engine.schedule.max_frames)
+        if raised := self.flow.fit(engine.schedule.max_frames):  # a held stream must be able to finish a chunk
+            logger(raised)
         self.observer = observer
         self.log = logger
         self.log_error = error_logger or logger
@@ -117,7 +117,7 @@ class StreamScheduler(OutputStage):
     def _queued(self) -> int:
         return len(self._waiting) + len(self._ready) + (self._preparing is not None)
 
-    def _due(self, job: Job) -> bool:
+    def _due(self, job: Job) -> bool:  # the stepping thread's view of a stream's next chunk
         return job.stream.finished or self.engine.chunk_ready(job.stream)
 
     # -- the threads ----------------------------------------------------------------------------------------------
@@ -232,16 +232,17 @@ class StreamScheduler(OutputStage):
 
     # -- admission ------------------------------------------------------------------------------------------------
     def _expired(self, now: float) -> list[tuple[float, Job]]:
-        """Queued jobs (prepared or not) that waited longer than they may; holding the lock."""
+        """Queued jobs that waited longer than they may for a slot; holding the lock. In admission order, the first
+        jobs have a free slot each (they only wait for their turn, one prefill a round) and never expire."""
         limit = self.flow.queue_wait_s(self.max_queue_wait_s, now)
         if limit is None:
             return []
-        expired = []
-        for queue in (self._waiting, self._ready):
-            for job in [j for j in queue if now - j.queued_at > limit]:
-                queue.remove(job)
-                expired.append((now - job.queued_at, job))
-        return expired
+        slots = 0 if self.flow.behind(now) else self.max_active - len(self._active)
+        order = [*self._ready, *([self._preparing] if self._preparing else []), *self._waiting]
+        late = [j for j in order[slots:] if j is not self._preparing and now - j.queued_at > limit]
+        for job in late:
+            (self._ready if job.prompt is not None else self._waiting).remove(job)
+        return [(now - job.queued_at, job) for job in late]
 
     def _refuse_late(self, late: list[tuple[float, Job]]) -> None:
         for waited, job in late:
