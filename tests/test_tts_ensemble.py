@@ -9,6 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 from conftest import TINY_CSM, TINY_WATERMARK, WATERMARK_IDLE_TIMEOUT_S, start_triton
+from test_flow_control_live import wait_idle
 from tritonclient.grpc import InferInput
 
 from csm_tts.tooling.local_triton import TritonStartError
@@ -145,6 +146,9 @@ async def test_cancelled_streams_queued_chunks_are_dropped_and_the_queue_empties
         f"chunks dropped per cancelled stream: {dropped}; queue empty "
         f"{asyncio.get_running_loop().time() - left:.1f} s after the clients left"
     )
+    # csm_1b learns of each cancel at its stream's next chunk: it ends them within a chunk, then serves again.
+    waited, busy = await wait_idle(triton_server, 30)
+    assert not busy, f"csm_1b or the watermarker still busy {waited:.1f} s after the queue emptied: {busy}"
     after = await stream(grpc_url, "tts", TEXT, {"max_audio_length_ms": 400})
     assert after.error is None, f"{after.error}\n{triton_server.log_text()[start:][-4000:]}"  # still serving
 
