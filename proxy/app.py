@@ -17,6 +17,7 @@ from proxy.admission import Admission, WatermarkPolicy
 from proxy.appkeys import (
     ADMISSION,
     API_KEYS,
+    CONNECTIONS,
     DRAIN,
     METRICS,
     OFFLOAD,
@@ -29,6 +30,7 @@ from proxy.appkeys import (
 )
 from proxy.auth import ApiKeys, KeyFileError
 from proxy.bad_requests import quiet_malformed_requests
+from proxy.connections import ConnectionGuard
 from proxy.cors import add_cors_headers, cors_middleware
 from proxy.drain import Drain
 from proxy.logs import redact_keys_in_library_logs
@@ -98,6 +100,9 @@ def create_app(settings: Settings | None = None, resolver=None) -> web.Applicati
     app[STARTED] = time.monotonic()
     app[METRICS] = metrics = ProxyMetrics()
     app[DRAIN] = drain = Drain()
+    app[CONNECTIONS] = ConnectionGuard(
+        settings.max_connections, settings.header_timeout_s, lambda reason: metrics.rejections.labels(reason).inc()
+    )
     app[RESOLVER] = resolver
     try:
         app[API_KEYS] = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None

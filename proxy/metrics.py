@@ -78,7 +78,9 @@ class ProxyMetrics:
         self.rejections = Counter(
             "csm_proxy_rejections",
             "Requests and streams the proxy refused: full (its own or Triton's limits), rate_limited (a key's "
-            "limits), unauthorized (no or wrong key), forbidden (watermark policy), draining (shutting down)",
+            "limits), unauthorized (no or wrong key), forbidden (watermark policy), draining (shutting down), "
+            "connections (PROXY_MAX_CONNECTIONS), header_timeout, body_timeout (a client too "
+            "slow to send its request)",
             ["reason"],
             registry=registry,
         )
@@ -89,7 +91,16 @@ class ProxyMetrics:
             registry=registry,
         )
         self.draining = Gauge("csm_proxy_draining", "1 while the proxy drains before it stops", registry=registry)
-        for reason in ("full", "rate_limited", "unauthorized", "forbidden", "draining"):
+        for reason in (
+            "full",
+            "rate_limited",
+            "unauthorized",
+            "forbidden",
+            "draining",
+            "connections",
+            "header_timeout",
+            "body_timeout",
+        ):
             self.rejections.labels(reason)  # every series exists from the start (rate() needs a first sample)
 
     def exposition(self, pool, websockets: int) -> bytes:

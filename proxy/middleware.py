@@ -19,7 +19,7 @@ import time
 from aiohttp import web
 
 from proxy.admission import draining_error, unauthorized
-from proxy.appkeys import API_KEYS, DRAIN, METRICS, SCOPE, SETTINGS
+from proxy.appkeys import API_KEYS, CONNECTIONS, DRAIN, METRICS, SCOPE, SETTINGS
 from proxy.auth import WS_BEARER_PREFIX, WS_PROTOCOL, ApiKeys, presented_key
 from proxy.errors import NATIVE, OPENAI, ApiError, HttpRefusal, error_body
 from proxy.metrics import ProxyMetrics
@@ -44,6 +44,7 @@ async def observe_middleware(request: web.Request, handler):
     everything below it, and the request counted with its final status."""
     scope = RequestScope(accept_request_id(request.headers.get(REQUEST_ID_HEADER)), endpoint_label(request))
     request[SCOPE] = scope
+    request.app[CONNECTIONS].request_started(request)
     endpoint = scope.endpoint
     token = enter_scope(scope)
     metrics = request.app[METRICS]

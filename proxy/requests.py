@@ -3,13 +3,14 @@ explicit admission call (proxy/admission.py) with the request's scope and the ap
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable
 
 from aiohttp import web
 
 from proxy.admission import Lease
-from proxy.appkeys import ADMISSION, OFFLOAD, SCOPE, SETTINGS, TRITON
+from proxy.appkeys import ADMISSION, METRICS, OFFLOAD, SCOPE, SETTINGS, TRITON
 from proxy.errors import ApiError
 from proxy.parse.job import GenerateOptions
 
@@ -18,13 +19,20 @@ INLINE_JSON_BYTES = 64 << 10
 
 
 async def read_json(request: web.Request) -> object:
-    limit = request.app[SETTINGS].max_body_bytes
+    settings = request.app[SETTINGS]
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"Request body too large: {request.content_length} bytes; the limit is {limit}")
     try:
-        raw = await request.read()
+        # aiohttp has no time limit on a body: a client announcing 100 kB and sending 8 bytes would hold its
+        # connection (and this handler) forever.
+        raw = await asyncio.wait_for(request.read(), settings.body_timeout_s)
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"Request body too large; the limit is {limit} bytes") from None
+    except asyncio.TimeoutError:
+        request.app[METRICS].rejections.labels("body_timeout").inc()
+        message = f"The request body did not arrive within {settings.body_timeout_s:g} s (PROXY_BODY_TIMEOUT_S)"
+        raise ApiError(408, message, headers={"Connection": "close"}) from None
     if not raw.strip():
         raise ApiError(400, "The request body is empty: send JSON")
     try:

@@ -16,23 +16,37 @@ import time
 
 from aiohttp import web
 
-from proxy.appkeys import DRAIN, TRITON
+from proxy.appkeys import CONNECTIONS, DRAIN, SETTINGS, TRITON
 from proxy.logs import ACCESS_LOG_FORMAT
 
 log = logging.getLogger("proxy")
 
 
-def runner(app: web.Application, shutdown_timeout: float = 10.0, access_log=None) -> web.AppRunner:
+# After an answer given before a body was read in full (401, 408, 413), how long the rest may still arrive so the
+# client reads the answer rather than a reset (aiohttp's default: 10 s, which a slow body would use in full).
+LINGER_S = 2.0
+
+
+async def runner(app: web.Application, shutdown_timeout: float = 10.0, access_log=None) -> web.AppRunner:
+    """An AppRunner, set up, with the connection limits of proxy/connections.py installed on its server."""
     logger = {} if access_log is None else {"access_log": access_log}  # None: aiohttp's own access logger
-    return web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log_format=ACCESS_LOG_FORMAT, **logger
+    made = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=shutdown_timeout,
+        access_log_format=ACCESS_LOG_FORMAT,
+        keepalive_timeout=app[SETTINGS].keepalive_s,
+        lingering_time=LINGER_S,
+        **logger,
     )
+    await made.setup()
+    app[CONNECTIONS].install(made.server)
+    return made
 
 
 async def start_server(app: web.Application, host: str, port: int, shutdown_timeout: float = 10.0) -> web.AppRunner:
     """Run `app` on host:port (0 = a free port; see `runner.addresses`) the way `python -m proxy` does."""
-    started = runner(app, shutdown_timeout)
-    await started.setup()
+    started = await runner(app, shutdown_timeout)
     await web.TCPSite(started, host, port).start()
     return started
 
@@ -57,8 +71,7 @@ async def wait_for_streams(app: web.Application, limit_s: float, quiet_s: float 
 
 async def serve(app: web.Application, host: str, port: int, drain_s: float, access_log=None) -> None:
     """Run `app` until SIGTERM/SIGINT, then drain (see the module doc) and stop."""
-    served = runner(app, access_log=access_log)
-    await served.setup()
+    served = await runner(app, access_log=access_log)
     await web.TCPSite(served, host, port).start()
     log.info("listening on http://%s:%d", host, port)
     loop = asyncio.get_running_loop()

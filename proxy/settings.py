@@ -33,6 +33,10 @@ class Settings:
     stream_idle_timeout_s: float = 60.0  # longest wait for the next response of a Triton stream
     # HTTP and WebSocket limits.
     max_body_bytes: int = 1 << 20
+    max_connections: int = 1024  # open client connections (beyond: 503 and closed; proxy/connections.py)
+    header_timeout_s: float = 10.0  # a new connection's first request header (a WebSocket handshake included)
+    body_timeout_s: float = 30.0  # reading a request's whole body
+    keepalive_s: float = 75.0  # idle keep-alive, and the limit on a later request's header (aiohttp's own timer)
     max_text_chunks: int = 100  # strings per POST /stream/chunks
     max_streams: int = 128  # Triton streams open at once through this proxy
     max_websockets: int = 256
@@ -200,6 +204,10 @@ _VARIABLES = [
     ("TRITON_HEALTH_TIMEOUT_S", "health_timeout_s", _positive_float),
     ("TRITON_STREAM_IDLE_TIMEOUT_S", "stream_idle_timeout_s", _positive_float),
     ("PROXY_MAX_BODY_BYTES", "max_body_bytes", _positive_int),
+    ("PROXY_MAX_CONNECTIONS", "max_connections", _positive_int),
+    ("PROXY_HEADER_TIMEOUT_S", "header_timeout_s", _positive_float),
+    ("PROXY_BODY_TIMEOUT_S", "body_timeout_s", _positive_float),
+    ("PROXY_KEEPALIVE_S", "keepalive_s", _positive_float),
     ("PROXY_MAX_TEXT_CHUNKS", "max_text_chunks", _positive_int),
     ("PROXY_MAX_STREAMS", "max_streams", _positive_int),
     ("PROXY_MAX_WEBSOCKETS", "max_websockets", _positive_int),
