@@ -23,6 +23,7 @@ from proxy.appkeys import API_KEYS, CONNECTIONS, DRAIN, METRICS, SCOPE, SETTINGS
 from proxy.auth import WS_BEARER_PREFIX, WS_PROTOCOL, ApiKeys, presented_key
 from proxy.errors import NATIVE, OPENAI, ApiError, HttpRefusal, error_body
 from proxy.metrics import ProxyMetrics
+from proxy.origins import page_may_connect
 from proxy.scope import REQUEST_ID_HEADER, RequestScope, accept_request_id, enter_scope, leave_scope
 from proxy.upstream.errors import UpstreamError
 
@@ -128,6 +129,11 @@ async def door_middleware(request: web.Request, handler):
         raise draining_error()
     websocket = is_websocket(request)
     if websocket:
+        origin = request.headers.get("Origin")
+        if not page_may_connect(app[SETTINGS].cors_origins, origin, request.host):
+            metrics.rejections.labels("forbidden").inc()
+            shown = origin if len(origin) <= 100 else origin[:100] + "..."
+            raise ApiError(403, f"Origin {shown!r} may not open a WebSocket here (same origin or PROXY_CORS_ORIGINS)")
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if any(p.startswith(WS_BEARER_PREFIX) for p in protocols) and WS_PROTOCOL not in protocols:
             # Without "csm-tts" the server could select no protocol and a browser would fail the handshake.

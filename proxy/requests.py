@@ -19,6 +19,11 @@ INLINE_JSON_BYTES = 64 << 10
 
 
 async def read_json(request: web.Request) -> object:
+    if not is_json_type(request.content_type):
+        # A page on any site may POST text/plain or a form without asking (no CORS preflight): answering those
+        # would let it drive this API from a visitor's browser.
+        shown = request.headers.get("Content-Type", "none")[:100]
+        raise ApiError(415, f"Content-Type must be application/json (got {shown!r})")
     settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -41,6 +46,13 @@ async def read_json(request: web.Request) -> object:
         return await request.app[OFFLOAD].run(json.loads, raw)
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"Invalid JSON: {str(e)[:200]}") from None
+
+
+def is_json_type(content_type: str) -> bool:
+    """application/json or a +json type; `request.content_type` is already lower-cased, without parameters."""
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
 
 
 def admit(request: web.Request, options: GenerateOptions) -> Lease:
