@@ -127,6 +127,7 @@ class MetricsHooks:
 
     def closed(self, scope: RequestScope, seconds: float, audio_seconds: float, failed: bool) -> None:
         m = self.metrics
+        scope.audio_seconds += audio_seconds
         m.stream_seconds.labels(scope.endpoint, "failed" if failed else "completed").observe(seconds)
         if audio_seconds > 0:
             m.audio_seconds.labels(scope.endpoint).inc(audio_seconds)

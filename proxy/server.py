@@ -17,7 +17,6 @@ import time
 from aiohttp import web
 
 from proxy.appkeys import CONNECTIONS, DRAIN, SETTINGS, TRITON
-from proxy.logs import ACCESS_LOG_FORMAT
 
 log = logging.getLogger("proxy")
 
@@ -27,17 +26,17 @@ log = logging.getLogger("proxy")
 LINGER_S = 2.0
 
 
-async def runner(app: web.Application, shutdown_timeout: float = 10.0, access_log=None) -> web.AppRunner:
-    """An AppRunner, set up, with the connection limits of proxy/connections.py installed on its server."""
-    logger = {} if access_log is None else {"access_log": access_log}  # None: aiohttp's own access logger
+async def runner(app: web.Application, shutdown_timeout: float = 10.0) -> web.AppRunner:
+    """An AppRunner, set up, with the connection limits of proxy/connections.py installed on its server. aiohttp's
+    access log is off: the observe middleware writes one line per request (proxy/logs.py `access_line`), also for the
+    requests aiohttp's would miss (client-aborted ones, WebSocket sessions)."""
     made = web.AppRunner(
         app,
         handler_cancellation=True,
         shutdown_timeout=shutdown_timeout,
-        access_log_format=ACCESS_LOG_FORMAT,
+        access_log=None,
         keepalive_timeout=app[SETTINGS].keepalive_s,
         lingering_time=LINGER_S,
-        **logger,
     )
     await made.setup()
     app[CONNECTIONS].install(made.server)
@@ -69,9 +68,9 @@ async def wait_for_streams(app: web.Application, limit_s: float, quiet_s: float 
     return pool.active_streams
 
 
-async def serve(app: web.Application, host: str, port: int, drain_s: float, access_log=None) -> None:
+async def serve(app: web.Application, host: str, port: int, drain_s: float) -> None:
     """Run `app` until SIGTERM/SIGINT, then drain (see the module doc) and stop."""
-    served = await runner(app, access_log=access_log)
+    served = await runner(app)
     await web.TCPSite(served, host, port).start()
     log.info("listening on http://%s:%d", host, port)
     loop = asyncio.get_running_loop()

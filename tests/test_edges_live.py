@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import time
 
 import aiohttp
 import pytest
+import websockets
 from live_proxy import start_proxy
 
 from proxy.auth import WS_BEARER_PREFIX, WS_PROTOCOL, generate_key, hash_key
@@ -188,3 +191,88 @@ async def test_a_websocket_origin_is_checked_with_keys_and_with_a_cors_list(trit
         assert await ws_refusal(proxy.ws, allowed) == 401  # the origin is welcome, the key is still needed
     finally:
         await proxy.runner.cleanup()
+
+
+# -- one access-log line per request and session, honest counts -----------------------------------------------------
+def access_lines(caplog, request_id: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "proxy.access" and f"id={request_id}" in r.getMessage()]
+
+
+def requests_total(text: str, endpoint: str, status: str) -> float:
+    prefix = f'csm_proxy_requests_total{{endpoint="{endpoint}",method="GET",status="{status}"}} '
+    return sum(float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def wait_for_line(caplog, request_id: str, timeout_s: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while not access_lines(caplog, request_id) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return access_lines(caplog, request_id)
+
+
+async def test_a_clean_websocket_session_is_one_access_line_with_its_close_code_and_counts_as_101(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    before = requests_total(await metrics_text(proxy), "/stream", "101")
+    aborted = requests_total(await metrics_text(proxy), "/stream", "499")
+    request_id = "edge-ws-clean"
+    headers = {"X-Request-ID": request_id}
+    async with websockets.connect(proxy.ws + "?max_audio_length_ms=1000", additional_headers=headers) as ws:
+        await ws.send(json.dumps({"text": "One.", "watermark": False}))
+        assert "audio_base64" in json.loads(await ws.recv())
+        await ws.send(json.dumps({"done": True}))
+        assert json.loads(await ws.recv()) == {"status": "closed"}
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await ws.recv()
+    (line,) = await wait_for_line(caplog, request_id)
+    assert '"GET /stream?max_audio_length_ms=1000" 101 close=1000 ' in line
+    assert 0.5 <= float(re.search(r" audio=([0-9.]+)s ", line)[1]) <= 1.0, line  # the one text's (up to) 1 s
+    text = await metrics_text(proxy)
+    assert requests_total(text, "/stream", "101") == before + 1
+    assert requests_total(text, "/stream", "499") == aborted
+
+
+async def test_a_vanished_websocket_client_is_logged_as_an_abnormal_close(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    request_id = "edge-ws-vanished"
+    ws = await websockets.connect(proxy.ws + "?mode=stream", additional_headers={"X-Request-ID": request_id})
+    await ws.send(json.dumps({"text": "Nobody hears this.", "max_audio_length_ms": 4000, "watermark": False}))
+    assert json.loads(await ws.recv())["type"] == "audio"
+    ws.transport.abort()  # no closing handshake
+    (line,) = await wait_for_line(caplog, request_id)
+    assert " 101 close=1006 " in line, line
+
+
+async def test_a_client_aborted_http_request_is_logged_as_499(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    request_id = "edge-http-aborted"
+    reader, writer = await connect(proxy)
+    body = json.dumps({"text": "Never mind.", "max_audio_length_ms": 8000, "watermark": False}).encode()
+    writer.write(
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: %s\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (request_id.encode(), len(body), body)
+    )
+    await writer.drain()
+    await asyncio.sleep(1.0)  # generating
+    writer.transport.abort()
+    (line,) = await wait_for_line(caplog, request_id)
+    assert '"POST /generate" 499 ' in line, line
+
+
+async def test_control_and_bidirectional_characters_are_escaped_in_the_access_log(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    request_id = "edge-escaped"
+    reader, writer = await connect(proxy)
+    agent = "evil\u202egnp.exe\u2028forged\tline".encode()  # aiohttp's parser refuses other controls itself
+    writer.write(
+        b"GET /livez?q=%E2%80%AE HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Request-ID: "
+        + request_id.encode()
+        + b"\r\nUser-Agent: "
+        + agent
+        + b"\r\n\r\n"
+    )
+    data, _ = await read_until_closed(reader, 10)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200 ")
+    (line,) = await wait_for_line(caplog, request_id)
+    assert "\u202e" not in line and "\u2028" not in line and "\t" not in line
+    assert '"evil\\u202egnp.exe\\u2028forged\\x09line"' in line, line

@@ -253,7 +253,7 @@ async def test_api_keys_limits_and_watermark_policy(triton_server, tmp_path, cap
             assert secret not in metrics
             assert secret not in server_log
         assert "unknown API key" in server_log and "no API key" in server_log
-        assert any(r.name == "aiohttp.access" for r in caplog.records)
+        assert any(r.name == "proxy.access" for r in caplog.records)
     finally:
         await proxy.runner.cleanup()
 
