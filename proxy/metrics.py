@@ -21,7 +21,8 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 
 
 class ProxyMetrics:
-    def __init__(self):
+    def __init__(self, key_names: bool = False):
+        self.key_names = key_names  # PROXY_METRICS_KEY_NAMES: key names are labels only when the operator says so
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
             "csm_proxy_requests",
@@ -119,7 +120,7 @@ class MetricsHooks:
         self.metrics = metrics
 
     def admitted(self, scope: RequestScope) -> None:
-        if scope.key is not None:
+        if scope.key is not None and self.metrics.key_names:
             self.metrics.key_streams.labels(scope.key.name).inc()
 
     def first_audio(self, scope: RequestScope, seconds: float) -> None:

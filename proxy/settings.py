@@ -74,6 +74,8 @@ class Settings:
     watermark_allow_custom_key: bool = True  # may clients send their own watermark_key?
     drain_s: float = 30.0  # on SIGTERM, how long streams in flight may take to finish
     log_format: str = "text"  # or "json": one JSON object per line
+    metrics_port: int | None = None  # a second listener serving only /metrics, without keys (what Prometheus scrapes)
+    metrics_key_names: bool = False  # label csm_proxy_key_streams_total with API key names
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -231,6 +233,8 @@ _VARIABLES = [
     ("CSM_WATERMARK_ALLOW_CUSTOM_KEY", "watermark_allow_custom_key", _bool),
     ("PROXY_DRAIN_S", "drain_s", _positive_float),
     ("PROXY_LOG_FORMAT", "log_format", _log_format),
+    ("PROXY_METRICS_PORT", "metrics_port", _port),
+    ("PROXY_METRICS_KEY_NAMES", "metrics_key_names", _bool),
     ("CSM_VOICES_DIR", "voices_dir", str),
     ("PROXY_OPENAI_VOICES", "openai_voices", parse_voice_table),
     ("PROXY_REFERENCE_MAX_BYTES", "reference_max_bytes", _positive_int),

@@ -15,6 +15,7 @@ import pytest
 import websockets
 from live_proxy import start_proxy
 
+from csm_tts.tooling.local_triton import free_port
 from proxy.auth import WS_BEARER_PREFIX, WS_PROTOCOL, generate_key, hash_key
 from proxy.server import LINGER_S
 
@@ -276,3 +277,43 @@ async def test_control_and_bidirectional_characters_are_escaped_in_the_access_lo
     (line,) = await wait_for_line(caplog, request_id)
     assert "\u202e" not in line and "\u2028" not in line and "\t" not in line
     assert '"evil\\u202egnp.exe\\u2028forged\\x09line"' in line, line
+
+
+# -- what /health and /metrics tell whom -----------------------------------------------------------------------------
+async def test_with_keys_health_and_metrics_are_for_operators_or_the_metrics_listener(triton_server, tmp_path):
+    user, operator = generate_key(), generate_key()
+    keys_file = tmp_path / "keys.json"
+    entries = [
+        {"name": "web-app", "sha256": hash_key(user)},
+        {"name": "ops", "sha256": hash_key(operator), "operator": True},
+    ]
+    keys_file.write_text(json.dumps({"keys": entries}))
+    metrics_port = free_port()
+    proxy = await start_proxy(triton_server.grpc_url, api_keys_file=str(keys_file), metrics_port=metrics_port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for key in (None, user, "sk-unknown"):
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                async with session.get(proxy.http + "/health", headers=headers) as r:
+                    assert r.status == 200 and await r.json() == {"status": "ok"}, key
+            async with session.get(proxy.http + "/health", headers={"Authorization": f"Bearer {operator}"}) as r:
+                details = await r.json()
+                assert r.status == 200 and details["triton"]["replicas"][0]["url"] == triton_server.grpc_url
+            async with session.get(proxy.http + "/metrics") as r:
+                assert r.status == 401
+            async with session.get(proxy.http + "/metrics", headers={"Authorization": f"Bearer {user}"}) as r:
+                assert r.status == 403
+            async with session.post(
+                proxy.http + "/generate", json=FAST, headers={"Authorization": f"Bearer {user}"}
+            ) as r:
+                assert r.status == 200
+            async with session.get(proxy.http + "/metrics", headers={"Authorization": f"Bearer {operator}"}) as r:
+                assert r.status == 200 and "csm_proxy_requests_total" in await r.text()
+            async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:  # the scraper's listener
+                scraped = await r.text()
+                assert r.status == 200 and "csm_proxy_requests_total" in scraped
+            assert "web-app" not in scraped and 'key="' not in scraped  # names only with PROXY_METRICS_KEY_NAMES
+            async with session.get(f"http://127.0.0.1:{metrics_port}/generate") as r:
+                assert r.status == 404  # the listener serves nothing else
+    finally:
+        await proxy.runner.cleanup()
