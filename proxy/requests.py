@@ -4,7 +4,6 @@ explicit admission call (proxy/admission.py) with the request's scope and the ap
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterable
 
 from aiohttp import web
@@ -12,6 +11,7 @@ from aiohttp import web
 from proxy.admission import Lease
 from proxy.appkeys import ADMISSION, METRICS, OFFLOAD, SCOPE, SETTINGS, TRITON
 from proxy.errors import ApiError
+from proxy.parse import strict_json
 from proxy.parse.job import GenerateOptions
 
 # Bodies up to this size are parsed on the event loop (microseconds); larger ones (reference clips) in the pool.
@@ -42,8 +42,8 @@ async def read_json(request: web.Request) -> object:
         raise ApiError(400, "The request body is empty: send JSON")
     try:
         if len(raw) <= INLINE_JSON_BYTES:
-            return json.loads(raw)
-        return await request.app[OFFLOAD].run(json.loads, raw)
+            return strict_json.loads(raw)
+        return await request.app[OFFLOAD].run(strict_json.loads, raw)
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"Invalid JSON: {str(e)[:200]}") from None
 

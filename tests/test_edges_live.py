@@ -5,13 +5,17 @@ and WebSocket session leaves one honest log line and metric."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import logging
 import re
 import time
 
 import aiohttp
+import numpy as np
 import pytest
+import soundfile
 import websockets
 from live_proxy import start_proxy
 
@@ -317,3 +321,70 @@ async def test_with_keys_health_and_metrics_are_for_operators_or_the_metrics_lis
                 assert r.status == 404  # the listener serves nothing else
     finally:
         await proxy.runner.cleanup()
+
+
+# -- small input holes -----------------------------------------------------------------------------------------------
+async def post_json(proxy, path: str, raw: bytes) -> tuple[int, dict, int]:
+    """Status, JSON answer and its size in bytes."""
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session, session.post(proxy.http + path, data=raw, headers=headers) as r:
+        body = await r.read()
+        return r.status, json.loads(body), len(body)
+
+
+async def test_a_100_kb_voice_name_gets_a_short_error(proxy):
+    name = "v" * 100_000
+    raw = json.dumps({"model": "csm-1b", "input": "Hi.", "voice": name}).encode()
+    status, answer, size = await post_json(proxy, "/v1/audio/speech", raw)
+    assert status == 400 and "Unknown voice" in answer["error"]["message"], answer
+    assert size < 2000, size
+
+
+async def test_duplicate_json_keys_are_400(proxy):
+    raw = b'{"text": "Hi.", "max_audio_length_ms": 1000, "watermark": true, "watermark": false}'
+    status, answer, _ = await post_json(proxy, "/generate", raw)
+    assert status == 400 and "'watermark' appears twice" in answer["error"], answer
+    status, answer, _ = await post_json(proxy, "/v1/audio/speech", b'{"input": "a", "input": "b", "model": "x"}')
+    assert status == 400 and "appears twice" in answer["error"]["message"], answer
+    async with websockets.connect(proxy.ws) as ws:  # a WebSocket message too (the socket stays open)
+        await ws.send('{"text": "Hi.", "text": "Bye."}')
+        reply = json.loads(await ws.recv())
+        assert "appears twice" in reply["error"], reply
+
+
+def flac_bomb() -> bytes:
+    """20 s of silence at 192 kHz x 8 channels: ~31 kB of FLAC that promises 30.7 M samples."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros((20 * 192_000, 8), np.int16), 192_000, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+async def test_a_reference_clip_beyond_the_decoding_budget_is_413_before_it_is_decoded(proxy, monkeypatch):
+    bomb = flac_bomb()
+    assert len(bomb) < 64_000
+    reads = []
+    original = soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda self, *a, **k: reads.append(1) or original(self, *a, **k))
+    fields = {"reference_audio": base64.b64encode(bomb).decode(), "reference_text": "Silence."}
+    raw = json.dumps({"text": "Hi.", "max_audio_length_ms": 1000, "watermark": False, **fields}).encode()
+    status, answer, _ = await post_json(proxy, "/generate", raw)
+    assert status == 413 and "8 channels at 192000 Hz" in answer["error"], answer
+    assert reads == []  # the decoder never ran
+    # the same check lets an ordinary clip through to the decoder
+    buffer = io.BytesIO()
+    soundfile.write(buffer, 0.1 * np.ones(24_000, np.float32), 24_000, format="WAV", subtype="FLOAT")
+    fields["reference_audio"] = base64.b64encode(buffer.getvalue()).decode()
+    raw = json.dumps({"text": "Hi.", "max_audio_length_ms": 1000, "watermark": False, **fields}).encode()
+    status, answer, _ = await post_json(proxy, "/generate", raw)
+    assert status == 200 and reads, answer
+
+
+async def test_a_reference_clip_of_amplitude_1e30_is_refused(proxy):
+    buffer = io.BytesIO()
+    clip = np.full(24_000, 1e30, np.float32)
+    clip[::2] *= -1  # a stereo mix or a mean would not hide it either
+    soundfile.write(buffer, clip, 24_000, format="WAV", subtype="FLOAT")
+    fields = {"reference_audio": base64.b64encode(buffer.getvalue()).decode(), "reference_text": "Loud."}
+    raw = json.dumps({"text": "Hi.", "max_audio_length_ms": 1000, "watermark": False, **fields}).encode()
+    status, answer, _ = await post_json(proxy, "/generate", raw)
+    assert status == 422 and "peak of 1e+30" in answer["error"], answer

@@ -57,3 +57,13 @@ def test_which_pages_may_open_a_websocket(allowed, origin, host, ok):
 )
 def test_json_endpoints_read_only_json_content_types(content_type, ok):
     assert is_json_type(content_type) is ok
+
+
+def test_error_messages_are_bounded_whatever_they_echo():
+    from proxy.errors import MAX_MESSAGE_CHARS, ApiError
+    from proxy.parse.fields import unknown_fields
+
+    assert len(ApiError(422, "x" * 1_000_000).message) == MAX_MESSAGE_CHARS
+    (entry,) = unknown_fields([f"{i:05d}" + "k" * 1000 for i in range(5000)])
+    assert len(entry["message"]) < 600 and entry["message"].endswith(" and 4990 more")
+    assert unknown_fields(["b", "a"]) == [{"field": None, "message": "unknown field(s): a, b"}]

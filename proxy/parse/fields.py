@@ -151,9 +151,15 @@ def given(model: pydantic.BaseModel, names: Sequence[str] = OPTION_NAMES) -> dic
 
 
 # -- pydantic's errors, read back -------------------------------------------------------------------------------
-def unknown_fields(names, what: str = "field(s)") -> list[dict]:
+def unknown_fields(names, what: str = "field(s)", listed: int = 10) -> list[dict]:
+    """One entry naming the unknown fields: at most `listed` of them, each cut short (a client may send thousands of
+    long names, and the error would echo them all)."""
     unknown = sorted(str(k) for k in names)
-    return [{"field": None, "message": f"unknown {what}: {', '.join(unknown)}"}] if unknown else []
+    if not unknown:
+        return []
+    shown_names = [name if len(name) <= 40 else name[:37] + "..." for name in unknown[:listed]]
+    more = f" and {len(unknown) - listed} more" if len(unknown) > listed else ""
+    return [{"field": None, "message": f"unknown {what}: {', '.join(shown_names)}{more}"}]
 
 
 def field_errors(error: pydantic.ValidationError, order: Sequence[str]) -> list[dict]:
