@@ -126,7 +126,7 @@ async def error_middleware(request: web.Request, handler):
 
 # Paths anyone may call: what probes, scrapers and a page's static files need. Everything else (new endpoints
 # included) needs a key when keys are configured.
-OPEN_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/metrics", "/openapi.json"})
 OPEN_PREFIXES = ("/demo",)
 
 

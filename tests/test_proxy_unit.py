@@ -308,6 +308,7 @@ async def test_index(down_client):
         "GET /livez",
         "GET /readyz",
         "GET /metrics",
+        "GET /openapi.json",
         "POST /generate",
         "POST /generate/wav",
         "POST /generate/audio",

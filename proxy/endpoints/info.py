@@ -19,6 +19,7 @@ from proxy.admission import unauthorized
 from proxy.appkeys import API_KEYS, DRAIN, METRICS, SETTINGS, STARTED, TRITON, WEBSOCKETS
 from proxy.auth import presented_key
 from proxy.errors import ApiError
+from proxy.parse.openapi import openapi_document
 from proxy.render.index_page import index_page, wants_html
 
 ENDPOINTS = {
@@ -28,6 +29,7 @@ ENDPOINTS = {
     "else 503",
     "GET /livez": "Liveness: 200 while the proxy answers",
     "GET /readyz": "Readiness: 200, or 503 once a drain (SIGTERM) started; independent of Triton",
+    "GET /openapi.json": "The OpenAPI 3.1 description of the HTTP API (native and OpenAI surfaces)",
     "GET /metrics": "Prometheus metrics of the proxy (requests, time to first audio, streams, errors, rejections)",
     "POST /generate": "JSON {text, speaker_id, max_audio_length_ms, temperature, topk, watermark, watermark_key} -> "
     "JSON {audio_base64 (WAV), sample_rate, duration_ms, processing_time_ms, watermarked}",
@@ -134,6 +136,10 @@ def is_operator(request: web.Request) -> bool:
         return True
     key = keys.authenticate(presented_key(request.headers, websocket=False))
     return key is not None and key.operator
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(__version__))
 
 
 async def livez(request: web.Request) -> web.Response:
