@@ -74,6 +74,13 @@ def _audio(description: str, types: list[str] = _AUDIO_TYPES) -> dict:
     return {"description": description, "content": {t: binary for t in types}}
 
 
+def _speech_answer() -> dict:
+    answer = _audio("The audio, or (stream_format sse) server-sent events")
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+    answer["content"]["text/event-stream"] = {"schema": event}
+    return answer
+
+
 def _json(description: str, schema: dict | None = None) -> dict:
     return {"description": description, "content": {JSON: {"schema": schema or {"type": "object"}}}}
 
@@ -175,7 +182,7 @@ def openapi_document(version: str) -> dict:
             "/v1/audio/speech": _post(
                 "OpenAI's speech API",
                 "SpeechRequest",
-                _audio("The audio, or SSE events", [*_AUDIO_TYPES, "text/event-stream"]),
+                _speech_answer(),
                 "OpenAIError",
             ),
             "/v1/models": _get("OpenAI's model list", _json("The models"), "OpenAIError"),
