@@ -34,7 +34,7 @@ def main() -> int:
     log.info("%s %s: Triton %s (model %s)", NAME, __version__, ", ".join(replicas), settings.triton_model)
     keys = app[API_KEYS]
     log.info("API keys: %s", f"{len(keys)} configured" if keys is not None else "off (PROXY_API_KEYS_FILE is not set)")
-    asyncio.run(serve(app, settings.host, settings.port, settings.drain_s, logging.getLogger("aiohttp.access")))
+    asyncio.run(serve(app, settings.host, settings.port, settings.drain_s))
     return 0
 
 

@@ -17,6 +17,7 @@ from proxy.admission import Admission, WatermarkPolicy
 from proxy.appkeys import (
     ADMISSION,
     API_KEYS,
+    CONNECTIONS,
     DRAIN,
     METRICS,
     OFFLOAD,
@@ -29,8 +30,10 @@ from proxy.appkeys import (
 )
 from proxy.auth import ApiKeys, KeyFileError
 from proxy.bad_requests import quiet_malformed_requests
+from proxy.connections import ConnectionGuard
 from proxy.cors import add_cors_headers, cors_middleware
 from proxy.drain import Drain
+from proxy.endpoints.info import metrics_listener
 from proxy.logs import redact_keys_in_library_logs
 from proxy.metrics import ProxyMetrics
 from proxy.middleware import add_request_id_header, door_middleware, error_middleware, observe_middleware
@@ -60,6 +63,16 @@ async def triton_ctx(app: web.Application):
     if discovery is not None:
         await discovery.close()
     await pool.close()
+
+
+async def metrics_listener_ctx(app: web.Application):
+    """PROXY_METRICS_PORT: /metrics on a port of its own, for the scraper, without keys."""
+    settings = app[SETTINGS]
+    listener = web.AppRunner(metrics_listener(app), access_log=None)
+    await listener.setup()
+    await web.TCPSite(listener, settings.host, settings.metrics_port).start()
+    yield
+    await listener.cleanup()
 
 
 async def offload_ctx(app: web.Application):
@@ -96,8 +109,11 @@ def create_app(settings: Settings | None = None, resolver=None) -> web.Applicati
     app[SETTINGS] = settings
     app[WEBSOCKETS] = weakref.WeakSet()
     app[STARTED] = time.monotonic()
-    app[METRICS] = metrics = ProxyMetrics()
+    app[METRICS] = metrics = ProxyMetrics(key_names=settings.metrics_key_names)
     app[DRAIN] = drain = Drain()
+    app[CONNECTIONS] = ConnectionGuard(
+        settings.max_connections, settings.header_timeout_s, lambda reason: metrics.rejections.labels(reason).inc()
+    )
     app[RESOLVER] = resolver
     try:
         app[API_KEYS] = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
@@ -113,6 +129,8 @@ def create_app(settings: Settings | None = None, resolver=None) -> web.Applicati
     app[VOICES] = load_voices(settings)
     app.cleanup_ctx.append(offload_ctx)
     app.cleanup_ctx.append(triton_ctx)
+    if settings.metrics_port:
+        app.cleanup_ctx.append(metrics_listener_ctx)
     app.on_shutdown.append(close_websockets)
     app.on_response_prepare.append(add_cors_headers)
     app.on_response_prepare.append(add_request_id_header)

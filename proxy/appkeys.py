@@ -11,6 +11,7 @@ from aiohttp import web
 
 from proxy.admission import Admission
 from proxy.auth import ApiKeys
+from proxy.connections import ConnectionGuard
 from proxy.drain import Drain
 from proxy.metrics import ProxyMetrics
 from proxy.render.offload import Offload
@@ -31,4 +32,5 @@ DRAIN = web.AppKey("drain", Drain)
 RESOLVER = web.AppKey("resolver", Resolver | None)
 VOICES = web.AppKey("voices", VoiceBook)
 OFFLOAD = web.AppKey("offload", Offload)
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 SCOPE = web.RequestKey("scope", RequestScope)

@@ -12,7 +12,8 @@ there is nothing to guess from a hash. `scripts/api_key.py` makes a key and its 
 ```
 
 `max_streams` (Triton streams open at once) and `requests_per_minute` (streams started in any 60 s; one text is one
-stream) are optional; so are the two watermark fields (absent: the server's CSM_WATERMARK_ALLOW_* apply).
+stream) are optional; so are the two watermark fields (absent: the server's CSM_WATERMARK_ALLOW_* apply) and
+`operator` (true: the key may read `/health`'s details and `/metrics`).
 
 Clients send `Authorization: Bearer <key>`. Browsers cannot set headers on a WebSocket, so `WS /stream` also takes
 the key as a subprotocol: the client offers `["csm-tts", "bearer.<key>"]` and the server selects `csm-tts`. Keys are
@@ -38,7 +39,15 @@ WS_PROTOCOL = "csm-tts"
 WS_BEARER_PREFIX = "bearer."
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_FIELDS = {"name", "sha256", "max_streams", "requests_per_minute", "allow_watermark_off", "allow_custom_watermark_key"}
+_FIELDS = {
+    "name",
+    "sha256",
+    "max_streams",
+    "requests_per_minute",
+    "allow_watermark_off",
+    "allow_custom_watermark_key",
+    "operator",
+}
 WINDOW_S = 60.0
 
 
@@ -69,6 +78,7 @@ class ApiKey:
     requests_per_minute: int | None = None
     allow_watermark_off: bool | None = None  # None: the server's policy
     allow_custom_watermark_key: bool | None = None
+    operator: bool = False  # may read /health's details and /metrics
     open_streams: int = 0
     _started: collections.deque = field(default_factory=collections.deque, repr=False)
 
@@ -147,13 +157,14 @@ def parse_keys(data: object, where: str = "keys file") -> list[ApiKey]:
                 raise KeyFileError(f"{at} ({name}): {limit} must be a positive integer, got {shown(value)}")
             limits[limit] = value
         flags = {}
-        for flag in ("allow_watermark_off", "allow_custom_watermark_key"):
+        for flag in ("allow_watermark_off", "allow_custom_watermark_key", "operator"):
             value = entry.get(flag)
             if value is not None and not isinstance(value, bool):
                 raise KeyFileError(f"{at} ({name}): {flag} must be true or false, got {shown(value)}")
             flags[flag] = value
         if any(k.name == name for k in keys) or any(k.sha256 == digest for k in keys):
             raise KeyFileError(f"{at} ({name}): the name or the key is listed twice")
+        flags["operator"] = bool(flags["operator"])
         keys.append(ApiKey(name=name, sha256=digest, **limits, **flags))
     return keys
 

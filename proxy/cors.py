@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.appkeys import SETTINGS
+from proxy.origins import listed_origin
 from proxy.settings import Settings
 
 
@@ -31,7 +32,7 @@ async def cors_middleware(request: web.Request, handler):
 
 
 def origin_allowed(settings: Settings, origin: str) -> bool:
-    return bool(origin) and ("*" in settings.cors_origins or origin in settings.cors_origins)
+    return listed_origin(settings.cors_origins, origin)
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from proxy.upstream.errors import UpstreamError
 
 NATIVE, OPENAI = "native", "openai"
+MAX_MESSAGE_CHARS = 2000
 
 
 class ApiError(Exception):
     """An error the client caused or must know about; `status` is the HTTP status, `message` the JSON `error`."""
 
     def __init__(self, status: int, message: str, errors: list[dict] | None = None, headers: dict | None = None):
+        # Every message is bounded, whatever a check put in it: errors echo input, and input can be megabytes.
+        message = message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.status = status
         self.message = message

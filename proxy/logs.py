@@ -2,7 +2,8 @@
 
 Text: `2026-12-02 10:00:00,000 INFO proxy [3f2a...]: message`. JSON: one object per line with `time`, `level`,
 `logger`, `request_id` (when the line belongs to a request), `message` and, for errors, `exception`. aiohttp's access
-log lines carry the id through the response header (`X-Request-ID`), see ACCESS_LOG_FORMAT.
+The access log (logger `proxy.access`) has one line per request and per WebSocket session, written by the observe
+middleware (`access_line`), client-aborted requests included.
 """
 
 from __future__ import annotations
@@ -15,8 +16,37 @@ import sys
 from proxy.scope import current_scope
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
-# aiohttp's default access log format plus the request id (the response's X-Request-ID header).
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i" id=%{X-Request-ID}o'
+ACCESS_LOG = "proxy.access"
+
+# What a client-supplied string may not bring into a log line as such: control characters (a forged line), the
+# bidirectional overrides and isolates (U+202A-U+202E, U+2066-U+2069, U+200E/F, U+061C: text that reads reversed in
+# a terminal), line and paragraph separators (U+2028/U+2029), and the quote and backslash that delimit it.
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]')
+
+
+def log_safe(text: str, limit: int = 200) -> str:
+    """`text` with unsafe characters as \\xNN / \\uNNNN escapes, cut to `limit` characters (marked with ...)."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", cut)
+
+
+def access_line(
+    remote: str | None,
+    method: str,
+    path: str,
+    status: int,
+    seconds: float,
+    request_id: str,
+    user_agent: str = "",
+    close_code: int | None = None,
+    audio_seconds: float = 0.0,
+) -> str:
+    """`127.0.0.1 "POST /generate" 200 0.412s audio=1.04s "curl/8.5" id=...`; a WebSocket session adds `close=1000`."""
+    close = f" close={close_code}" if close_code is not None else ""
+    return (
+        f'{log_safe(remote or "-", 64)} "{log_safe(method, 16)} {log_safe(path, 300)}" {status}{close} {seconds:.3f}s '
+        f'audio={audio_seconds:.2f}s "{log_safe(user_agent)}" id={request_id}'
+    )
 
 
 class RequestIdFilter(logging.Filter):

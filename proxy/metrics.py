@@ -21,7 +21,8 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 
 
 class ProxyMetrics:
-    def __init__(self):
+    def __init__(self, key_names: bool = False):
+        self.key_names = key_names  # PROXY_METRICS_KEY_NAMES: key names are labels only when the operator says so
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
             "csm_proxy_requests",
@@ -78,7 +79,9 @@ class ProxyMetrics:
         self.rejections = Counter(
             "csm_proxy_rejections",
             "Requests and streams the proxy refused: full (its own or Triton's limits), rate_limited (a key's "
-            "limits), unauthorized (no or wrong key), forbidden (watermark policy), draining (shutting down)",
+            "limits), unauthorized (no or wrong key), forbidden (watermark policy), draining (shutting down), "
+            "connections (PROXY_MAX_CONNECTIONS), header_timeout, body_timeout (a client too "
+            "slow to send its request)",
             ["reason"],
             registry=registry,
         )
@@ -89,7 +92,16 @@ class ProxyMetrics:
             registry=registry,
         )
         self.draining = Gauge("csm_proxy_draining", "1 while the proxy drains before it stops", registry=registry)
-        for reason in ("full", "rate_limited", "unauthorized", "forbidden", "draining"):
+        for reason in (
+            "full",
+            "rate_limited",
+            "unauthorized",
+            "forbidden",
+            "draining",
+            "connections",
+            "header_timeout",
+            "body_timeout",
+        ):
             self.rejections.labels(reason)  # every series exists from the start (rate() needs a first sample)
 
     def exposition(self, pool, websockets: int) -> bytes:
@@ -108,7 +120,7 @@ class MetricsHooks:
         self.metrics = metrics
 
     def admitted(self, scope: RequestScope) -> None:
-        if scope.key is not None:
+        if scope.key is not None and self.metrics.key_names:
             self.metrics.key_streams.labels(scope.key.name).inc()
 
     def first_audio(self, scope: RequestScope, seconds: float) -> None:
@@ -116,6 +128,7 @@ class MetricsHooks:
 
     def closed(self, scope: RequestScope, seconds: float, audio_seconds: float, failed: bool) -> None:
         m = self.metrics
+        scope.audio_seconds += audio_seconds
         m.stream_seconds.labels(scope.endpoint, "failed" if failed else "completed").observe(seconds)
         if audio_seconds > 0:
             m.audio_seconds.labels(scope.endpoint).inc(audio_seconds)

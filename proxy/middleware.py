@@ -1,7 +1,8 @@
 """The middleware every request passes, outermost first (proxy/app.py lists them in this order):
 
 1. `observe_middleware`: the request id (the client's X-Request-ID or a new one), the request's scope
-   (`request[SCOPE]`, and a context variable for log lines), the request counted with its final status;
+   (`request[SCOPE]`, and a context variable for log lines), the request counted with its final status and
+   written to the access log (one line, client-aborted requests and WebSocket sessions included);
 2. CORS (proxy/cors.py);
 3. `error_middleware`: every error leaves as JSON through the one mapper (proxy/errors.py), in OpenAI's flavour on
    /v1 paths;
@@ -16,17 +17,20 @@ import asyncio
 import logging
 import time
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from proxy.admission import draining_error, unauthorized
-from proxy.appkeys import API_KEYS, DRAIN, METRICS, SCOPE, SETTINGS
+from proxy.appkeys import API_KEYS, CONNECTIONS, DRAIN, METRICS, SCOPE, SETTINGS
 from proxy.auth import WS_BEARER_PREFIX, WS_PROTOCOL, ApiKeys, presented_key
 from proxy.errors import NATIVE, OPENAI, ApiError, HttpRefusal, error_body
+from proxy.logs import ACCESS_LOG, access_line
 from proxy.metrics import ProxyMetrics
+from proxy.origins import page_may_connect
 from proxy.scope import REQUEST_ID_HEADER, RequestScope, accept_request_id, enter_scope, leave_scope
 from proxy.upstream.errors import UpstreamError
 
 log = logging.getLogger("proxy")
+access_log = logging.getLogger(ACCESS_LOG)
 OPENAI_PREFIX = "/v1/"
 
 
@@ -44,6 +48,7 @@ async def observe_middleware(request: web.Request, handler):
     everything below it, and the request counted with its final status."""
     scope = RequestScope(accept_request_id(request.headers.get(REQUEST_ID_HEADER)), endpoint_label(request))
     request[SCOPE] = scope
+    request.app[CONNECTIONS].request_started(request)
     endpoint = scope.endpoint
     token = enter_scope(scope)
     metrics = request.app[METRICS]
@@ -57,18 +62,38 @@ async def observe_middleware(request: web.Request, handler):
         status = e.status
         raise
     except asyncio.CancelledError:
-        status = 499  # the client went away (nginx's convention)
+        # The client went away: 499 (nginx's convention), unless it was a WebSocket session, which ends this way
+        # when the client closes the connection after the closing handshake.
+        status = 101 if isinstance(scope.response, web.WebSocketResponse) else 499
         raise
     finally:
+        seconds = time.perf_counter() - started
         metrics.requests.labels(endpoint, request.method, str(status)).inc()
-        metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+        metrics.request_seconds.labels(endpoint).observe(seconds)
+        close_code = None
+        if isinstance(scope.response, web.WebSocketResponse):
+            close_code = scope.response.close_code or WSCloseCode.ABNORMAL_CLOSURE  # gone without a closing frame
+        line = access_line(
+            request.remote,
+            request.method,
+            request.raw_path,
+            status,
+            seconds,
+            scope.request_id,
+            request.headers.get("User-Agent", ""),
+            close_code,
+            scope.audio_seconds,
+        )
+        access_log.info("%s", line)
         leave_scope(token)
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    """Every response carries the request id, WebSocket upgrades (101) and errors included."""
+    """Every response carries the request id, WebSocket upgrades (101) and errors included; the scope keeps the
+    response (the access log's WebSocket close code)."""
     if SCOPE in request:
         response.headers[REQUEST_ID_HEADER] = request[SCOPE].request_id
+        request[SCOPE].response = response
 
 
 @web.middleware
@@ -101,7 +126,7 @@ async def error_middleware(request: web.Request, handler):
 
 # Paths anyone may call: what probes, scrapers and a page's static files need. Everything else (new endpoints
 # included) needs a key when keys are configured.
-OPEN_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/metrics", "/openapi.json"})
 OPEN_PREFIXES = ("/demo",)
 
 
@@ -127,6 +152,11 @@ async def door_middleware(request: web.Request, handler):
         raise draining_error()
     websocket = is_websocket(request)
     if websocket:
+        origin = request.headers.get("Origin")
+        if not page_may_connect(app[SETTINGS].cors_origins, origin, request.host):
+            metrics.rejections.labels("forbidden").inc()
+            shown = origin if len(origin) <= 100 else origin[:100] + "..."
+            raise ApiError(403, f"Origin {shown!r} may not open a WebSocket here (same origin or PROXY_CORS_ORIGINS)")
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if any(p.startswith(WS_BEARER_PREFIX) for p in protocols) and WS_PROTOCOL not in protocols:
             # Without "csm-tts" the server could select no protocol and a browser would fail the handshake.

@@ -3,14 +3,15 @@ explicit admission call (proxy/admission.py) with the request's scope and the ap
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import Iterable
 
 from aiohttp import web
 
 from proxy.admission import Lease
-from proxy.appkeys import ADMISSION, OFFLOAD, SCOPE, SETTINGS, TRITON
+from proxy.appkeys import ADMISSION, METRICS, OFFLOAD, SCOPE, SETTINGS, TRITON
 from proxy.errors import ApiError
+from proxy.parse import strict_json
 from proxy.parse.job import GenerateOptions
 
 # Bodies up to this size are parsed on the event loop (microseconds); larger ones (reference clips) in the pool.
@@ -18,21 +19,40 @@ INLINE_JSON_BYTES = 64 << 10
 
 
 async def read_json(request: web.Request) -> object:
-    limit = request.app[SETTINGS].max_body_bytes
+    if not is_json_type(request.content_type):
+        # A page on any site may POST text/plain or a form without asking (no CORS preflight): answering those
+        # would let it drive this API from a visitor's browser.
+        shown = request.headers.get("Content-Type", "none")[:100]
+        raise ApiError(415, f"Content-Type must be application/json (got {shown!r})")
+    settings = request.app[SETTINGS]
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"Request body too large: {request.content_length} bytes; the limit is {limit}")
     try:
-        raw = await request.read()
+        # aiohttp has no time limit on a body: a client announcing 100 kB and sending 8 bytes would hold its
+        # connection (and this handler) forever.
+        raw = await asyncio.wait_for(request.read(), settings.body_timeout_s)
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"Request body too large; the limit is {limit} bytes") from None
+    except asyncio.TimeoutError:
+        request.app[METRICS].rejections.labels("body_timeout").inc()
+        message = f"The request body did not arrive within {settings.body_timeout_s:g} s (PROXY_BODY_TIMEOUT_S)"
+        raise ApiError(408, message, headers={"Connection": "close"}) from None
     if not raw.strip():
         raise ApiError(400, "The request body is empty: send JSON")
     try:
         if len(raw) <= INLINE_JSON_BYTES:
-            return json.loads(raw)
-        return await request.app[OFFLOAD].run(json.loads, raw)
+            return strict_json.loads(raw)
+        return await request.app[OFFLOAD].run(strict_json.loads, raw)
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"Invalid JSON: {str(e)[:200]}") from None
+
+
+def is_json_type(content_type: str) -> bool:
+    """application/json or a +json type; `request.content_type` is already lower-cased, without parameters."""
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
 
 
 def admit(request: web.Request, options: GenerateOptions) -> Lease:

@@ -17,6 +17,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/livez", info.livez)
     app.router.add_get("/readyz", info.readyz)
     app.router.add_get("/metrics", info.metrics_endpoint)
+    app.router.add_get("/openapi.json", info.openapi)
     app.router.add_post("/generate", generate.generate)
     app.router.add_post("/generate/wav", generate.generate_wav)
     app.router.add_post("/generate/audio", generate.generate_audio)

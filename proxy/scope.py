@@ -35,6 +35,8 @@ class RequestScope:
     request_id: str
     endpoint: str  # the route ("/generate"), never the raw path: it is a metrics label
     key: object | None = None  # the caller's ApiKey (proxy/auth.py) when keys are configured
+    response: object | None = None  # the response once its headers went out (a WebSocket's 101 included)
+    audio_seconds: float = 0.0  # audio sent to Triton's client by this request's streams (the access log)
     _streams: itertools.count = field(default_factory=itertools.count, repr=False)
 
     def next_triton_request_id(self) -> str:

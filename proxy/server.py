@@ -16,23 +16,36 @@ import time
 
 from aiohttp import web
 
-from proxy.appkeys import DRAIN, TRITON
-from proxy.logs import ACCESS_LOG_FORMAT
+from proxy.appkeys import CONNECTIONS, DRAIN, SETTINGS, TRITON
 
 log = logging.getLogger("proxy")
 
 
-def runner(app: web.Application, shutdown_timeout: float = 10.0, access_log=None) -> web.AppRunner:
-    logger = {} if access_log is None else {"access_log": access_log}  # None: aiohttp's own access logger
-    return web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log_format=ACCESS_LOG_FORMAT, **logger
+# After an answer given before a body was read in full (401, 408, 413), how long the rest may still arrive so the
+# client reads the answer rather than a reset (aiohttp's default: 10 s, which a slow body would use in full).
+LINGER_S = 2.0
+
+
+async def runner(app: web.Application, shutdown_timeout: float = 10.0) -> web.AppRunner:
+    """An AppRunner, set up, with the connection limits of proxy/connections.py installed on its server. aiohttp's
+    access log is off: the observe middleware writes one line per request (proxy/logs.py `access_line`), also for the
+    requests aiohttp's would miss (client-aborted ones, WebSocket sessions)."""
+    made = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=shutdown_timeout,
+        access_log=None,
+        keepalive_timeout=app[SETTINGS].keepalive_s,
+        lingering_time=LINGER_S,
     )
+    await made.setup()
+    app[CONNECTIONS].install(made.server)
+    return made
 
 
 async def start_server(app: web.Application, host: str, port: int, shutdown_timeout: float = 10.0) -> web.AppRunner:
     """Run `app` on host:port (0 = a free port; see `runner.addresses`) the way `python -m proxy` does."""
-    started = runner(app, shutdown_timeout)
-    await started.setup()
+    started = await runner(app, shutdown_timeout)
     await web.TCPSite(started, host, port).start()
     return started
 
@@ -55,10 +68,9 @@ async def wait_for_streams(app: web.Application, limit_s: float, quiet_s: float 
     return pool.active_streams
 
 
-async def serve(app: web.Application, host: str, port: int, drain_s: float, access_log=None) -> None:
+async def serve(app: web.Application, host: str, port: int, drain_s: float) -> None:
     """Run `app` until SIGTERM/SIGINT, then drain (see the module doc) and stop."""
-    served = runner(app, access_log=access_log)
-    await served.setup()
+    served = await runner(app)
     await web.TCPSite(served, host, port).start()
     log.info("listening on http://%s:%d", host, port)
     loop = asyncio.get_running_loop()

@@ -33,6 +33,10 @@ class Settings:
     stream_idle_timeout_s: float = 60.0  # longest wait for the next response of a Triton stream
     # HTTP and WebSocket limits.
     max_body_bytes: int = 1 << 20
+    max_connections: int = 1024  # open client connections (beyond: 503 and closed; proxy/connections.py)
+    header_timeout_s: float = 10.0  # a new connection's first request header (a WebSocket handshake included)
+    body_timeout_s: float = 30.0  # reading a request's whole body
+    keepalive_s: float = 75.0  # idle keep-alive, and the limit on a later request's header (aiohttp's own timer)
     max_text_chunks: int = 100  # strings per POST /stream/chunks
     max_streams: int = 128  # Triton streams open at once through this proxy
     max_websockets: int = 256
@@ -70,6 +74,8 @@ class Settings:
     watermark_allow_custom_key: bool = True  # may clients send their own watermark_key?
     drain_s: float = 30.0  # on SIGTERM, how long streams in flight may take to finish
     log_format: str = "text"  # or "json": one JSON object per line
+    metrics_port: int | None = None  # a second listener serving only /metrics, without keys (what Prometheus scrapes)
+    metrics_key_names: bool = False  # label csm_proxy_key_streams_total with API key names
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -200,6 +206,10 @@ _VARIABLES = [
     ("TRITON_HEALTH_TIMEOUT_S", "health_timeout_s", _positive_float),
     ("TRITON_STREAM_IDLE_TIMEOUT_S", "stream_idle_timeout_s", _positive_float),
     ("PROXY_MAX_BODY_BYTES", "max_body_bytes", _positive_int),
+    ("PROXY_MAX_CONNECTIONS", "max_connections", _positive_int),
+    ("PROXY_HEADER_TIMEOUT_S", "header_timeout_s", _positive_float),
+    ("PROXY_BODY_TIMEOUT_S", "body_timeout_s", _positive_float),
+    ("PROXY_KEEPALIVE_S", "keepalive_s", _positive_float),
     ("PROXY_MAX_TEXT_CHUNKS", "max_text_chunks", _positive_int),
     ("PROXY_MAX_STREAMS", "max_streams", _positive_int),
     ("PROXY_MAX_WEBSOCKETS", "max_websockets", _positive_int),
@@ -223,6 +233,8 @@ _VARIABLES = [
     ("CSM_WATERMARK_ALLOW_CUSTOM_KEY", "watermark_allow_custom_key", _bool),
     ("PROXY_DRAIN_S", "drain_s", _positive_float),
     ("PROXY_LOG_FORMAT", "log_format", _log_format),
+    ("PROXY_METRICS_PORT", "metrics_port", _port),
+    ("PROXY_METRICS_KEY_NAMES", "metrics_key_names", _bool),
     ("CSM_VOICES_DIR", "voices_dir", str),
     ("PROXY_OPENAI_VOICES", "openai_voices", parse_voice_table),
     ("PROXY_REFERENCE_MAX_BYTES", "reference_max_bytes", _positive_int),

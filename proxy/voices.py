@@ -28,6 +28,7 @@ import numpy as np
 
 from csm_tts import SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_tts.limits import MAX_SPEAKER_ID
+from csm_tts.parsing import shown
 from csm_tts.speech.request import ContextSegment
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")
@@ -65,8 +66,9 @@ class InvalidReference(ValueError):
 
 class UnknownVoice(ValueError):
     def __init__(self, name: object, available: Sequence[str]):
-        shown = name if isinstance(name, str) else type(name).__name__
-        super().__init__(f"Unknown voice {shown!r}; available voices: {', '.join(available)}")
+        # Cut: a client may send a 100 kB name, and the error would echo it whole.
+        named = shown(name, 60) if isinstance(name, str) else type(name).__name__
+        super().__init__(f"Unknown voice {named}; available voices: {', '.join(available)}")
         self.available = list(available)
 
 
@@ -75,6 +77,15 @@ class VoiceConfigError(ValueError):
 
 
 # -- decoding ------------------------------------------------------------------------------------------------------
+MAX_RATE = 192_000
+# Samples (rate x channels x seconds) a clip may cost to decode: stereo at the highest accepted rate for the whole
+# allowed length. What a header promises beyond it (a 31 kB FLAC of silence can announce 20 s at 192 kHz x 8
+# channels: 1.3 s of CPU and ~120 MB) is refused before the decoder runs.
+BUDGET_CHANNELS = 2
+# Loudest sample accepted: float files may go past full scale a little; 1e30 is not audio.
+MAX_PEAK = 16.0
+
+
 def decode_reference(data: bytes, max_seconds: float, field: str = "reference_audio") -> np.ndarray:
     """Audio file bytes -> float32 24 kHz mono. Refuses what is not WAV/FLAC/MP3/Ogg, longer than `max_seconds`
     (counted while decoding, so a header that lies costs nothing) or shorter than one 80 ms frame."""
@@ -92,9 +103,20 @@ def decode_reference(data: bytes, max_seconds: float, field: str = "reference_au
         if sound.format not in REFERENCE_CONTAINERS:
             raise InvalidReference(f"{field} is {sound.format}; send WAV, FLAC, MP3 or Ogg/Opus", field)
         rate = sound.samplerate
-        if not 8000 <= rate <= 192_000:
-            raise InvalidReference(f"{field} has a sample rate of {rate} Hz; 8000-192000 Hz are accepted", field)
+        if not 8000 <= rate <= MAX_RATE:
+            raise InvalidReference(f"{field} has a sample rate of {rate} Hz; 8000-{MAX_RATE} Hz are accepted", field)
         limit = int(max_seconds * rate)
+        # A streamed FLAC's header says "length unknown", which libsndfile reports as huge: the limit counts then.
+        promised = min(sound.frames, limit) * sound.channels
+        budget = int(max_seconds * MAX_RATE * BUDGET_CHANNELS)
+        if promised > budget:
+            raise InvalidReference(
+                f"{field} would decode to {promised} samples ({sound.channels} channels at {rate} Hz for "
+                f"{min(sound.frames, limit) / rate:.1f} s); the budget is {budget} (stereo at {MAX_RATE} Hz for "
+                f"{max_seconds:g} s)",
+                field,
+                status=413,
+            )
         try:
             audio = sound.read(frames=limit + 1, dtype="float32", always_2d=True)
         except (soundfile.LibsndfileError, RuntimeError) as e:
@@ -102,13 +124,16 @@ def decode_reference(data: bytes, max_seconds: float, field: str = "reference_au
             raise InvalidReference(f"{field} could not be decoded: {reason}", field) from None
     if audio.shape[0] > limit:
         raise InvalidReference(f"{field} is longer than the limit of {max_seconds:g} s", field)
+    if not np.isfinite(audio).all():
+        raise InvalidReference(f"{field} holds samples that are not finite numbers", field)
+    peak = float(np.abs(audio).max()) if audio.size else 0.0  # before the mix: +x and -x in two channels cancel
+    if peak > MAX_PEAK:
+        raise InvalidReference(f"{field} has a peak of {peak:.3g}; samples beyond +-{MAX_PEAK:g} are not audio", field)
     mono = audio.mean(axis=1, dtype=np.float32)
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
     if mono.size < SAMPLES_PER_FRAME:
         raise InvalidReference(f"{field} holds less than 80 ms of audio", field)
-    if not np.isfinite(mono).all():
-        raise InvalidReference(f"{field} holds samples that are not finite numbers", field)
     return mono
 
 

@@ -368,6 +368,8 @@ def assert_openai_error(body: dict, param=None, code=None) -> dict:
     ],
 )
 async def test_v1_errors_are_openai_shaped(down_client, method, path, kwargs, status, param, code):
+    if "data" in kwargs:  # raw bodies are sent as JSON (any other Content-Type is 415)
+        kwargs = {**kwargs, "headers": {"Content-Type": "application/json"}}
     start = time.monotonic()
     response = await getattr(down_client, method)(path, **kwargs)
     assert response.status == status and time.monotonic() - start < FAST_FAIL_S

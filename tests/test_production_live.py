@@ -188,7 +188,7 @@ async def test_api_keys_limits_and_watermark_policy(triton_server, tmp_path, cap
             {
                 "keys": [
                     {"name": "tester", "sha256": hash_key(key), "max_streams": 1},
-                    {"name": "trusted", "sha256": hash_key(trusted), "allow_watermark_off": True},
+                    {"name": "trusted", "sha256": hash_key(trusted), "allow_watermark_off": True, "operator": True},
                 ]
             }
         )
@@ -196,6 +196,7 @@ async def test_api_keys_limits_and_watermark_policy(triton_server, tmp_path, cap
     proxy = await start_proxy(
         triton_server.grpc_url,
         api_keys_file=str(keys_file),
+        metrics_key_names=True,
         watermark_allow_disable=False,
         watermark_allow_custom_key=False,
     )
@@ -239,7 +240,7 @@ async def test_api_keys_limits_and_watermark_policy(triton_server, tmp_path, cap
                 headers={"Authorization": f"Bearer {trusted}"},
             ) as r:
                 assert r.status == 200
-            async with session.get(proxy.http + "/metrics") as r:
+            async with session.get(proxy.http + "/metrics", headers={"Authorization": f"Bearer {trusted}"}) as r:
                 metrics = await r.text()
         parsed = samples(metrics)
         assert value(parsed, "csm_proxy_rejections_total", reason="unauthorized") == 3
@@ -253,7 +254,7 @@ async def test_api_keys_limits_and_watermark_policy(triton_server, tmp_path, cap
             assert secret not in metrics
             assert secret not in server_log
         assert "unknown API key" in server_log and "no API key" in server_log
-        assert any(r.name == "aiohttp.access" for r in caplog.records)
+        assert any(r.name == "proxy.access" for r in caplog.records)
     finally:
         await proxy.runner.cleanup()
 

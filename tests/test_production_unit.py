@@ -186,18 +186,23 @@ def test_json_log_lines_carry_the_request_id():
 
 
 # -- the HTTP side without Triton ------------------------------------------------------------------------------------
+OPERATOR_KEY = generate_key()
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}  # /metrics is for operators when keys are on
+
+
 @pytest.fixture
 async def keyed_client(aiohttp_client, tmp_path):
     key = generate_key()
     path = tmp_path / "keys.json"
-    path.write_text(json.dumps({"keys": [{"name": "tester", "sha256": hash_key(key)}]}))
+    operator = {"name": "ops", "sha256": hash_key(OPERATOR_KEY), "operator": True}
+    path.write_text(json.dumps({"keys": [{"name": "tester", "sha256": hash_key(key)}, operator]}))
     settings = Settings(triton_grpc_urls=(f"127.0.0.1:{free_port()}",), api_keys_file=str(path), health_timeout_s=0.3)
     return await aiohttp_client(create_app(settings)), key
 
 
 async def test_open_paths_need_no_key_and_everything_else_does(keyed_client):
     client, key = keyed_client
-    for path in ("/", "/livez", "/readyz", "/metrics"):
+    for path in ("/", "/livez", "/readyz"):
         response = await client.get(path)
         assert response.status == 200, path
         assert response.headers["X-Request-ID"]
@@ -211,7 +216,7 @@ async def test_open_paths_need_no_key_and_everything_else_does(keyed_client):
     # With the key the request reaches Triton, which is down here: 503, not 401.
     response = await client.post("/generate", json={"text": "hi"}, headers={"Authorization": f"Bearer {key}"})
     assert response.status == 503
-    metrics = await (await client.get("/metrics")).text()
+    metrics = await (await client.get("/metrics", headers=OPERATOR)).text()
     assert key not in metrics and "sk-wrong" not in metrics
     assert 'csm_proxy_rejections_total{reason="unauthorized"} 5.0' in metrics
 
@@ -251,7 +256,7 @@ async def test_metrics_parse_and_label_routes_not_paths(keyed_client):
     client, _ = keyed_client
     for path in ("/random-1", "/random-2"):
         await client.get(path)
-    text = await (await client.get("/metrics")).text()
+    text = await (await client.get("/metrics", headers=OPERATOR)).text()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in (
         "csm_proxy_requests",

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.live
 FAST = {"max_audio_length_ms": 1000, "watermark": False}
 DEEP = "[" * 100_000  # nested past Python's recursion limit
 HUGE = "9" * 5000  # an integer literal past Python's int parsing limit
+JSON = {"Content-Type": "application/json"}  # raw bodies are sent as JSON (anything else is 415)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ HTTP_CASES = [
 async def test_every_malformed_http_request_gets_a_json_4xx(http, proxy, caplog):
     caplog.set_level(logging.INFO)
     for method, path, query, raw, status in HTTP_CASES:
-        async with http.request(method, path, params=query, data=io.BytesIO(raw)) as response:
+        async with http.request(method, path, params=query, data=io.BytesIO(raw), headers=JSON) as response:
             answer = await response.json(content_type=None)
             assert response.status == status, (path, query, raw[:60], answer)
             assert isinstance(answer.get("error"), str) and answer["error"], (path, raw[:60])
@@ -129,7 +130,9 @@ async def test_malformed_http_costs_one_log_line_and_a_400(proxy, http, caplog, 
 
 async def test_a_text_that_fails_in_the_middle_of_stream_chunks_becomes_its_error_line(http):
     raw = b'["First line.", "bad \\ud800 text", "Third line."]'
-    async with http.post("/stream/chunks", params={"max_audio_length_ms": "1000", "watermark": "false"}, data=raw) as r:
+    async with http.post(
+        "/stream/chunks", params={"max_audio_length_ms": "1000", "watermark": "false"}, data=raw, headers=JSON
+    ) as r:
         assert r.status == 200
         lines = [json.loads(line) for line in (await r.read()).splitlines()]
     assert [("error" in line) for line in lines] == [False, True, False]

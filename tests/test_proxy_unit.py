@@ -308,6 +308,7 @@ async def test_index(down_client):
         "GET /livez",
         "GET /readyz",
         "GET /metrics",
+        "GET /openapi.json",
         "POST /generate",
         "POST /generate/wav",
         "POST /generate/audio",
@@ -348,6 +349,8 @@ async def test_triton_down_is_503_fast(down_client):
     ],
 )
 async def test_bad_requests_get_json_errors(down_client, kwargs, status, message):
+    if "data" in kwargs:  # raw bodies are sent as JSON (any other Content-Type is 415)
+        kwargs = {**kwargs, "headers": {"Content-Type": "application/json"}}
     response = await down_client.post("/generate", **kwargs)
     assert response.status == status
     assert message in (await response.json())["error"]
@@ -355,7 +358,9 @@ async def test_bad_requests_get_json_errors(down_client, kwargs, status, message
 
 async def test_deeply_nested_json_is_400(aiohttp_client):
     client = await aiohttp_client(create_app(Settings(triton_grpc_urls=(f"127.0.0.1:{free_port()}",))))
-    response = await client.post("/generate", data=b"[" * 200_000 + b"]" * 200_000)
+    response = await client.post(
+        "/generate", data=b"[" * 200_000 + b"]" * 200_000, headers={"Content-Type": "application/json"}
+    )
     assert response.status == 400 and "Invalid JSON" in (await response.json())["error"]
 
 

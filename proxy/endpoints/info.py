@@ -1,5 +1,10 @@
 """GET / (what this service is), GET /health (proxy, every Triton replica, each model, the watermark), the probes
-GET /livez and /readyz (proxy/drain.py), and GET /metrics."""
+GET /livez and /readyz (proxy/drain.py), and GET /metrics.
+
+With API keys on, /health's details and /metrics are for operators: a key with `"operator": true`, or the metrics
+listener (PROXY_METRICS_PORT, `metrics_listener`), which a network policy keeps for Prometheus. Anyone else gets
+/health's status alone (replica addresses, stream counts and the watermark key source say too much to the internet).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from csm_tts import SAMPLE_RATE
 from proxy import NAME, __version__
-from proxy.appkeys import DRAIN, METRICS, SETTINGS, STARTED, TRITON, WEBSOCKETS
+from proxy.admission import unauthorized
+from proxy.appkeys import API_KEYS, DRAIN, METRICS, SETTINGS, STARTED, TRITON, WEBSOCKETS
+from proxy.auth import presented_key
+from proxy.errors import ApiError
+from proxy.parse.openapi import openapi_document
 from proxy.render.index_page import index_page, wants_html
 
 ENDPOINTS = {
@@ -20,6 +29,7 @@ ENDPOINTS = {
     "else 503",
     "GET /livez": "Liveness: 200 while the proxy answers",
     "GET /readyz": "Readiness: 200, or 503 once a drain (SIGTERM) started; independent of Triton",
+    "GET /openapi.json": "The OpenAPI 3.1 description of the HTTP API (native and OpenAI surfaces)",
     "GET /metrics": "Prometheus metrics of the proxy (requests, time to first audio, streams, errors, rejections)",
     "POST /generate": "JSON {text, speaker_id, max_audio_length_ms, temperature, topk, watermark, watermark_key} -> "
     "JSON {audio_base64 (WAV), sample_rate, duration_ms, processing_time_ms, watermarked}",
@@ -114,7 +124,22 @@ async def health(request: web.Request) -> web.Response:
             if not serving
             else "Not every model is ready: " + ", ".join(name for name, m in models.items() if not m["ready"])
         )
+    if not is_operator(request):
+        body = {"status": body["status"]}
     return web.json_response(body, status=200 if all_ready else 503)
+
+
+def is_operator(request: web.Request) -> bool:
+    """Without keys everyone is; with keys, a key with the operator permission."""
+    keys = request.app[API_KEYS]
+    if keys is None:
+        return True
+    key = keys.authenticate(presented_key(request.headers, websocket=False))
+    return key is not None and key.operator
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(__version__))
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -129,5 +154,24 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     app = request.app
+    if not is_operator(request):
+        if presented_key(request.headers, websocket=False) is None:
+            raise unauthorized("GET /metrics needs an operator key, or PROXY_METRICS_PORT's listener")
+        raise ApiError(403, "GET /metrics needs a key with the operator permission")
+    return exposition(app)
+
+
+def exposition(app: web.Application) -> web.Response:
     body = app[METRICS].exposition(app[TRITON], len(app[WEBSOCKETS]))
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def metrics_listener(main: web.Application) -> web.Application:
+    """The app of PROXY_METRICS_PORT: GET /metrics of `main`, no keys (keep the port to the scraper)."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        return exposition(main)
+
+    listener = web.Application()
+    listener.router.add_get("/metrics", scrape)
+    return listener

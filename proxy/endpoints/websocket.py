@@ -9,7 +9,6 @@ from aiohttp import web
 
 from proxy.appkeys import METRICS, SETTINGS, WEBSOCKETS
 from proxy.auth import WS_PROTOCOL
-from proxy.cors import origin_allowed
 from proxy.errors import ApiError
 from proxy.parse.fields import OPTION_NAMES
 from proxy.parse.job import GenerateOptions
@@ -23,9 +22,7 @@ from proxy.settings import Settings
 async def stream_ws(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
-    origin = request.headers.get("Origin", "")
-    if origin and settings.cors_origins and not origin_allowed(settings, origin):
-        raise ApiError(403, f"Origin {origin!r} is not allowed (PROXY_CORS_ORIGINS)")
+    # The handshake's Origin was checked at the door (proxy/middleware.py).
     # parse: the session's config and default generation options, as a first {"config": {...}} message would set.
     config = parse_stream_config(
         parse_query(request.query, (*CONFIG_KEYS, *OPTION_NAMES)), StreamConfig(context=settings.context_enabled)

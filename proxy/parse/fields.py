@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import pydantic
-from pydantic import BeforeValidator, ConfigDict
+from pydantic import BeforeValidator, ConfigDict, WithJsonSchema
 
 from csm_tts import limits
 from csm_tts.parsing import shown
@@ -115,15 +115,43 @@ CHECKS = {
     "seed": check_seed,
 }
 
+
+def described(schema: dict) -> WithJsonSchema:
+    """What the check beside it accepts, as JSON Schema (the OpenAPI description, proxy/parse/openapi.py): the checks
+    run as before-validators, which pydantic cannot describe by itself."""
+    return WithJsonSchema(schema)
+
+
+def _int(low: int, high: int) -> dict:
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
 # Annotated types of the generation options, shared by every surface's model.
-SpeakerId = Annotated[int, checked(CHECKS["speaker_id"])]
-AudioLengthMs = Annotated[int | None, checked(CHECKS["max_audio_length_ms"])]
-Temperature = Annotated[float, checked(CHECKS["temperature"])]
-TopK = Annotated[int, checked(CHECKS["topk"])]
-Watermark = Annotated[bool | None, checked(check_watermark)]
-WatermarkKey = Annotated[tuple[int, ...] | None, checked(check_watermark_key)]
-Seed = Annotated[int | None, checked(check_seed)]
-Text = Annotated[str, checked(check_text)]
+SpeakerId = Annotated[int, checked(CHECKS["speaker_id"]), described(_int(0, limits.MAX_SPEAKER_ID))]
+AudioLengthMs = Annotated[
+    int | None,
+    checked(CHECKS["max_audio_length_ms"]),
+    described(_int(limits.API_MIN_AUDIO_LENGTH_MS, limits.MAX_AUDIO_LENGTH_MS)),  # null is refused: omit it
+]
+Temperature = Annotated[
+    float,
+    checked(CHECKS["temperature"]),
+    described({"type": "number", "minimum": limits.API_TEMPERATURE[0], "maximum": limits.API_TEMPERATURE[1]}),
+]
+TopK = Annotated[int, checked(CHECKS["topk"]), described(_int(*limits.API_TOPK))]
+Watermark = Annotated[bool | None, checked(check_watermark), described({"type": ["boolean", "null"]})]
+WatermarkKey = Annotated[
+    tuple[int, ...] | None,
+    checked(check_watermark_key),
+    described(_nullable({"type": "array", "items": _int(0, 255), "minItems": 5, "maxItems": 5})),
+]
+Seed = Annotated[int | None, checked(check_seed), described(_nullable(_int(0, limits.MAX_SEED)))]
+TEXT_SCHEMA = {"type": "string", "minLength": 1, "maxLength": limits.MAX_TEXT_CHARS, "pattern": "\\S"}
+Text = Annotated[str, checked(check_text), described(TEXT_SCHEMA)]
 
 
 class SamplingOptions(pydantic.BaseModel):
@@ -151,9 +179,15 @@ def given(model: pydantic.BaseModel, names: Sequence[str] = OPTION_NAMES) -> dic
 
 
 # -- pydantic's errors, read back -------------------------------------------------------------------------------
-def unknown_fields(names, what: str = "field(s)") -> list[dict]:
+def unknown_fields(names, what: str = "field(s)", listed: int = 10) -> list[dict]:
+    """One entry naming the unknown fields: at most `listed` of them, each cut short (a client may send thousands of
+    long names, and the error would echo them all)."""
     unknown = sorted(str(k) for k in names)
-    return [{"field": None, "message": f"unknown {what}: {', '.join(unknown)}"}] if unknown else []
+    if not unknown:
+        return []
+    shown_names = [name if len(name) <= 40 else name[:37] + "..." for name in unknown[:listed]]
+    more = f" and {len(unknown) - listed} more" if len(unknown) > listed else ""
+    return [{"field": None, "message": f"unknown {what}: {', '.join(shown_names)}{more}"}]
 
 
 def field_errors(error: pydantic.ValidationError, order: Sequence[str]) -> list[dict]:

@@ -23,10 +23,12 @@ from csm_tts.parsing import shown
 from proxy.errors import OpenAIError, openai_status
 from proxy.formats import FORMATS, RESPONSE_FORMATS
 from proxy.parse.fields import (
+    TEXT_SCHEMA,
     Refusal,
     SamplingOptions,
     check_text,
     checked,
+    described,
     first_problem,
     given,
 )
@@ -66,6 +68,19 @@ def _voice(value: object, info: ValidationInfo) -> Voice:
         raise Refusal(str(e), 400, "unknown_voice") from None
 
 
+# A name from GET /v1/audio/voices, a speaker id as a string, or OpenAI's custom voice object.
+VOICE_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"], "additionalProperties": False},
+    ]
+}
+
+
+def _enum(choices: tuple[str, ...]) -> dict:
+    return {"type": "string", "enum": list(choices)}
+
+
 def _one_of(choices: tuple[str, ...]):
     def check(value: object) -> str:
         if value not in choices:
@@ -98,13 +113,17 @@ class SpeechBody(SamplingOptions):
 
     model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
 
-    model: Annotated[str, checked(_model)]
-    input: Annotated[str, checked(check_text)]
-    voice: Annotated[Voice, pydantic.BeforeValidator(_voice)]
-    response_format: Annotated[str, checked(_one_of(RESPONSE_FORMATS))] = "mp3"
-    stream_format: Annotated[str, checked(_one_of(STREAM_FORMATS))] = "audio"
-    speed: Annotated[float, checked(_speed)] = 1.0
-    instructions: Annotated[str | None, checked(_instructions)] = None  # accepted, and ignored: CSM takes none
+    model: Annotated[str, checked(_model), described({"type": "string", "enum": list(MODELS)})]
+    input: Annotated[str, checked(check_text), described(TEXT_SCHEMA)]
+    voice: Annotated[Voice, pydantic.BeforeValidator(_voice), described(VOICE_SCHEMA)]
+    response_format: Annotated[str, checked(_one_of(RESPONSE_FORMATS)), described(_enum(RESPONSE_FORMATS))] = "mp3"
+    stream_format: Annotated[str, checked(_one_of(STREAM_FORMATS)), described(_enum(STREAM_FORMATS))] = "audio"
+    speed: Annotated[float, checked(_speed), described({"type": "number", "const": 1.0})] = 1.0
+    instructions: Annotated[  # accepted, and ignored: CSM takes none
+        str | None,
+        checked(_instructions),
+        described({"anyOf": [{"type": "string", "maxLength": MAX_INSTRUCTIONS_CHARS}, {"type": "null"}]}),
+    ] = None
     reference_audio: object = None  # checked by parse_reference, after the fields
     reference_text: object = None
 

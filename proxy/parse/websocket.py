@@ -5,12 +5,12 @@ what these return; nothing here touches a socket.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 
 from csm_tts.parsing import shown
 from proxy.errors import ValidationError
 from proxy.formats import RESPONSE_FORMATS
+from proxy.parse import strict_json
 from proxy.parse.fields import OPTION_NAMES, unknown_fields
 from proxy.parse.native import check_options
 
@@ -105,7 +105,7 @@ def invalid(message: str, kind: str = "invalid") -> Message:
 def read_message(raw: str) -> Message:
     """One text frame -> a Message. Never raises for anything a client can send."""
     try:
-        data = json.loads(raw)
+        data = strict_json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: deeply nested arrays or objects
         return invalid(f"Invalid JSON: {str(e)[:200]}", "malformed")
     if not isinstance(data, dict):

@@ -709,8 +709,11 @@ async function checkServer() {
     const response = await fetch("/health", { headers: authHeaders($("api-key").value.trim()) });
     const body = await response.json();
     if (response.ok) {
-      const wm = body.watermark || {};
-      badge.textContent = `ready · model ${body.triton.model} · watermark ${wm.enabled === false ? "off" : "on"} by default`;
+      // With API keys on, only an operator key sees the details; anyone else gets {"status": "ok"}.
+      const wm = body.watermark;
+      const model = body.triton ? ` · model ${body.triton.model}` : "";
+      const mark = wm ? ` · watermark ${wm.enabled === false ? "off" : "on"} by default` : "";
+      badge.textContent = `ready${model}${mark}`;
       badge.className = "badge ok";
     } else {
       badge.textContent = `not ready: ${body.error || explainHttp(response.status, body.error)}`;
