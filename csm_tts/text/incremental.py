@@ -1,0 +1,161 @@
+"""The segmenter for text that arrives in pieces: an LLM's tokens ("Hel", "lo", ",", " how") become segments that
+are each worth one generation, cut as soon as it is safe to cut.
+
+Rules, all decided on the text alone (so the same text gives the same segments however it was cut into pieces):
+
+- a boundary counts only once a complete word follows it: "I saw Dr." may still become "I saw Dr. Smith";
+- the first segment (of the stream, and again after each flush) is cut early to keep first audio low: at the first
+  clause or sentence end after `first_min_chars`, or, with none by `first_max_chars`, at the last word end before
+  it (ElevenLabs' `chunk_length_schedule` plays the same role);
+- later segments end at sentence ends, at least `min_chars` long (so "Yes." does not become a generation of its own);
+- a segment never exceeds the generation budget (`max_bytes`): a longer sentence is cut at its last clause end that
+  fits, then at a word end (`boundaries.budget_cut`);
+- `flush()` cuts whatever is waiting; text that has waited `max_wait_s` since its first character arrived is released
+  at its last complete word when the caller polls (the clock is a parameter, so tests control time).
+
+Offsets are in the whole received text, so each segment names its span of what the client sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from csm_tts.text.boundaries import budget_cut, clause_bounds, fitting_prefix, sentence_bounds, word_bounds
+from csm_tts.text.budget import MAX_SEGMENT_BYTES
+
+
+@dataclass(frozen=True)
+class StreamPolicy:
+    first_min_chars: int = 10
+    first_max_chars: int = 60
+    early_first_cut: bool = True
+    min_chars: int = 20
+    max_bytes: int = MAX_SEGMENT_BYTES
+    max_wait_s: float = 2.0
+    language: str = "en"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.first_min_chars <= self.first_max_chars:
+            raise ValueError("need 0 <= first_min_chars <= first_max_chars")
+        if self.first_max_chars > self.max_bytes or self.max_bytes < 1:
+            raise ValueError("need 1 <= first_max_chars <= max_bytes")
+        if self.min_chars < 0 or not self.max_wait_s > 0:
+            raise ValueError("min_chars must be >= 0 and max_wait_s > 0")
+
+
+@dataclass(frozen=True)
+class StreamSegment:
+    """Text [start, end) of everything received so far, and why it was cut there."""
+
+    text: str
+    start: int
+    end: int
+    reason: str  # "first", "sentence", "budget", "flush", "waited"
+
+
+class StreamSegmenter:
+    def __init__(self, policy: StreamPolicy | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy or StreamPolicy()
+        self._clock = clock
+        self._buffer = ""
+        self._offset = 0  # where the buffer starts in the received text
+        self._first = True
+        self._waiting_since: float | None = None
+        self._arrivals: list[tuple[int, float]] = []  # (where a piece starts in the received text, when it came)
+
+    @property
+    def pending(self) -> str:
+        return self._buffer
+
+    def feed(self, piece: str) -> list[StreamSegment]:
+        """Take the next piece of text; return the segments it completes."""
+        if piece:
+            self._arrivals.append((self._offset + len(self._buffer), self._clock()))
+        self._buffer += piece
+        if self._waiting_since is None and self._buffer.strip():
+            self._waiting_since = self._arrived_at(self._offset + len(self._buffer) - len(self._buffer.lstrip()))
+        return self._cut_settled() + self.poll()
+
+    def flush(self) -> list[StreamSegment]:
+        """Cut everything that is waiting (the client said the text is complete for now)."""
+        out = self._cut_settled(final=True)
+        if self._buffer.strip():
+            out.append(self._emit(len(self._buffer), "flush"))
+        self._first = True
+        return out
+
+    def deadline(self) -> float | None:
+        """When waiting text will be released if nothing else cuts it (clock time), or None."""
+        if self._waiting_since is None:
+            return None
+        return self._waiting_since + self.policy.max_wait_s
+
+    def poll(self) -> list[StreamSegment]:
+        """Release text that has waited too long, at its last complete word."""
+        due = self.deadline()
+        if due is None or self._clock() < due:
+            return []
+        cut = self._horizon() if self._buffer[: self._horizon()].strip() else len(self._buffer)
+        segment = self._emit(cut, "waited")
+        if self._buffer.strip():  # a word still being written: give it a full wait of its own
+            self._waiting_since = self._clock()
+        return [segment]
+
+    def _arrived_at(self, position: int) -> float:
+        """When the piece holding `position` of the received text arrived."""
+        while len(self._arrivals) > 1 and self._arrivals[1][0] <= position:
+            self._arrivals.pop(0)
+        return self._arrivals[0][1]
+
+    def _horizon(self) -> int:
+        """Where the last, perhaps incomplete, word starts: everything before it is complete words."""
+        text = self._buffer
+        end = len(text)
+        while end > 0 and not text[end - 1].isspace():
+            end -= 1
+        return end
+
+    def _cut_settled(self, final: bool = False) -> list[StreamSegment]:
+        out = []
+        while self._buffer.strip():
+            cut = self._next_cut(final)
+            if cut is None:
+                break
+            out.append(self._emit(*cut))
+        return out
+
+    def _next_cut(self, final: bool) -> tuple[int, str] | None:
+        text, policy = self._buffer, self.policy
+        horizon = len(text) if final else self._horizon()
+
+        def settled(bound: int) -> bool:  # a complete word follows it
+            return bool(text[bound:horizon].strip())
+
+        sentences = [b for b in sentence_bounds(text, policy.language) if settled(b)]
+        if self._first and policy.early_first_cut:
+            early = [b for b in sorted({*sentences, *clause_bounds(text)}) if settled(b)]
+            early = [b for b in early if len(text[:b].strip()) >= policy.first_min_chars]
+            if early and early[0] <= policy.first_max_chars:
+                return early[0], "first"
+            if settled(policy.first_max_chars):
+                words = [b for b in word_bounds(text) if b <= policy.first_max_chars and text[:b].strip()]
+                return (words[-1] if words else policy.first_max_chars), "first"
+            return None
+        long_enough = [b for b in sentences if len(text[:b].strip()) >= policy.min_chars]
+        limit = fitting_prefix(text, policy.max_bytes)
+        if long_enough and long_enough[0] <= limit:
+            return long_enough[0], "sentence"
+        if limit < len(text.rstrip()) and settled(limit):
+            return budget_cut(text, policy.max_bytes, policy.language), "budget"
+        return None
+
+    def _emit(self, cut: int, reason: str) -> StreamSegment:
+        segment = StreamSegment(self._buffer[:cut], self._offset, self._offset + cut, reason)
+        self._buffer = self._buffer[cut:]
+        self._offset += cut
+        self._first = False
+        waiting = len(self._buffer) - len(self._buffer.lstrip())
+        self._waiting_since = self._arrived_at(self._offset + waiting) if self._buffer.strip() else None
+        return segment
