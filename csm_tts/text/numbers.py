@@ -8,7 +8,7 @@ from num2words import CONVERTER_CLASSES, num2words
 
 # Beyond this many digits a number is read digit by digit (an id, a card number), as people do.
 MAX_CARDINAL_DIGITS = 15
-_DIGITS = "zero one two three four five six seven eight nine".split()
+_DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def has_words_for(language: str) -> bool:

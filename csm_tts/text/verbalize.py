@@ -22,7 +22,10 @@ from csm_tts.text.mapped import MappedText
 Rule = tuple[re.Pattern[str], Callable[[re.Match[str], str], str | None]]
 
 _NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
-_MONTHS = "January February March April May June July August September October November December".split()
+_MONTHS = (
+    *("January", "February", "March", "April", "May", "June"),
+    *("July", "August", "September", "October", "November", "December"),
+)
 _MONTH = (
     r"(?P<month>Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?"
     r"|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
@@ -121,8 +124,11 @@ def _money(match: re.Match[str], language: str) -> str:
     whole, _, fraction = amount.replace(",", "").partition(".")
     said = f"{numbers.cardinal(whole)} {one if whole == '1' else many}"
     if fraction and len(fraction) == 2 and cent:
-        if fraction != "00":
-            said += f" and {numbers.cardinal(fraction.lstrip('0') or '0')} {cent if fraction == '01' else cents}"
+        hundredths = f"{numbers.cardinal(fraction.lstrip('0') or '0')} {cent if fraction == '01' else cents}"
+        if whole.strip("0") == "":
+            said = hundredths
+        elif fraction != "00":
+            said += f" and {hundredths}"
     elif fraction:
         said = f"{numbers.decimal(amount)} {many}"
     return said
@@ -219,7 +225,12 @@ _NEUTRAL: list[Rule] = [
     (re.compile(r"(?<![\w.+-])(?P<user>[\w.+-]+)@(?P<domain>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"), _email),
 ]
 _ENGLISH: list[Rule] = [
-    (re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-])?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)|(?<![\w-])\d{3}-\d{4}(?![\w-])"), _phone),
+    (
+        re.compile(
+            r"(?<![\w+])(?:\+\d{1,3}[ .-])?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)|(?<![\w-])\d{3}-\d{4}(?![\w-])"
+        ),
+        _phone,
+    ),
     (
         re.compile(
             rf"(?:(?P<symbol>[$€£¥₹])\s?(?P<amount>{_NUMBER})|(?P<code>USD|EUR|GBP)\s?(?P<amount2>{_NUMBER}))"
@@ -232,16 +243,21 @@ _ENGLISH: list[Rule] = [
     (re.compile(r"(?<![\d/])(?P<a>\d{1,2})/(?P<b>\d{1,2})/(?P<y>\d{4})(?![\d/])"), _slash_date),
     (re.compile(rf"\b{_MONTH}\.?\s+{_DAY}(?:st|nd|rd|th)?\b(?:,?\s+(?P<year>\d{{4}})\b)?"), _month_day),
     (re.compile(rf"\b{_DAY}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\b\.?(?:,?\s+(?P<year>\d{{4}})\b)?"), _day_month),
-    (re.compile(rf"(?<![\d:.])(?P<hour>[01]?\d|2[0-3]):(?P<minute>[0-5]\d)(?::[0-5]\d)?(?![\d:])(?:\s?{_AMPM})?"), _clock),
+    (
+        re.compile(rf"(?<![\d:.])(?P<hour>[01]?\d|2[0-3]):(?P<minute>[0-5]\d)(?::[0-5]\d)?(?![\d:])(?:\s?{_AMPM})?"),
+        _clock,
+    ),
     (re.compile(rf"(?<![\d:.])(?P<hour>1[0-2]|0?[1-9])(?P<minute>)\s?{_AMPM}"), _clock),
     (re.compile(r"\b(?P<n>\d+)(?:st|nd|rd|th)\b"), _ordinal),
     (re.compile(r"\b(?P<y>1[1-9]\d0|20\d0)s\b"), _decade),
     (
-        re.compile(r"\b(?P<word>[Ii]n|[Ss]ince|by|[Ff]rom|until|of|year|[Dd]uring|before|after)\s+(?P<y>1[1-9]\d\d|20\d\d)\b(?![.,]\d)"),
+        re.compile(
+            r"\b(?P<word>[Ii]n|[Ss]ince|by|[Ff]rom|until|of|year|[Dd]uring|before|after)\s+(?P<y>1[1-9]\d\d|20\d\d)\b(?![.,]\d)"
+        ),
         _year,
     ),
     (re.compile(rf"{_SIGN}(?P<amount>{_NUMBER})\s?(?P<unit>{_UNIT})(?![\w/°])"), _unit),
-    (re.compile(rf"{_SIGN}(?P<amount>\d+(?:\.\d+){{2,}}|{_NUMBER})(?![\w])"), _number),
+    (re.compile(rf"{_SIGN}(?<![\w.])(?P<amount>\d+(?:\.\d+){{2,}}|{_NUMBER})(?![\w])"), _number),
     (re.compile(r"\be\.g\.(?=\s)"), lambda m, lang: "for example"),
     (re.compile(r"\bi\.e\.(?=\s)"), lambda m, lang: "that is"),
     (re.compile(r"\s&\s"), lambda m, lang: " and "),
