@@ -5,7 +5,7 @@ The numbers, from the engine's limits:
 - CSM-1B's backbone has 2,048 positions. A prompt takes one position per text token and one per 80 ms audio frame,
   for the segment's own text and audio AND for the context (earlier segments' text and audio, for voice continuity).
 - The length rule (csm_tts/speech/length_rule.py) gives a text of N UTF-8 bytes an audio limit of 2 s + 150 ms x N,
-  capped at 90 s: the cap is reached at 586 bytes, so anything longer could be cut off before it is all spoken.
+  capped at 90 s: the cap is reached at 587 bytes, so anything longer could be cut off before it is all spoken.
 - Read English runs at about 14 characters per second. CSM drifts or forgets its end-of-speech frame on long
   generations; other CSM servers keep one generation to 10-30 s of speech.
 

@@ -3,17 +3,21 @@
 LLM output carries them (emoji for tone, zero-width joiners inside emoji sequences, bidi marks around mixed-script
 names, stray control bytes); the model would be given them raw. They are removed here, on the original text, so
 the markdown parser and everything after it see clean text. Emoji are found with the `emoji` package (ZWJ
-sequences, skin tones, flags and keycaps as one unit) rather than a code-point range that goes out of date.
+sequences, skin tones, flags and keycaps as one unit) rather than a code-point range that goes out of date;
+terminal colour codes (ESC [ ... m) go whole.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 import emoji
 
 from csm_tts.text.mapped import Builder, MappedText
 
+# Terminal escape sequences (colour codes in pasted logs): ESC [ parameters final-byte.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 # Kept although in a removed category: layout the markdown parser and the sentence segmenter need.
 _KEPT = {"\n", "\t"}
 # Line and paragraph separators and a lone carriage return are line ends.
@@ -36,12 +40,13 @@ def clean_characters(text: str) -> MappedText:
     """The original text without unspeakable characters; an emoji between two letters becomes a space."""
     original = MappedText.identity(text)
     out = Builder()
-    emoji_at = {found["match_start"]: found["match_end"] for found in emoji.emoji_list(text)}
+    skip_to = {found["match_start"]: found["match_end"] for found in emoji.emoji_list(text)}
+    skip_to.update((match.start(), match.end()) for match in _ANSI_ESCAPE.finditer(text))
     index = 0
     while index < len(text):
         char = text[index]
-        if index in emoji_at:
-            end = emoji_at[index]
+        if index in skip_to:
+            end = skip_to[index]
             before, after = text[index - 1 : index], text[end : end + 1]
             if before.isalnum() and after.isalnum():
                 out.replace(" ", index, end)

@@ -87,9 +87,9 @@ def parse_query(voice_id: str, query: Mapping[str, str], *, multi: bool) -> Stre
     if language is not None and not re.fullmatch(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})?", language):
         raise ProtocolError("language_code must be a language code such as 'en' or 'pt-BR'")
     try:
-        auto_mode = parse_bool(query.get("auto_mode", "false"))
-    except ValueError as error:
-        raise ProtocolError(f"auto_mode: {error}") from None
+        auto_mode = parse_bool(query.get("auto_mode", "false"), "auto_mode")
+    except ValueError as problem:
+        raise ProtocolError(str(problem)) from None
     return StreamQuery(
         voice_id=voice_id,
         multi=multi,

@@ -21,6 +21,8 @@ from csm_tts.text.verbalize import verbalize
 _STRAY_MARKUP = re.compile(r"\*{2,}|_{2,}|~{2,}|`+")
 _SPACES = re.compile(r"[^\S\n]+")
 _LINE_BREAKS = re.compile(r" ?\n\s*")
+# What removing an emoji or a marker can leave: "Great job 👍!" -> "Great job !".
+_SPACE_BEFORE_PUNCTUATION = re.compile(r" +(?=[.,!?;:])")
 
 
 class NothingToSpeak(ValueError):
@@ -64,6 +66,7 @@ def _tidy(mapped: MappedText) -> MappedText:
     mapped = mapped.sub(_STRAY_MARKUP, lambda _: "")
     mapped = mapped.sub(_SPACES, lambda match: None if match.group(0) == " " else " ")
     mapped = mapped.sub(_LINE_BREAKS, lambda match: None if match.group(0) == "\n" else "\n")
+    mapped = mapped.sub(_SPACE_BEFORE_PUNCTUATION, lambda _: "")
     return mapped.strip()
 
 

@@ -260,7 +260,7 @@ _ENGLISH: list[Rule] = [
     (re.compile(rf"{_SIGN}(?<![\w.])(?P<amount>\d+(?:\.\d+){{2,}}|{_NUMBER})(?![\w])"), _number),
     (re.compile(r"\be\.g\.(?=\s)"), lambda m, lang: "for example"),
     (re.compile(r"\bi\.e\.(?=\s)"), lambda m, lang: "that is"),
-    (re.compile(r"\s&\s"), lambda m, lang: " and "),
+    (re.compile(r"(?<=\s)&(?=\s)"), lambda m, lang: "and"),
     (re.compile(r"#(?=\d)"), lambda m, lang: "number "),
 ]
 # Other languages: integers only, never part of a decimal written either way ("3,5" and "3.5" stay).
