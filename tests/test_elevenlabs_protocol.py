@@ -1,0 +1,136 @@
+"""ElevenLabs' input-streaming protocol as plain values (csm_tts/text/elevenlabs.py): what pipecat's
+ElevenLabsTTSService sends and reads (docs/elevenlabs.md), and hostile messages answered with a clear error."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from csm_tts.text import elevenlabs as el
+
+
+def test_pipecat_query_string():
+    # pipecat 1.14.0 opens .../multi-stream-input?model_id=...&output_format=...&auto_mode=... (+ optional ones)
+    query = {
+        "model_id": "eleven_flash_v2_5",
+        "output_format": "pcm_24000",
+        "auto_mode": "false",
+        "apply_text_normalization": "off",
+        "language_code": "en",
+        "enable_logging": "true",
+        "enable_ssml_parsing": "false",
+    }
+    parsed = el.parse_query("alloy", query, multi=True)
+    assert parsed.output_format == el.OutputFormat("pcm_24000", "pcm", 24000)
+    assert (parsed.multi, parsed.auto_mode, parsed.normalize, parsed.language_code) == (True, False, False, "en")
+    assert parsed.inactivity_timeout_s == 20
+    assert el.parse_query("v", {}, multi=False).output_format.name == "mp3_44100_128"
+    assert el.parse_query("v", {"output_format": "pcm_44100"}, multi=False).output_format.sample_rate == 44100
+
+
+@pytest.mark.parametrize(
+    ("query", "phrase"),
+    [
+        ({"output_format": "ulaw_8000"}, "output_format 'ulaw_8000' is not supported; use one of pcm_8000"),
+        ({"output_format": "pcm_24000", "inactivity_timeout": "500"}, "inactivity_timeout must be"),
+        ({"inactivity_timeout": "-1"}, "inactivity_timeout must be"),
+        ({"apply_text_normalization": "maybe"}, "apply_text_normalization must be"),
+        ({"language_code": "english please"}, "language_code must be"),
+        ({"auto_mode": "sometimes"}, "auto_mode must be true or false"),
+    ],
+)
+def test_bad_query_strings(query, phrase):
+    with pytest.raises(el.ProtocolError, match=phrase) as raised:
+        el.parse_query("voice", query, multi=True)
+    assert raised.value.close_code == 1008
+
+
+def test_what_pipecat_sends_on_multi_stream_input():
+    """Every message shape in pipecat/services/elevenlabs/tts.py (1.14.0), as it json.dumps them."""
+    parse = lambda message: el.parse_message(json.dumps(message), multi=True)  # noqa: E731
+    init = parse({"text": " ", "context_id": "c1", "voice_settings": {"stability": 0.5, "speed": 1.1}})
+    assert init == el.Text(" ", "c1", voice_settings=el.VoiceSettings(stability=0.5, speed=1.1))
+    assert parse({"text": "Hel", "context_id": "c1"}) == el.Text("Hel", "c1")
+    assert parse({"text": "", "context_id": "c1"}) == el.KeepAlive("c1")
+    assert parse({"text": ""}) == el.KeepAlive(None)
+    assert parse({"context_id": "c1", "flush": True}) == el.Flush("c1")
+    assert parse({"context_id": "c1", "close_context": True}) == el.CloseContext("c1")
+    assert parse({"close_socket": True}) == el.CloseSocket()
+
+
+def test_stream_input_messages():
+    parse = lambda message: el.parse_message(json.dumps(message), multi=False)  # noqa: E731
+    first = parse(
+        {
+            "text": " ",
+            "voice_settings": {"stability": 0.4, "similarity_boost": 0.8, "use_speaker_boost": True},
+            "generation_config": {"chunk_length_schedule": [120, 160, 250, 290]},
+            "xi_api_key": "key-1",
+        }
+    )
+    assert first.chunk_length_schedule == (120, 160, 250, 290) and first.api_key == "key-1"
+    assert parse({"text": " ", "authorization": "Bearer key-2"}).api_key == "key-2"
+    assert parse({"text": "Hello world. ", "try_trigger_generation": True}) == el.Text("Hello world. ")
+    assert parse({"text": "and more", "flush": True}) == el.Text("and more", flush=True)
+    assert parse({"text": ""}) == el.EndOfInput()
+    assert parse({"text": "x", "context_id": "ignored here"}).context_id is None
+    assert parse({"text": "x", "unknown_field": [1, 2]}) == el.Text("x")  # forward compatible
+
+
+HOSTILE = [
+    (b"\xff\xfe\x00", "UTF-8 JSON text", 1007),
+    ("not json at all", "must be a JSON object", 1007),
+    ("[1, 2]", "must be a JSON object", 1007),
+    ("null", "must be a JSON object", 1007),
+    ("[" * 50_000, "must be a JSON object", 1007),
+    ('{"text": NaN}', "not a number JSON allows", 1007),
+    ('{"text": "' + "x" * 70_000 + '"}', "at most 65536 bytes", 1009),
+    ('{"text": "\\ud800"}', "lone surrogate", 1007),
+    ('{"text": 5}', "text must be a string", 1008),
+    ('{"text": "' + "x" * 10_001 + '"}', "text may be at most 10000 characters", 1008),
+    ('{"text": "a", "flush": "yes"}', "flush must be true or false", 1008),
+    ('{"text": "a", "flush": 1}', "flush must be true or false", 1008),
+    ("{}", "needs text, flush, close_context or close_socket", 1008),
+    ('{"text": "a", "context_id": 7}', "context_id must be 1 to 128 printable ASCII", 1008),
+    ('{"text": "a", "context_id": "has space"}', "context_id must be", 1008),
+    ('{"text": "a", "context_id": ""}', "context_id must be", 1008),
+    ('{"text": "a", "context_id": "' + "c" * 129 + '"}', "context_id must be", 1008),
+    ('{"close_context": true}', "needs the context_id", 1008),
+    ('{"text": " ", "voice_settings": "fast"}', "voice_settings must be an object", 1008),
+    ('{"text": " ", "voice_settings": {"stability": 2}}', "stability must be from 0.0 to 1.0", 1008),
+    ('{"text": " ", "voice_settings": {"stability": true}}', "stability must be a number", 1008),
+    ('{"text": " ", "voice_settings": {"speed": 1e400}}', "speed must be a number", 1008),
+    ('{"text": " ", "voice_settings": {"use_speaker_boost": "yes"}}', "use_speaker_boost must be true", 1008),
+    ('{"text": " ", "generation_config": []}', "generation_config must be an object", 1008),
+    ('{"text": " ", "generation_config": {"chunk_length_schedule": [true]}}', "chunk_length_schedule must be", 1008),
+    ('{"text": " ", "generation_config": {"chunk_length_schedule": [9999]}}', "chunk_length_schedule must be", 1008),
+    ('{"text": " ", "generation_config": {"chunk_length_schedule": []}}', "chunk_length_schedule must be", 1008),
+    ('{"text": " ", "xi_api_key": 12345}', "xi_api_key must be a string", 1008),
+]
+
+
+@pytest.mark.parametrize(("raw", "phrase", "close_code"), HOSTILE, ids=[str(i) for i in range(len(HOSTILE))])
+def test_hostile_messages_get_a_clear_error(raw, phrase, close_code):
+    with pytest.raises(el.ProtocolError, match=phrase) as raised:
+        el.parse_message(raw, multi=True)
+    assert raised.value.close_code == close_code
+    answer = json.loads(el.error(str(raised.value), "invalid_message", close_code).as_json())
+    assert answer == {"message": str(raised.value), "error": "invalid_message", "code": close_code}
+
+
+def test_close_context_on_stream_input_is_explained():
+    with pytest.raises(el.ProtocolError, match="multi-stream-input only"):
+        el.parse_message('{"close_context": true, "context_id": "a"}', multi=False)
+
+
+def test_answers_are_what_pipecat_reads():
+    chunk = bytes(range(256)) * 10
+    answer = json.loads(el.audio(chunk, "c1").as_json())
+    assert base64.b64decode(answer["audio"]) == chunk
+    assert answer["contextId"] == "c1"
+    assert "alignment" not in answer and "normalizedAlignment" not in answer and "isFinal" not in answer
+    assert json.loads(el.final("c1").as_json()) == {"isFinal": True, "contextId": "c1"}
+    assert json.loads(el.final().as_json()) == {"isFinal": True}
+    assert "contextId" not in json.loads(el.audio(b"\x00\x00").as_json())
