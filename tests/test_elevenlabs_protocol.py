@@ -134,3 +134,43 @@ def test_answers_are_what_pipecat_reads():
     assert json.loads(el.final("c1").as_json()) == {"isFinal": True, "contextId": "c1"}
     assert json.loads(el.final().as_json()) == {"isFinal": True}
     assert "contextId" not in json.loads(el.audio(b"\x00\x00").as_json())
+
+
+def test_a_recorded_pipecat_session_parses_and_segments():
+    """tests/pipecat_elevenlabs_session.json: pipecat 1.14.0's real messages for two LLM turns sent token by token,
+    the second interrupted (scripts/record_pipecat_elevenlabs.py). Every message parses, in the order a server sees
+    them, and each context's text pieces give sentences through the incremental segmenter."""
+    from pathlib import Path
+    from urllib.parse import parse_qsl, urlsplit
+
+    from csm_tts.text.incremental import StreamSegmenter
+    from csm_tts.text.normalize import normalize
+
+    session = json.loads((Path(__file__).parent / "pipecat_elevenlabs_session.json").read_text())
+    (connection,) = session["connections"]
+    url = urlsplit(connection["path"])
+    assert url.path == "/v1/text-to-speech/alloy/multi-stream-input"
+    assert connection["xi-api-key"] == "test-key"
+    query = el.parse_query("alloy", dict(parse_qsl(url.query)), multi=True)
+    assert query.output_format.name == "pcm_24000"
+
+    messages = [el.parse_message(json.dumps(raw), multi=True) for raw in connection["messages"]]
+    kinds = [type(message).__name__ for message in messages]
+    assert kinds == ["Text"] * 9 + ["Flush", "CloseContext"] + ["Text"] * 5 + ["CloseContext", "CloseSocket"]
+    first, second = messages[0].context_id, messages[11].context_id
+    assert first != second and messages[0].voice_settings == el.VoiceSettings(0.5, 0.75, None, None, 1.0)
+
+    spoken: dict[str, list[str]] = {}
+    segmenters: dict[str, StreamSegmenter] = {}
+    for message in messages:
+        if isinstance(message, el.Text):
+            segmenter = segmenters.setdefault(message.context_id, StreamSegmenter(clock=lambda: 0.0))
+            cut = segmenter.feed(message.text)
+        elif isinstance(message, el.Flush | el.CloseContext):
+            cut = segmenters[message.context_id].flush()
+        else:
+            continue
+        spoken.setdefault(message.context_id, []).extend(normalize(s.text).text for s in cut if s.text.strip())
+    assert spoken[first] == ["Hello there,", "how are you? I am fine."]  # an early first cut, then sentences
+    assert spoken[second] == ["This answer gets interrupted."]  # what was received before close_context
+    assert session["client_audio_frames"] > 0 and session["client_stopped_frames"] == 1
