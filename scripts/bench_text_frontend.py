@@ -96,15 +96,19 @@ def main() -> None:
 
     rate = args.words_per_second
     print(f"\nTime to first segment at {rate:g} words/s (simulated clock), per answer:")
-    policies = {"early first cut": StreamPolicy(), "sentence ends only": StreamPolicy(early_first_cut=False)}
+    policies = {
+        "sentence ends only": StreamPolicy(early_first_cut=False),
+        "early first cut": StreamPolicy(),
+        "early, min 1 char": StreamPolicy(first_min_chars=1),
+    }
     results = {
         name: [first_segment_time(answer, policy, rate) for answer in ANSWERS] for name, policy in policies.items()
     }
     for name, found in results.items():
         times = ", ".join(f"{t:.2f}s ({n} ch)" for t, n in found)
-        print(f"  {name:20s} median {statistics.median(t for t, _ in found):.2f} s: {times}")
-    early, late = (statistics.median(t for t, _ in found) for found in results.values())
-    print(f"  sentence-ends-only / early: x{late / early:.1f}")
+        print(f"  {name:18s} median {statistics.median(t for t, _ in found):.2f} s: {times}")
+    late, early, earliest = (statistics.median(t for t, _ in found) for found in results.values())
+    print(f"  sentence ends only / early first cut: x{late / early:.2f}; / min 1 char: x{late / earliest:.2f}")
 
 
 if __name__ == "__main__":

@@ -62,11 +62,16 @@ def test_segments_respect_the_budget_and_name_their_span():
 
 
 def test_the_first_cut_is_early_and_later_cuts_are_sentences():
-    first, *rest = segments_of(["Sure, here is what I found. It took a while, but it works. Done now."], StreamPolicy())
-    assert (first[0], first[3]) == ("Sure, here is what I found. ", "first")  # "Sure, " is under first_min_chars
-    assert [(t, r) for t, _, _, r in rest] == [("It took a while, but it works. ", "sentence"), ("Done now.", "flush")]
-    early = segments_of(["Well, in the end, after a long day, it works."], StreamPolicy(first_min_chars=5))
-    assert early[0][0] == "Well, "
+    text = "Sure, here is what I found. It took a while, but it works. Done now."
+    first, *rest = segments_of([text], StreamPolicy())
+    assert (first[0], first[3]) == ("Sure, ", "first")
+    assert [(t, r) for t, _, _, r in rest] == [
+        ("here is what I found. ", "sentence"),
+        ("It took a while, but it works. ", "sentence"),
+        ("Done now.", "flush"),
+    ]
+    guarded = segments_of([text], StreamPolicy(first_min_chars=10))
+    assert guarded[0][0] == "Sure, here is what I found. "  # "Sure, " is under first_min_chars
     late = segments_of(["Well, in the end, after a long day, it works. Yes."], StreamPolicy(early_first_cut=False))
     assert late[0][0] == "Well, in the end, after a long day, it works. "
 
@@ -140,3 +145,11 @@ def test_the_wait_counts_from_when_the_waiting_text_arrived():
 def test_bad_policies_are_refused(settings):
     with pytest.raises(ValueError):
         StreamPolicy(**settings)
+
+
+def test_a_code_block_is_never_cut_inside_its_fence():
+    text = "Run this:\n```python\nx = 1. y = 2. print(x, y)\nz = 3.\n```\nThat prints one, two. Then it stops."
+    whole = segments_of([text], StreamPolicy(min_chars=0))
+    assert segments_of(list(text), StreamPolicy(min_chars=0)) == whole
+    fenced = [t for t, *_ in whole if "```" in t]
+    assert len(fenced) == 1 and fenced[0].count("```") == 2
