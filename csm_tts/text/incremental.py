@@ -30,6 +30,18 @@ from csm_tts.text.boundaries import budget_cut, clause_bounds, fitting_prefix, s
 from csm_tts.text.budget import MAX_SEGMENT_BYTES
 
 
+def _fence_ends(text: str) -> list[int]:
+    """Where the line that closes a ``` code block ends: a listing is a segment of its own."""
+    ends, at, count = [], 0, 0
+    while (at := text.find("```", at)) >= 0:
+        count += 1
+        at += 3
+        line_end = text.find("\n", at)
+        if count % 2 == 0 and line_end >= 0:
+            ends.append(line_end + 1)
+    return ends
+
+
 @dataclass(frozen=True)
 class StreamPolicy:
     first_min_chars: int = 1
@@ -140,7 +152,8 @@ class StreamSegmenter:
         def usable(bound: int) -> bool:  # settled, and not inside an open code fence (a listing is cut whole)
             return settled(bound) and text.count("```", 0, bound) % 2 == 0
 
-        sentences = [b for b in sentence_bounds(text, policy.language) if usable(b)]
+        sentences = sorted({*sentence_bounds(text, policy.language), *_fence_ends(text)})
+        sentences = [b for b in sentences if usable(b)]
         if self._first and policy.early_first_cut:
             early = [b for b in sorted({*sentences, *clause_bounds(text)}) if usable(b)]
             early = [b for b in early if len(text[:b].strip()) >= policy.first_min_chars]
