@@ -49,13 +49,16 @@ def utf8_size(text: str) -> int:
 
 
 def fitting_prefix(text: str, max_bytes: int) -> int:
-    """The longest prefix length whose stripped UTF-8 size is at most max_bytes (at least one character)."""
-    size = 0
-    for index, char in enumerate(text):
-        size += len(char.encode("utf-8", "surrogatepass"))
-        if size > max_bytes:
-            return max(1, index)
-    return len(text)
+    """The longest prefix length whose UTF-8 size, leading whitespace not counted, is at most max_bytes (at least one
+    character, so a cut always makes progress)."""
+    lead = len(text) - len(text.lstrip())
+    data = text[lead:].encode("utf-8", "surrogatepass")
+    if len(data) <= max_bytes:
+        return len(text)
+    end = max_bytes
+    while end > 0 and data[end] & 0xC0 == 0x80:  # not inside a multi-byte character
+        end -= 1
+    return lead + max(1, len(data[:end].decode("utf-8", "surrogatepass")))
 
 
 def budget_cut(text: str, max_bytes: int, language: str = "en") -> int:

@@ -92,7 +92,9 @@ class StreamSegmenter:
         self._buffer += piece
         if self._waiting_since is None and self._buffer.strip():
             self._waiting_since = self._arrived_at(self._offset + len(self._buffer) - len(self._buffer.lstrip()))
-        return self._cut_settled() + self.poll()
+        # Every rule waits for a complete word after a boundary, so only a piece with a space can settle a cut.
+        settled = self._cut_settled() if any(char.isspace() for char in piece) else []
+        return settled + self.poll()
 
     def flush(self) -> list[StreamSegment]:
         """Cut everything that is waiting (the client said the text is complete for now)."""

@@ -43,9 +43,12 @@ class MappedText:
 
     def sub(self, pattern: re.Pattern[str], replace: Callable[[re.Match[str]], str | None]) -> MappedText:
         """Like `pattern.sub`, keeping the map: `replace` returns the new text, or None to leave a match as it is."""
+        matches = list(pattern.finditer(self.text))
+        if not matches:
+            return self
         out = Builder()
         done = 0
-        for match in pattern.finditer(self.text):
+        for match in matches:
             if match.end() == match.start():
                 continue
             new = replace(match)

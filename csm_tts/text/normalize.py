@@ -19,8 +19,9 @@ from csm_tts.text.verbalize import verbalize
 
 # Emphasis and code markers markdown-it leaves as text when they are unmatched (an LLM's half-closed "**").
 _STRAY_MARKUP = re.compile(r"\*{2,}|_{2,}|~{2,}|`+")
-_SPACES = re.compile(r"[^\S\n]+")
-_LINE_BREAKS = re.compile(r" ?\n\s*")
+# Only what needs rewriting matches: runs of blanks, a blank other than " ", blanks around a line break.
+_SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
+_LINE_BREAKS = re.compile(r" \n\s*|\n\s+")
 # What removing an emoji or a marker can leave: "Great job 👍!" -> "Great job !".
 _SPACE_BEFORE_PUNCTUATION = re.compile(r" +(?=[.,!?;:])")
 
@@ -64,8 +65,8 @@ def verbatim(text: str) -> SpokenText:
 
 def _tidy(mapped: MappedText) -> MappedText:
     mapped = mapped.sub(_STRAY_MARKUP, lambda _: "")
-    mapped = mapped.sub(_SPACES, lambda match: None if match.group(0) == " " else " ")
-    mapped = mapped.sub(_LINE_BREAKS, lambda match: None if match.group(0) == "\n" else "\n")
+    mapped = mapped.sub(_SPACES, lambda _: " ")
+    mapped = mapped.sub(_LINE_BREAKS, lambda _: "\n")
     mapped = mapped.sub(_SPACE_BEFORE_PUNCTUATION, lambda _: "")
     return mapped.strip()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import lru_cache
 
 from csm_tts.text import numbers
 from csm_tts.text.mapped import MappedText
@@ -267,6 +268,7 @@ _ENGLISH: list[Rule] = [
 _INTEGERS: list[Rule] = [(re.compile(r"(?<![\w.,])\d+(?!\w|[.,]\d)"), _integer)]
 
 
+@lru_cache(maxsize=64)
 def rules_for(language: str) -> list[Rule]:
     if language == "en":
         return _NEUTRAL + _ENGLISH
