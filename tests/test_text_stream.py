@@ -157,3 +157,16 @@ def test_a_code_block_is_never_cut_inside_its_fence():
         "That prints one, two. ",
         "Then it stops.",
     ]
+
+
+def test_text_without_spaces_is_still_cut_within_the_budget():
+    """A client that never sends a space (or a flush) cannot make the server hold unbounded text."""
+    policy = StreamPolicy(max_bytes=100, first_max_chars=50)
+    segmenter = StreamSegmenter(policy, clock=FrozenClock())
+    cut = []
+    for _ in range(100):
+        cut += segmenter.feed("x" * 37)
+        assert len(segmenter.pending) <= policy.max_bytes + 37
+    cut += segmenter.flush()
+    assert "".join(s.text for s in cut) == "x" * 3700
+    assert all(len(s.text) <= policy.max_bytes for s in cut)

@@ -221,12 +221,17 @@ def _fraction(settings: dict, key: str, least: float, most: float) -> float | No
     return float(value)
 
 
+def _object(message: dict, key: str) -> dict | None:
+    value = message.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ProtocolError(f"{key} must be an object")
+    return value
+
+
 def _voice_settings(message: dict) -> VoiceSettings | None:
-    settings = message.get("voice_settings")
+    settings = _object(message, "voice_settings")
     if settings is None:
         return None
-    if not isinstance(settings, dict):
-        raise ProtocolError("voice_settings must be an object")
     boost = settings.get("use_speaker_boost")
     if boost is not None and not isinstance(boost, bool):
         raise ProtocolError("voice_settings.use_speaker_boost must be true or false")
@@ -240,18 +245,14 @@ def _voice_settings(message: dict) -> VoiceSettings | None:
 
 
 def _schedule(message: dict) -> tuple[int, ...] | None:
-    config = message.get("generation_config")
-    if config is None:
-        return None
-    if not isinstance(config, dict):
-        raise ProtocolError("generation_config must be an object")
-    schedule = config.get("chunk_length_schedule")
+    schedule = (_object(message, "generation_config") or {}).get("chunk_length_schedule")
     if schedule is None:
         return None
+    # ElevenLabs' bounds: each number of characters from 50 to 500.
     valid = isinstance(schedule, list) and 1 <= len(schedule) <= 16
-    valid = valid and all(isinstance(n, int) and not isinstance(n, bool) and 5 <= n <= 500 for n in schedule)
+    valid = valid and all(isinstance(n, int) and not isinstance(n, bool) and 50 <= n <= 500 for n in schedule)
     if not valid:
-        raise ProtocolError("generation_config.chunk_length_schedule must be 1 to 16 whole numbers from 5 to 500")
+        raise ProtocolError("generation_config.chunk_length_schedule must be 1 to 16 whole numbers from 50 to 500")
     return tuple(schedule)
 
 

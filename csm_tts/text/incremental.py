@@ -92,8 +92,10 @@ class StreamSegmenter:
         self._buffer += piece
         if self._waiting_since is None and self._buffer.strip():
             self._waiting_since = self._arrived_at(self._offset + len(self._buffer) - len(self._buffer.lstrip()))
-        # Every rule waits for a complete word after a boundary, so only a piece with a space can settle a cut.
-        settled = self._cut_settled() if any(char.isspace() for char in piece) else []
+        # Every rule waits for a complete word after a boundary, so only a piece with a space can settle a cut
+        # (or a "word" already longer than a segment, which will be cut inside whatever follows).
+        spaced = any(char.isspace() for char in piece) or self._overlong_word()
+        settled = self._cut_settled() if spaced else []
         return settled + self.poll()
 
     def flush(self) -> list[StreamSegment]:
@@ -135,6 +137,10 @@ class StreamSegmenter:
             end -= 1
         return end
 
+    def _overlong_word(self) -> bool:
+        """The last word is still being written and is already longer than a segment may be (hostile input)."""
+        return len(self._buffer) - self._horizon() > self.policy.max_bytes
+
     def _cut_settled(self, final: bool = False) -> list[StreamSegment]:
         out = []
         while self._buffer.strip():
@@ -146,7 +152,7 @@ class StreamSegmenter:
 
     def _next_cut(self, final: bool) -> tuple[int, str] | None:
         text, policy = self._buffer, self.policy
-        horizon = len(text) if final else self._horizon()
+        horizon = len(text) if final or self._overlong_word() else self._horizon()
 
         def settled(bound: int) -> bool:  # a complete word follows it
             return bool(text[bound:horizon].strip())
