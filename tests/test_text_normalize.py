@@ -90,6 +90,12 @@ CASES = [
         [("five kilometres", "5 km")],
     ),
     ("A 2.5 GB file in 300 ms.", "A two point five gigabytes file in three hundred milliseconds.", []),
+    # ranges
+    (
+        "3-5 days, 10:30-11:30, 2020–2024, COVID-19.",
+        "three to five days, ten thirty to eleven thirty, twenty twenty to twenty twenty-four, COVID-nineteen.",
+        [("three to five", "3-5"), ("twenty twenty to twenty twenty-four", "2020–2024")],
+    ),
     # ordinals
     ("The 21st century and 2nd place.", "The twenty-first century and second place.", [("twenty-first", "21st")]),
     # phone numbers and long digit strings are read digit by digit

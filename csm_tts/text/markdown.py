@@ -20,8 +20,10 @@ from csm_tts.text.mapped import Builder, MappedText
 
 # "text_join" would merge escapes and entities into the text around them, losing their source spelling.
 _PARSER = MarkdownIt("commonmark").enable(["table", "strikethrough"]).disable("text_join")
-_SENTENCE_END = ".!?:;…"
-_BLOCK_ENDS = {"paragraph_close", "heading_close", "tr_close", "hr", "list_item_close", "blockquote_close"}
+# A block that ends otherwise gets a "." (a heading, a list item, "99.9%"). A clause end stays as it is: a streamed
+# segment cut after "Hello there," must not be said as a finished sentence.
+_NO_PERIOD_AFTER = ".!?:;…,—–-"
+_BLOCK_CLOSERS = {"paragraph_close", "heading_close", "tr_close", "hr", "list_item_close", "blockquote_close"}
 _CELL_OPENS = {"th_open", "td_open"}
 
 
@@ -60,7 +62,7 @@ class _Reader:
     def end_block(self) -> None:
         if len(self.out) == self.block_start:
             return
-        if self.out.last_char.isalnum() or self.out.last_char in "\"')]”’»":
+        if self.out.last_char not in _NO_PERIOD_AFTER:
             self.out.insert(".")
         self.out.insert("\n")
         self.block_start = len(self.out)
@@ -97,7 +99,7 @@ class _Reader:
                 self.out.insert(" ")
             elif token.type in _CELL_OPENS and len(self.out) > self.block_start:
                 self.out.insert(", ")
-            if token.type in _BLOCK_ENDS:
+            if token.type in _BLOCK_CLOSERS:
                 self.end_block()
         self.end_block()
         return self.out.build()

@@ -193,6 +193,10 @@ def _slash_date(match: re.Match[str], language: str) -> str | None:
     return _date(_MONTHS[month - 1], str(day), match["y"])
 
 
+def _year_range(match: re.Match[str], language: str) -> str:
+    return f"{numbers.year(match['a'])} to {numbers.year(match['b'])}"
+
+
 def _ordinal(match: re.Match[str], language: str) -> str:
     return numbers.ordinal(match["n"])
 
@@ -242,6 +246,9 @@ _ENGLISH: list[Rule] = [
     (re.compile(rf"{_SIGN}(?P<amount>{_NUMBER})\s?%"), _percent),
     (re.compile(r"\b(?P<y>\d{4})-(?P<m>0[1-9]|1[0-2])-(?P<d>0[1-9]|[12]\d|3[01])\b"), _iso_date),
     (re.compile(r"(?<![\d/])(?P<a>\d{1,2})/(?P<b>\d{1,2})/(?P<y>\d{4})(?![\d/])"), _slash_date),
+    (re.compile(r"(?<![\w.-])(?P<a>1[1-9]\d\d|20\d\d)\s?[–-]\s?(?P<b>1[1-9]\d\d|20\d\d)(?![\w.-])"), _year_range),
+    # "3-5 days", "10:30-11:30": a dash between two numbers is "to" (dates and phone numbers are words by now)
+    (re.compile(r"(?<=\d)\s?[–—-]\s?(?=\d)"), lambda m, lang: " to "),
     (re.compile(rf"\b{_MONTH}\.?\s+{_DAY}(?:st|nd|rd|th)?\b(?:,?\s+(?P<year>\d{{4}})\b)?"), _month_day),
     (re.compile(rf"\b{_DAY}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\b\.?(?:,?\s+(?P<year>\d{{4}})\b)?"), _day_month),
     (
