@@ -103,3 +103,25 @@ def test_the_budget_counts_bytes_so_cjk_gets_fewer_characters():
     assert "".join(text[a:b] for a, b in ranges) == text
     with pytest.raises(ValueError):
         split_ranges("x", max_bytes=0)
+
+
+def test_the_front_end_entry_points():
+    from csm_tts.text.frontend import spoken_segments, spoken_stream_segment
+    from csm_tts.text.incremental import StreamSegment
+    from csm_tts.text.normalize import NothingToSpeak
+
+    original = "**Hi** there. " + "It costs $5. " * 60
+    segments = spoken_segments(original)
+    assert len(segments) > 1 and segments[0].speech.startswith("Hi there.")
+    assert all(len(s.speech.encode()) <= MAX_SEGMENT_BYTES for s in segments)
+    assert spoken_segments("**Hi**", normalized=False)[0].speech == "**Hi**"
+    with pytest.raises(NothingToSpeak):
+        spoken_segments("👍 \u200b")
+
+    received = "Intro. Then $1,234,567 and $7,654,321 are " + "large sums, " * 3
+    cut = StreamSegment(received[7:], 7, len(received), "sentence")
+    parts = spoken_stream_segment(cut, max_bytes=60)
+    assert len(parts) > 1 and all(len(p.speech.encode()) <= 60 for p in parts)  # words are longer than digits
+    assert received[parts[0].source_start : parts[0].source_end].startswith("Then $1,234,567")
+    assert parts[-1].source_end == len(received.rstrip())
+    assert spoken_stream_segment(StreamSegment("```\ncode\n```\n", 0, 13, "sentence")) == []
