@@ -70,8 +70,7 @@ def test_every_named_repository_path_exists():
         "csm_tts.watermark.options",
         "csm_tts.parsing",
         "csm_tts.triton.errors",
-        "csm_tts.text.budget",
-        "csm_tts.text.incremental",
+        "csm_tts.text.frontend",
         "csm_tts.text.elevenlabs",
     ],
 )

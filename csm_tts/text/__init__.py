@@ -4,6 +4,7 @@
   units and ordinals to plain speakable text, with every character mapped back to its span in the original;
 - `budget`: how much text one generation may take, and the split of a long text into such segments;
 - `incremental`: the segmenter for text that arrives in pieces (an LLM's tokens);
+- `frontend`: what the endpoints call (a whole text, or one cut of a stream, to segments of speech with spans);
 - `elevenlabs`: ElevenLabs' input-streaming WebSocket messages, parsed and answered.
 
 Standard library plus small pure-Python packages (markdown-it-py, sentencex, num2words, emoji): the proxy imports it
