@@ -174,3 +174,23 @@ def test_mapped_text_sub_keeps_spans():
     assert mapped.text == "a twelve b"
     assert mapped.source_span(2, 8) == (2, 4)
     assert mapped.source_span(9, 10) == (5, 6)
+
+
+def test_random_markdown_never_crashes_and_keeps_ordered_spans():
+    """Fuzz: markdown-significant characters, digits, symbols, emoji, invisible characters in random order."""
+    import random
+
+    alphabet = list("abc XYZ 0123456789 .,;:!?-*_`#>|[]()<>&\\~$€%@/:\n\t\r") + ["👍", "\u200b", "\u202e", "é", "ß"]
+    rng = random.Random(19)
+    for _ in range(400):
+        original = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 120)))
+        try:
+            mapped = normalize(original).mapped
+        except NothingToSpeak:
+            continue
+        assert list(mapped.starts) == sorted(mapped.starts), repr(original)
+        assert all(0 <= s <= e <= len(original) for s, e in zip(mapped.starts, mapped.ends, strict=True))
+        # a letter that stands for one letter of the original is that letter (a copy, not a neighbour)
+        for char, start, end in zip(mapped.text, mapped.starts, mapped.ends, strict=True):
+            if end - start == 1 and char.isalpha() and original[start].isalpha():
+                assert char == original[start], (repr(original), char, start)
