@@ -9,6 +9,7 @@ import json
 import pytest
 
 from csm_tts.text import elevenlabs as el
+from csm_tts.text.elevenlabs_contexts import Contexts
 
 
 def test_pipecat_query_string():
@@ -116,7 +117,7 @@ def test_hostile_messages_get_a_clear_error(raw, phrase, close_code):
     with pytest.raises(el.ProtocolError, match=phrase) as raised:
         el.parse_message(raw, multi=True)
     assert raised.value.close_code == close_code
-    answer = json.loads(el.error(str(raised.value), "invalid_message", close_code).as_json())
+    answer = json.loads(el.error(raised.value).as_json())
     assert answer == {"message": str(raised.value), "error": "invalid_message", "code": close_code}
 
 
@@ -154,9 +155,12 @@ def test_a_recorded_pipecat_session_parses_and_segments():
     query = el.parse_query("alloy", dict(parse_qsl(url.query)), multi=True)
     assert query.output_format.name == "pcm_24000"
 
-    messages = [el.parse_message(json.dumps(raw), multi=True) for raw in connection["messages"]]
+    contexts = Contexts(multi=True)
+    messages = [contexts.admit(el.parse_message(json.dumps(raw), multi=True)) for raw in connection["messages"]]
     kinds = [type(message).__name__ for message in messages]
     assert kinds == ["Text"] * 9 + ["Flush", "CloseContext"] + ["Text"] * 5 + ["CloseContext", "CloseSocket"]
+    # the end of the first turn (flushed) is spoken to the end; the second close is the interruption
+    assert (messages[10].interrupt, messages[16].interrupt) == (False, True)
     first, second = messages[0].context_id, messages[11].context_id
     assert first != second and messages[0].voice_settings == el.VoiceSettings(0.5, 0.75, None, None, 1.0)
 
@@ -174,3 +178,33 @@ def test_a_recorded_pipecat_session_parses_and_segments():
     assert spoken[first] == ["Hello there,", "how are you? I am fine."]  # an early first cut, then sentences
     assert spoken[second] == ["This answer gets interrupted."]  # what was received before close_context
     assert session["client_audio_frames"] > 0 and session["client_stopped_frames"] == 1
+
+
+def test_contexts_are_limited_to_five_and_unknown_ones_are_no_ops():
+    contexts = Contexts(multi=True)
+    for number in range(el.MAX_CONTEXTS):
+        assert contexts.admit(el.Text(" ", f"c{number}")) == el.Text(" ", f"c{number}")
+    with pytest.raises(el.ProtocolError, match=r"exceeded \(5\)") as raised:
+        contexts.admit(el.Text("Hi", "c5"))
+    assert json.loads(el.error(raised.value).as_json())["error"] == "max_active_conversations"
+    assert contexts.admit(el.CloseContext("c0")) == el.CloseContext("c0", interrupt=False)
+    assert contexts.admit(el.Text("Hi", "c5")) == el.Text("Hi", "c5")  # room again
+    assert contexts.admit(el.Flush("never-opened")) is None
+    assert contexts.admit(el.CloseContext("c0")) is None  # already closed
+    assert contexts.admit(el.KeepAlive("c1")) == el.KeepAlive("c1")
+
+
+def test_a_close_after_text_that_was_not_flushed_is_an_interruption():
+    contexts = Contexts(multi=True)
+    contexts.admit(el.Text("Finish this.", "a", flush=True))
+    assert contexts.admit(el.CloseContext("a")).interrupt is False
+    contexts.admit(el.Text("Stop th", "b"))
+    assert contexts.admit(el.CloseContext("b")).interrupt is True
+
+
+def test_stream_input_takes_no_text_after_its_end():
+    contexts = Contexts(multi=False)
+    contexts.admit(el.Text("Hello. "))
+    assert contexts.admit(el.EndOfInput()) == el.EndOfInput()
+    with pytest.raises(el.ProtocolError, match="the input has ended"):
+        contexts.admit(el.Text("more"))

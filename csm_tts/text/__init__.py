@@ -5,7 +5,8 @@
 - `budget`: how much text one generation may take, and the split of a long text into such segments;
 - `incremental`: the segmenter for text that arrives in pieces (an LLM's tokens);
 - `frontend`: what the endpoints call (a whole text, or one cut of a stream, to segments of speech with spans);
-- `elevenlabs`: ElevenLabs' input-streaming WebSocket messages, parsed and answered.
+- `elevenlabs`, `elevenlabs_contexts`: ElevenLabs' input-streaming WebSocket messages, parsed and answered, and the
+  per-connection rules (open contexts, flushed or interrupted).
 
 Standard library plus small pure-Python packages (markdown-it-py, sentencex, num2words, emoji): the proxy imports it
 and installs no torch.

@@ -27,11 +27,13 @@ _NORMALIZATION = ("auto", "on", "off")
 
 
 class ProtocolError(ValueError):
-    """A client's mistake: `str(error)` is the message to send, `close_code` the WebSocket close code."""
+    """A client's mistake: `str(error)` is the message to send, `code` a short name for it, `close_code` the
+    WebSocket close code."""
 
-    def __init__(self, message: str, close_code: int = 1008) -> None:
+    def __init__(self, message: str, close_code: int = 1008, code: str = "invalid_message") -> None:
         super().__init__(message)
         self.close_code = close_code
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,10 @@ class EndOfInput:
 
 @dataclass(frozen=True)
 class CloseContext:
+    """`interrupt` is set by `Contexts.admit`: text came after the last flush, so nobody waits for the rest."""
+
     context_id: str
+    interrupt: bool = False
 
 
 @dataclass(frozen=True)
@@ -321,6 +326,6 @@ def final(context_id: str | None = None) -> Answer:
     return _with_context({"isFinal": True}, context_id)
 
 
-def error(message: str, code: str = "invalid_message", close_code: int = 1008) -> Answer:
+def error(problem: ProtocolError) -> Answer:
     """ElevenLabs' error shape: a readable message, a short code, and the close code that follows."""
-    return Answer({"message": message, "error": code, "code": close_code})
+    return Answer({"message": str(problem), "error": problem.code, "code": problem.close_code})
