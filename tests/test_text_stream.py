@@ -170,3 +170,25 @@ def test_text_without_spaces_is_still_cut_within_the_budget():
     cut += segmenter.flush()
     assert "".join(s.text for s in cut) == "x" * 3700
     assert all(len(s.text) <= policy.max_bytes for s in cut)
+
+
+def _answers() -> list[str]:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "llm_answers.json"
+    return json.loads(path.read_text())["answers"]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_llm_answers_streamed_as_tokens_give_the_segments_of_the_whole(index):
+    """Markdown lists, a table, a code span, money and dates, as an LLM writes them (benchmarks/llm_answers.json)."""
+    text = _answers()[index]
+    for policy in POLICIES.values():
+        whole = segments_of([text], policy)
+        assert "".join(t for t, *_ in whole) == text
+        assert segments_of(list(text), policy) == whole
+        rng = random.Random(index)
+        cuts = sorted(rng.sample(range(1, len(text)), len(text) // 4))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        assert segments_of(pieces, policy) == whole

@@ -61,10 +61,13 @@ def fitting_prefix(text: str, max_bytes: int) -> int:
     return lead + max(1, len(data[:end].decode("utf-8", "surrogatepass")))
 
 
-def budget_cut(text: str, max_bytes: int, language: str = "en") -> int:
-    """Where to cut a text too long for one segment: the last sentence, then clause, then word end that fits."""
+def budget_cut(text: str, max_bytes: int, language: str = "en", sentences: list[int] | None = None) -> int:
+    """Where to cut a text too long for one segment: the last sentence, then clause, then word end that fits.
+    `sentences`: sentence starts already decided (the stream decides them its own way)."""
     limit = fitting_prefix(text, max_bytes)
-    for bounds in (sentence_bounds(text, language), clause_bounds(text), word_bounds(text)):
+    if sentences is None:
+        sentences = sentence_bounds(text, language)
+    for bounds in (sentences, clause_bounds(text), word_bounds(text)):
         fitting = [bound for bound in bounds if bound <= limit and text[:bound].strip()]
         if fitting:
             return fitting[-1]

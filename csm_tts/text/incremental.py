@@ -22,12 +22,16 @@ Offsets are in the whole received text, so each segment names its span of what t
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from csm_tts.text.boundaries import budget_cut, clause_bounds, fitting_prefix, sentence_bounds, word_bounds
 from csm_tts.text.budget import MAX_SEGMENT_BYTES
+
+_SPACES = re.compile(r"\s+")
+_WORD = re.compile(r"\S*")
 
 
 def _fence_ends(text: str) -> list[int]:
@@ -80,6 +84,7 @@ class StreamSegmenter:
         self._first = True
         self._waiting_since: float | None = None
         self._arrivals: list[tuple[int, float]] = []  # (where a piece starts in the received text, when it came)
+        self._sentence_decisions: dict[int, bool] = {}  # buffer index of a word -> does a sentence start there
 
     @property
     def pending(self) -> str:
@@ -160,7 +165,8 @@ class StreamSegmenter:
         def usable(bound: int) -> bool:  # settled, and not inside an open code fence (a listing is cut whole)
             return settled(bound) and text.count("```", 0, bound) % 2 == 0
 
-        sentences = sorted({*sentence_bounds(text, policy.language), *_fence_ends(text)})
+        limit = fitting_prefix(text, policy.max_bytes)
+        sentences = sorted({*self._sentence_starts(limit, final), *_fence_ends(text)})
         sentences = [b for b in sentences if usable(b)]
         if self._first and policy.early_first_cut:
             early = [b for b in sorted({*sentences, *clause_bounds(text)}) if usable(b)]
@@ -172,17 +178,40 @@ class StreamSegmenter:
                 return (words[-1] if words else policy.first_max_chars), "first"
             return None
         long_enough = [b for b in sentences if len(text[:b].strip()) >= policy.min_chars]
-        limit = fitting_prefix(text, policy.max_bytes)
         if long_enough and long_enough[0] <= limit:
             return long_enough[0], "sentence"
         if limit < len(text.rstrip()) and settled(limit):
-            return budget_cut(text, policy.max_bytes, policy.language), "budget"
+            return budget_cut(text, policy.max_bytes, policy.language, sentences), "budget"
         return None
+
+    def _sentence_starts(self, until: int, final: bool) -> list[int]:
+        """Sentence starts up to `until`, each decided by sentencex on the text up to the end of the word it starts,
+        never more: sentencex looks further ahead than one word ("1. **Back up**" is cut after "1." until a later
+        sentence end appears), and a decision must not depend on how much text has arrived. The text looked at
+        starts at the sentence before, itself decided this way. Decisions are kept until the next cut."""
+        text = self._buffer
+        first_word = len(text) - len(text.lstrip())
+        starts = []
+        for space in _SPACES.finditer(text, 0, min(until + 1, len(text))):
+            start = space.end()
+            if start >= len(text) or start <= first_word:
+                continue
+            if start not in self._sentence_decisions:
+                end = _WORD.match(text, start).end()
+                if end == len(text) and not final:
+                    break  # the word is still being written
+                since = starts[-1] if starts else 0  # from the sentence before: its start is decided the same way
+                bounds = sentence_bounds(text[since:end], self.policy.language)
+                self._sentence_decisions[start] = start - since in bounds
+            if self._sentence_decisions[start]:
+                starts.append(start)
+        return starts
 
     def _emit(self, cut: int, reason: str) -> StreamSegment:
         segment = StreamSegment(self._buffer[:cut], self._offset, self._offset + cut, reason)
         self._buffer = self._buffer[cut:]
         self._offset += cut
+        self._sentence_decisions.clear()
         self._first = False
         waiting = len(self._buffer) - len(self._buffer.lstrip())
         self._waiting_since = self._arrived_at(self._offset + waiting) if self._buffer.strip() else None
