@@ -3,7 +3,8 @@ are each worth one generation, cut as soon as it is safe to cut.
 
 Rules, all decided on the text alone (so the same text gives the same segments however it was cut into pieces):
 
-- a boundary counts only once a complete word follows it: "I saw Dr." may still become "I saw Dr. Smith";
+- a boundary counts only once a complete word follows it: "I saw Dr." may still become "I saw Dr. Smith"; and a
+  sentence start is decided on the text up to the end of that word, never further (`_sentence_starts`);
 - the first segment (of the stream, and again after each flush) is cut early to keep first audio low: at the first
   clause or sentence end ("Sure, " is a segment of its own; `first_min_chars` can ask for more), or, with none by
   `first_max_chars`, at the last word end before it (the first number of ElevenLabs' `chunk_length_schedule`);
