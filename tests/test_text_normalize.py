@@ -30,6 +30,7 @@ CASES = [
     # code: spans are read as written, blocks are not read
     ("Call `load_model()` first.", "Call load_model() first.", [("load_model()", "load_model()")]),
     ("Run this:\n\n```python\nprint(1)\n```\n\nDone.", "Run this:\nDone.", [("Done.", "Done.")]),
+    ("<div>\nDone\n</div>\n\nDone here.", "Done here.", [("Done here.", "Done here.")]),
     # URLs and e-mail addresses: the host, spoken
     (
         "Visit https://www.python.org/downloads/?x=1 today.",
@@ -194,3 +195,11 @@ def test_random_markdown_never_crashes_and_keeps_ordered_spans():
         for char, start, end in zip(mapped.text, mapped.starts, mapped.ends, strict=True):
             if end - start == 1 and char.isalpha() and original[start].isalpha():
                 assert char == original[start], (repr(original), char, start)
+
+
+def test_words_after_an_indented_code_block_map_to_themselves_not_into_the_block():
+    """An indented block's content is not verbatim in the source (the indents go): the reader skips its lines."""
+    original = "Intro text.\n\n    a = 1\n    Done.\n\nDone."
+    spoken = normalize(original)
+    assert spoken.text == "Intro text.\nDone."
+    assert spoken.source_span(12, 17) == (len(original) - 5, len(original))

@@ -36,6 +36,8 @@ class _Reader:
         self.cursor = 0
         self.out = Builder()
         self.block_start = 0
+        # where each source line starts: a skipped block moves the cursor past its lines (token.map)
+        self.line_starts = [0] + [i + 1 for i, char in enumerate(source.text) if char == "\n"]
 
     def locate(self, written: str) -> tuple[int, int] | None:
         """Where `written` appears next in the source (source indices), moving the cursor past it."""
@@ -44,6 +46,13 @@ class _Reader:
             return None
         self.cursor = at + len(written)
         return at, self.cursor
+
+    def skip(self, token: Token) -> None:
+        """Move past a block that is not read (its content may not appear verbatim: indented code loses indents)."""
+        if token.map:
+            line = token.map[1]  # the first line after the block
+            after = self.line_starts[line] if line < len(self.line_starts) else len(self.source.text)
+            self.cursor = max(self.cursor, after)
 
     def emit(self, written: str, said: str | None = None) -> None:
         """Say `said` (default: `written` as it is) for the next occurrence of `written` in the source."""
@@ -91,9 +100,9 @@ class _Reader:
                         self.emit(line)
                         self.end_block()
                 else:
-                    self.locate(token.content)
+                    self.skip(token)
             elif token.type == "html_block":
-                self.locate(token.content)
+                self.skip(token)
             elif token.type == "list_item_open" and token.info:
                 self.emit(token.info + token.markup, token.info + ",")
                 self.out.insert(" ")

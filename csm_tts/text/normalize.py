@@ -17,7 +17,8 @@ from csm_tts.text.mapped import MappedText
 from csm_tts.text.markdown import markdown_to_speech
 from csm_tts.text.verbalize import verbalize
 
-# Emphasis and code markers markdown-it leaves as text when they are unmatched (an LLM's half-closed "**").
+# Emphasis and code markers markdown-it leaves as text when they are unmatched (an LLM's half-closed "**"), and the
+# pipes of a table row cut off from its header (a streamed segment).
 _STRAY_MARKUP = re.compile(r"\*{2,}|_{2,}|~{2,}|`+|\|+")
 # Only what needs rewriting matches: runs of blanks, a blank other than " ", blanks around a line break.
 _SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
