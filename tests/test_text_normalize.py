@@ -166,6 +166,8 @@ def test_other_languages_get_integers_and_keep_what_needs_a_grammar():
 def test_lone_surrogates_and_huge_numbers_do_not_crash():
     assert normalize("a\ud800b").text == "ab."
     assert normalize("1" * 40).text == " ".join(["one"] * 40) + "."
+    assert normalize("1" * 40 + "th").text == " ".join(["one"] * 40) + "."
+    assert normalize("$" + "9" * 30 + ".99").text.startswith("nine nine")
 
 
 def test_mapped_text_sub_keeps_spans():

@@ -36,6 +36,8 @@ def digit_by_digit(digits: str, language: str = "en") -> str:
 
 @lru_cache(maxsize=1024)
 def ordinal(digits: str, language: str = "en") -> str:
+    if len(digits) > MAX_CARDINAL_DIGITS:
+        return digit_by_digit(digits, language)
     return _clean(num2words(int(digits), lang=language, to="ordinal"))
 
 
