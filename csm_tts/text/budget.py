@@ -69,8 +69,13 @@ def split_ranges(text: str, max_bytes: int = MAX_SEGMENT_BYTES, language: str = 
     pieces: list[tuple[int, int]] = []
     start = 0
     for end in [*sentence_bounds(text, language), len(text)]:
-        while utf8_size(text[start:end]) > max_bytes:
-            cut = start + budget_cut(text[start:end], max_bytes, language)
+        while True:
+            # a cut falls within max_bytes of the start: look no further than a window (a 10,000-character
+            # "sentence" would otherwise be scanned whole for every cut)
+            window = text[start : min(end, start + 4 * max_bytes)]
+            if start + len(window) == end and utf8_size(window) <= max_bytes:
+                break
+            cut = start + budget_cut(window, max_bytes, language)
             pieces.append((start, cut))
             start = cut
         pieces.append((start, end))
