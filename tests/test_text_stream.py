@@ -192,3 +192,15 @@ def test_llm_answers_streamed_as_tokens_give_the_segments_of_the_whole(index):
         cuts = sorted(rng.sample(range(1, len(text)), len(text) // 4))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         assert segments_of(pieces, policy) == whole
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a, " * 3333, "Ab cd. " * 1428, "x" * 10_000, "``` a\n" * 1400, "Hello there... " * 600],
+    ids=["commas", "short sentences", "no spaces", "fences", "ellipses"],
+)
+def test_one_huge_message_is_cut_within_the_budget(text):
+    """A 10,000-character message (the ElevenLabs surface's limit) in one piece: segments join back, each fits."""
+    segments = segments_of([text], StreamPolicy())
+    assert "".join(t for t, *_ in segments) == text
+    assert all(len(t.strip().encode()) <= StreamPolicy().max_bytes for t, *_ in segments)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import time
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,14 @@ from csm_tts.text.budget import MAX_SEGMENT_BYTES
 
 _SPACES = re.compile(r"\s+")
 _WORD = re.compile(r"\S*")
+_FENCE = re.compile(r"```")
+
+
+def _solid_end(text: str, end: int) -> int:
+    """The index after the last non-space character before `end`."""
+    while end > 0 and text[end - 1].isspace():
+        end -= 1
+    return end
 
 
 def _fence_ends(text: str) -> list[int]:
@@ -159,30 +168,39 @@ class StreamSegmenter:
     def _next_cut(self, final: bool) -> tuple[int, str] | None:
         text, policy = self._buffer, self.policy
         horizon = len(text) if final or self._overlong_word() else self._horizon()
-
-        def settled(bound: int) -> bool:  # a complete word follows it
-            return bool(text[bound:horizon].strip())
-
-        def usable(bound: int) -> bool:  # settled, and not inside an open code fence (a listing is cut whole)
-            return settled(bound) and text.count("```", 0, bound) % 2 == 0
-
+        solid = _solid_end(text, horizon)  # a bound before this has a complete word after it
         limit = fitting_prefix(text, policy.max_bytes)
-        sentences = sorted({*self._sentence_starts(limit, final), *_fence_ends(text)})
-        sentences = [b for b in sentences if usable(b)]
+        # every cut falls before `reach`: look no further (a 10,000-character message is not rescanned per cut)
+        reach = min(len(text), max(limit, policy.first_max_chars) + 64)
+        window = text[:reach]
+        fences = [match.start() for match in _FENCE.finditer(window)]
+
+        def usable(bound: int, least_chars: int) -> bool:
+            # settled, long enough, and not inside an open code fence (a listing is cut whole)
+            inside_fence = bisect_right(fences, bound - 3) % 2
+            return bound < solid and not inside_fence and len(text[:bound].strip()) >= least_chars
+
+        # Sentence starts cost a sentencex call each: they are decided only up to the first other candidate.
         if self._first and policy.early_first_cut:
-            early = [b for b in sorted({*sentences, *clause_bounds(text)}) if usable(b)]
-            early = [b for b in early if len(text[:b].strip()) >= policy.first_min_chars]
-            if early and early[0] <= policy.first_max_chars:
-                return early[0], "first"
-            if settled(policy.first_max_chars):
-                words = [b for b in word_bounds(text) if b <= policy.first_max_chars and text[:b].strip()]
-                return (words[-1] if words else policy.first_max_chars), "first"
+            last, least = policy.first_max_chars, policy.first_min_chars
+            others = sorted({*_fence_ends(window), *clause_bounds(window)})
+            others = [b for b in others if b <= last and usable(b, least)][:1]
+            sentences = [b for b in self._sentence_starts(others[0] if others else last, final) if usable(b, least)]
+            if sentences or others:
+                return min(sentences + others), "first"
+            if last < solid:
+                words = [b for b in word_bounds(window) if b <= last and text[:b].strip()]
+                return (words[-1] if words else last), "first"
             return None
-        long_enough = [b for b in sentences if len(text[:b].strip()) >= policy.min_chars]
-        if long_enough and long_enough[0] <= limit:
-            return long_enough[0], "sentence"
-        if limit < len(text.rstrip()) and settled(limit):
-            return budget_cut(text, policy.max_bytes, policy.language, sentences), "budget"
+        fence_ends = [b for b in _fence_ends(window) if b <= limit and usable(b, 0)]
+        others = [b for b in fence_ends if usable(b, policy.min_chars)][:1]
+        sentences = [b for b in self._sentence_starts(others[0] if others else limit, final) if usable(b, 0)]
+        long_enough = [b for b in sentences if usable(b, policy.min_chars)] + others
+        if long_enough:
+            return min(long_enough), "sentence"
+        if limit < _solid_end(text, len(text)) and limit < solid:
+            bounds = sorted({*sentences, *fence_ends})
+            return budget_cut(window, policy.max_bytes, policy.language, bounds), "budget"
         return None
 
     def _sentence_starts(self, until: int, final: bool) -> list[int]:
@@ -208,11 +226,23 @@ class StreamSegmenter:
                 starts.append(start)
         return starts
 
+    def _keep_sentence_decisions(self, cut: int) -> None:
+        """After a cut, a decision still holds if the text it looked at is unchanged: a sentence start lies between
+        the cut and it (the text looked at starts at the sentence before)."""
+        kept, sentence_between = {}, False
+        for start in sorted(self._sentence_decisions):
+            decided = self._sentence_decisions[start]
+            if start > cut and sentence_between:
+                kept[start - cut] = decided
+            if start >= cut and decided:
+                sentence_between = True
+        self._sentence_decisions = kept
+
     def _emit(self, cut: int, reason: str) -> StreamSegment:
         segment = StreamSegment(self._buffer[:cut], self._offset, self._offset + cut, reason)
         self._buffer = self._buffer[cut:]
         self._offset += cut
-        self._sentence_decisions.clear()
+        self._keep_sentence_decisions(cut)
         self._first = False
         waiting = len(self._buffer) - len(self._buffer.lstrip())
         self._waiting_since = self._arrived_at(self._offset + waiting) if self._buffer.strip() else None
