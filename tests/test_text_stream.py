@@ -140,7 +140,14 @@ def test_the_wait_counts_from_when_the_waiting_text_arrived():
 
 @pytest.mark.parametrize(
     "settings",
-    [{"first_min_chars": 50, "first_max_chars": 10}, {"max_bytes": 0}, {"first_max_chars": 500}, {"max_wait_s": 0}],
+    [
+        {"first_min_chars": 50, "first_max_chars": 10},
+        {"first_min_chars": 0, "first_max_chars": 0},
+        {"max_bytes": 0},
+        {"first_max_chars": 500},
+        {"max_wait_s": 0},
+        {"min_chars": -1},
+    ],
 )
 def test_bad_policies_are_refused(settings):
     with pytest.raises(ValueError):

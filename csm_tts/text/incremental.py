@@ -67,8 +67,8 @@ class StreamPolicy:
     language: str = "en"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.first_min_chars <= self.first_max_chars:
-            raise ValueError("need 0 <= first_min_chars <= first_max_chars")
+        if not 0 <= self.first_min_chars <= self.first_max_chars or self.first_max_chars < 1:
+            raise ValueError("need 0 <= first_min_chars <= first_max_chars and first_max_chars >= 1")
         if self.first_max_chars > self.max_bytes or self.max_bytes < 1:
             raise ValueError("need 1 <= first_max_chars <= max_bytes")
         if self.min_chars < 0 or not self.max_wait_s > 0:
@@ -207,7 +207,7 @@ class StreamSegmenter:
         """Sentence starts up to `until`, each decided by sentencex on the text up to the end of the word it starts,
         never more: sentencex looks further ahead than one word ("1. **Back up**" is cut after "1." until a later
         sentence end appears), and a decision must not depend on how much text has arrived. The text looked at
-        starts at the sentence before, itself decided this way. Decisions are kept until the next cut."""
+        starts at the sentence before, itself decided this way. Decisions are remembered (`_sentence_decisions`)."""
         text = self._buffer
         first_word = len(text) - len(text.lstrip())
         starts = []
