@@ -1,12 +1,9 @@
 """Record what pipecat's ElevenLabsTTSService really sends on `multi-stream-input` (for the protocol tests).
 
-pipecat-ai 1.14.0 cannot share this repository's virtual environment: it requires protobuf >= 5.29.6 (tritonclient
-2.51 requires protobuf < 5), soxr ~= 1.0.0 and soundfile ~= 0.13.1 (we pin 1.1.0 and 0.14.0). So it runs from a
-virtual environment of its own:
+pipecat-ai 1.14.0 is installed with --no-deps (Makefile): it declares protobuf >= 5.29.6 (tritonclient 2.51
+requires protobuf < 5), soxr ~= 1.0.0 and soundfile ~= 0.13.1 (we pin 1.1.0 and 0.14.0), and runs with ours:
 
-    python3.11 -m venv /tmp/pipecat-venv
-    /tmp/pipecat-venv/bin/python -m pip install 'pipecat-ai[openai]==1.14.0'
-    /tmp/pipecat-venv/bin/python scripts/record_pipecat_elevenlabs.py tests/pipecat_elevenlabs_session.json
+    .venv/bin/python scripts/record_pipecat_elevenlabs.py tests/pipecat_elevenlabs_session.json
 
 A local WebSocket server stands in for ElevenLabs (it answers each text piece or flush with 0.1 s of silence and a
 `close_context` with `isFinal`); pipecat's pipeline gets two LLM turns token by token, the second interrupted after

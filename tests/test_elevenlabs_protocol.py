@@ -208,3 +208,33 @@ def test_stream_input_takes_no_text_after_its_end():
     assert contexts.admit(el.EndOfInput()) == el.EndOfInput()
     with pytest.raises(el.ProtocolError, match="the input has ended"):
         contexts.admit(el.Text("more"))
+
+
+def test_pipecat_sends_today_what_was_recorded(tmp_path):
+    """Runs pipecat's real ElevenLabsTTSService (installed with --no-deps, docs/elevenlabs.md) against a local
+    recorder: the messages are the committed recording's (context ids aside) and all of them are admitted."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "session.json"
+    subprocess.run(
+        [sys.executable, "-W", "ignore", str(root / "scripts" / "record_pipecat_elevenlabs.py"), str(out)],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    fresh, committed = (json.loads(path.read_text()) for path in (out, root / "tests/pipecat_elevenlabs_session.json"))
+
+    def shapes(session):
+        return [{k: v for k, v in m.items() if k != "context_id"} for m in session["connections"][0]["messages"]]
+
+    assert shapes(fresh) == shapes(committed)
+    assert fresh["connections"][0]["path"] == committed["connections"][0]["path"]
+    contexts = Contexts(multi=True)
+    admitted = [
+        contexts.admit(el.parse_message(json.dumps(m), multi=True)) for m in fresh["connections"][0]["messages"]
+    ]
+    assert None not in admitted
+    assert fresh["client_audio_frames"] > 0 and fresh["client_stopped_frames"] == 1
