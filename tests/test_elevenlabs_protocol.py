@@ -37,6 +37,7 @@ def test_pipecat_query_string():
         ({"output_format": "ulaw_8000"}, "output_format 'ulaw_8000' is not supported; use one of pcm_8000"),
         ({"output_format": "pcm_24000", "inactivity_timeout": "500"}, "inactivity_timeout must be"),
         ({"inactivity_timeout": "-1"}, "inactivity_timeout must be"),
+        ({"output_format": "x" * 5000}, r"output_format 'xxxxxxxxx.*\.\.\. is not supported"),
         ({"apply_text_normalization": "maybe"}, "apply_text_normalization must be"),
         ({"language_code": "english please"}, "language_code must be"),
         ({"auto_mode": "sometimes"}, "auto_mode must be true or false"),

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from csm_tts.parsing import parse_bool
+from csm_tts.parsing import parse_bool, shown
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_TEXT_CHARS = 10_000
@@ -77,7 +77,7 @@ def parse_query(voice_id: str, query: Mapping[str, str], *, multi: bool) -> Stre
         raise ProtocolError("voice_id must be 1 to 128 characters")
     name = query.get("output_format", DEFAULT_OUTPUT_FORMAT)
     if name not in OUTPUT_FORMATS:
-        raise ProtocolError(f"output_format {name!r} is not supported; use one of {', '.join(OUTPUT_FORMATS)}")
+        raise ProtocolError(f"output_format {shown(name)} is not supported; use one of {', '.join(OUTPUT_FORMATS)}")
     normalization = query.get("apply_text_normalization", "auto")
     if normalization not in _NORMALIZATION:
         raise ProtocolError("apply_text_normalization must be 'auto', 'on' or 'off'")
