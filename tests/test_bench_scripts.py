@@ -5,7 +5,8 @@
 - bench_gpu.py runs from a bare Python that has only torch, transformers and numpy (and what those install): it is
   run, at tiny shapes on the CPU, with `python -I -S` and a site folder holding only those distributions, so importing
   anything else (tritonclient, soxr, scipy, ...) anywhere in it or in csm_tts fails the test;
-- bench_stream.py's JSON schema on a tiny seeded fixed-length run against the session's live Triton.
+- bench_stream.py's JSON schema on a tiny seeded fixed-length run against the session's live Triton;
+- bench_text_frontend.py runs and prints both of its measurements (its streaming figures use a simulated clock).
 """
 
 from __future__ import annotations
@@ -244,6 +245,19 @@ def _bare_site(dest: Path) -> Path:
             if source.exists() and not (dest / top).exists():
                 (dest / top).symlink_to(source)
     return dest
+
+
+def test_bench_text_frontend_prints_both_measurements():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_text_frontend.py"), "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "normalize (all stages)" in result.stdout
+    # the simulated clock makes the streaming figures exact: the early first cut is x4.4 sooner on these answers
+    assert "sentence ends only / early first cut: x4.40" in result.stdout
 
 
 def test_bench_gpu_runs_from_a_bare_python(tmp_path):
