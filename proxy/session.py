@@ -26,12 +26,12 @@ from csm_tts import SAMPLE_RATE
 from proxy.appkeys import ADMISSION, OFFLOAD, SCOPE, SETTINGS, TRITON
 from proxy.conversation import ContextBudget, Conversation
 from proxy.errors import ApiError
-from proxy.generation import Generation
 from proxy.parse.job import GenerateOptions
 from proxy.parse.native import NO_TEXT, parse_generate
 from proxy.parse.websocket import StreamConfig, is_blank, parse_stream_config, read_message, text_of
 from proxy.render.audio import AudioRenderer, play
 from proxy.render.frames import wav_message, ws_audio, ws_reply
+from proxy.spoken import SpokenGeneration, plan_speech
 from proxy.upstream.errors import UpstreamError
 
 log = logging.getLogger("proxy.websocket")
@@ -246,9 +246,10 @@ class StreamSession:
 
         try:
             # Admission of this text (policy, key limits, drain, full) before its context is built.
+            plan = plan_speech(options)  # long texts: several segments, spoken as one
             with self.admission.admit(self.scope, options, self.pool) as lease:
                 watermark = self.settings.watermark_enabled
-                async with Generation(self.pool, options, lease, watermark, conversation) as generation:
+                async with SpokenGeneration(self.pool, plan, lease, watermark, conversation) as generation:
                     if renderer is not None:
                         await play(generation, renderer, send)
                     else:
@@ -261,8 +262,6 @@ class StreamSession:
                 renderer.close()
         audio = _concat(parts)
         processing_ms = (time.perf_counter() - started) * 1000.0
-        if conversation is not None:
-            conversation.add(options.speaker_id, options.text, audio)
         if streaming:
             await self.send_reply(
                 {
@@ -277,6 +276,7 @@ class StreamSession:
                     "first_audio_ms": first_audio_ms,
                     "first_audio_proxy_ms": first_proxy_ms,
                     "watermarked": generation.watermarked,
+                    "segments": generation.report(),  # what was spoken, with spans of the text
                 },
                 kind="end",
             )
