@@ -165,7 +165,8 @@ async def test_sse_events_carry_the_same_audio(http):
     deltas, done = events[:-1], events[-1]
     assert len(deltas) >= 2 and all(set(e) == {"type", "audio"} and e["type"] == "speech.audio.delta" for e in deltas)
     assert b"".join(base64.b64decode(e["audio"]) for e in deltas) == plain
-    assert done["type"] == "speech.audio.done" and set(done) == {"type", "usage"}
+    assert done["type"] == "speech.audio.done" and set(done) == {"type", "usage", "segments"}
+    assert [s["text"] for s in done["segments"]] == ["Events, please."]
     assert done["usage"]["output_tokens"] == 12 and done["usage"]["total_tokens"] == (
         done["usage"]["input_tokens"] + 12
     )
