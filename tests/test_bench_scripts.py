@@ -358,3 +358,13 @@ def test_bench_stream_json_schema(grpc_url, tmp_path, capsys):
         assert row["audio_s"] == pytest.approx(2 * 3 * 0.08)
         assert row["fixed_frames"] == 3
     assert "TTFA ms" in capsys.readouterr().out
+
+
+def test_bench_text_stream_arguments_and_tokens():
+    bench = load_script("bench_text_stream")
+    args = bench.parse_args(["--proxy-url", "http://127.0.0.1:1", "--rounds", "2"])
+    assert (args.words_per_s, args.rounds, args.proxy_model) == (8.0, 2, "csm_1b")
+    assert bench.tokens("Sure, it is.") == ["Sure,", " it", " is."]
+    assert "".join(bench.tokens("a  b")) == "a  b"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--words-per-s", "0"])
