@@ -30,15 +30,13 @@ import numpy as np
 import pytest
 import soundfile
 import websockets
-from live_proxy import Proxy, wait_until_healthy
+from live_proxy import Proxy, too_long_for_the_model, wait_until_healthy
 from live_proxy import start_proxy as start_live_proxy
 
 from csm_tts.tooling.local_triton import free_port
 from csm_tts.tooling.triton_streams import stream
 from proxy.appkeys import TRITON
-from proxy.errors import error_body
 from proxy.render.pcm import to_pcm16
-from proxy.upstream.errors import UpstreamError
 
 pytestmark = pytest.mark.live
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,15 +159,11 @@ async def test_generate_wav_and_options(http, triton_server):
     assert np.array_equal(decode_wav(base64.b64decode(as_json["audio_base64"])), audio)
 
 
-async def test_triton_rejections_are_422_with_its_message(http, proxy):
-    # Too long for the model's 2048-position context: Triton's INVALID_ARG, checked cheaply. The proxy splits long
-    # texts into segments that fit (proxy/spoken.py), so the prompt is sent to Triton directly here.
-    stream = proxy.app[TRITON].stream("word " * 900, {"max_audio_length_ms": 90_000, "watermark": False})
-    with pytest.raises(UpstreamError) as caught:
-        async with stream:
-            await stream.__anext__()
-    status, body, _ = error_body(caught.value)
-    assert status == 422 and "context holds 2048" in body["error"] and "INVALID_ARG" not in body["error"]
+async def test_triton_rejections_are_422_with_its_message(http):
+    # Valid for the proxy, too long for the model's 2048-position context: Triton's INVALID_ARG, checked cheaply.
+    response = await http.post("/generate", json=too_long_for_the_model())
+    body = await response.json()
+    assert response.status == 422 and "context holds 2048" in body["error"] and "INVALID_ARG" not in body["error"]
 
 
 async def test_stream_chunks_ndjson(http):
