@@ -27,6 +27,7 @@ from proxy.spoken import SpeechPlan
 from proxy.text_stream import CutPlan, TextStream
 
 PIECE_KEYS = {"text", "flush"}
+NOT_A_PIECE = 'A piece is {"text": string} and/or {"flush": true}'
 
 
 class TextStreamSession(StreamSession):
@@ -64,14 +65,18 @@ class TextStreamSession(StreamSession):
             data = json.loads(raw)
         except (ValueError, RecursionError):
             data = None
-        if not isinstance(data, dict) or not data or not set(data) <= PIECE_KEYS or self.finishing:
+        if not (isinstance(data, dict) and set(data) & PIECE_KEYS) or self.finishing:
             if data == {"done": True} and not self.finishing:
                 await self.queue_cuts(self.text.flush())
             await super().on_message(raw)  # control messages, errors, and refusals after done
             return
+        if extra := sorted(set(data) - PIECE_KEYS):  # options apply to a session here, not to a piece
+            message = f"a piece carries only text and flush (options go in the query or a config message): {extra}"
+            await self.enqueue(("error", {"error": message}))
+            return
         piece, flush = data.get("text", ""), data.get("flush", False)
-        if not isinstance(piece, str) or flush not in (True, False):
-            await self.enqueue(("error", {"error": 'A piece is {"text": string} and/or {"flush": true}'}))
+        if not isinstance(piece, str) or not isinstance(flush, bool):
+            await self.enqueue(("error", {"error": NOT_A_PIECE}))
             return
         try:
             piece.encode("utf-8")
@@ -97,6 +102,9 @@ class TextStreamSession(StreamSession):
             await self.queue.put(("text", (cut, record)))
 
     async def run_text(self, data) -> None:
+        if isinstance(data, dict):  # a JSON object that is neither a piece nor a control message
+            await self.send_reply({"error": NOT_A_PIECE})
+            return
         cut, self.running = data
         await self.run_generation(cut.plan.options, cut.plan)
 

@@ -115,3 +115,15 @@ async def test_cancel_is_a_barge_in(proxy, triton_server):
                 break
         assert message["segments"][0]["text"] == "Next one."
         assert message["segments"][0]["source_start"] > 60
+
+
+async def test_bad_pieces_get_errors_and_the_session_goes_on(proxy):
+    async with websockets.connect(proxy.ws + QUERY) as ws:
+        for bad in ({"speaker_id": 2}, {"text": "x", "speaker_id": 1}, {"text": 5}, {"flush": 1}):
+            await ws.send(json.dumps(bad))
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert reply["type"] == "error", (bad, reply)
+        await ws.send(json.dumps({"text": "Still here.", "flush": True}))
+        while (message := json.loads(await asyncio.wait_for(ws.recv(), 30)))["type"] != "end":
+            assert message["type"] == "audio"
+        assert message["segments"][0]["text"] == "Still here."
