@@ -163,8 +163,7 @@ class ElevenLabsSession:
         if context is None:
             policy = self.policy
             if message.chunk_length_schedule:  # its first number: the early first cut's length
-                first = min(message.chunk_length_schedule[0], policy.max_bytes)
-                policy = StreamPolicy(first_min_chars=min(first, policy.first_max_chars), first_max_chars=first)
+                policy = StreamPolicy(first_max_chars=min(message.chunk_length_schedule[0], policy.max_bytes))
             options = dataclasses.replace(self.options, text="")
             context = Context(message.context_id, TextStream(options, policy, self.query.language_code or "en"))
             context.task = asyncio.create_task(self.speak(context), name="elevenlabs-context")
