@@ -6,6 +6,7 @@ file whose length is the sum of the segments' audio. Segments are kept to 1 s of
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -192,3 +193,21 @@ def test_plan_headers_report_what_is_spoken():
     assert plan.spoken_text == "Meet Dr. Lee at three thirty P M."
     assert unquote(plan.headers()["X-Spoken-Text"]) == plan.spoken_text
     assert len(plan.segments) == 1
+
+
+async def test_websocket_message_mode_and_stream_chunks_speak_long_texts_whole(proxy, http):
+    import websockets
+
+    text = "A sentence that keeps the model busy for a while. " * 18
+    expected = len(spoken_segments(text)) * SAMPLES_1S
+    async with websockets.connect(proxy.ws) as ws:  # the seed's message mode: one reply, its documented shape
+        await ws.send(json.dumps({"text": text, **FAST}))
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 120))
+    assert set(reply) == {"audio_base64", "sample_rate", "processing_time_ms", "text"} and reply["text"] == text
+    audio, _ = soundfile.read(io.BytesIO(base64.b64decode(reply["audio_base64"])), dtype="int16")
+    assert audio.size == expected
+    params = {k: str(v).lower() for k, v in FAST.items()}
+    async with http.post("/stream/chunks", params=params, json=[text, "Short."]) as response:
+        lines = [json.loads(line) for line in (await response.text()).splitlines()]
+    audio, _ = soundfile.read(io.BytesIO(base64.b64decode(lines[0]["audio_base64"])), dtype="int16")
+    assert audio.size == expected and lines[1]["text"] == "Short."
