@@ -25,6 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e ".[server,proxy,dev]"
 	# silentcipher 1.0.5 declares torch<=2.0.0; its real imports come with the server extra.
 	$(PIP) install -c constraints.txt --no-deps silentcipher
+	# pipecat-ai 1.14.0 declares protobuf>=5.29.6 (tritonclient 2.51 needs <5); its real imports come with dev.
+	$(PIP) install -c constraints.txt --no-deps pipecat-ai
 	touch $@
 
 .triton/.installed: scripts/install_triton.py constraints.txt $(VENV)/.installed

@@ -170,11 +170,13 @@ def parse_keys(data: object, where: str = "keys file") -> list[ApiKey]:
 
 
 def presented_key(headers, websocket: bool) -> str | None:
-    """The key a request presents: `Authorization: Bearer <key>`, or (WebSocket upgrades) a `bearer.<key>`
-    subprotocol."""
+    """The key a request presents: `Authorization: Bearer <key>`, ElevenLabs' `xi-api-key` header, or (WebSocket
+    upgrades) a `bearer.<key>` subprotocol."""
     scheme, _, value = headers.get("Authorization", "").strip().partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
+    if headers.get("xi-api-key", "").strip():
+        return headers["xi-api-key"].strip()
     if websocket:
         for protocol in headers.get("Sec-WebSocket-Protocol", "").split(","):
             protocol = protocol.strip()

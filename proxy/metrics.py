@@ -85,6 +85,13 @@ class ProxyMetrics:
             ["reason"],
             registry=registry,
         )
+        self.text_segments = Counter(
+            "csm_proxy_text_segments",
+            "Segments of long or streamed texts generated, by how they ended: eos (on their own), length (ran to "
+            "their audio limit without the end-of-speech frame: text may be unspoken)",
+            ["end"],
+            registry=registry,
+        )
         self.replicas = Gauge(
             "csm_proxy_triton_replicas",
             "Triton replicas known to this proxy; state=serving: ready with the model",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.endpoints import demo, generate, info, openai, websocket
+from proxy.endpoints import demo, elevenlabs, generate, info, openai, websocket
 
 
 def setup_routes(app: web.Application) -> None:
@@ -26,5 +26,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/audio/speech", openai.speech)
     app.router.add_get("/v1/models", openai.models)
     app.router.add_get("/v1/audio/voices", openai.voices)
+    app.router.add_get("/v1/text-to-speech/{voice_id}/stream-input", elevenlabs.stream_input)
+    app.router.add_get("/v1/text-to-speech/{voice_id}/multi-stream-input", elevenlabs.multi_stream_input)
     app.router.add_get("/demo", demo.demo_page)
     app.router.add_get("/demo/{name}", demo.demo_asset)

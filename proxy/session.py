@@ -26,12 +26,12 @@ from csm_tts import SAMPLE_RATE
 from proxy.appkeys import ADMISSION, OFFLOAD, SCOPE, SETTINGS, TRITON
 from proxy.conversation import ContextBudget, Conversation
 from proxy.errors import ApiError
-from proxy.generation import Generation
 from proxy.parse.job import GenerateOptions
 from proxy.parse.native import NO_TEXT, parse_generate
 from proxy.parse.websocket import StreamConfig, is_blank, parse_stream_config, read_message, text_of
 from proxy.render.audio import AudioRenderer, play
 from proxy.render.frames import wav_message, ws_audio, ws_reply
+from proxy.spoken import SpeechPlan, SpokenGeneration, plan_speech
 from proxy.upstream.errors import UpstreamError
 
 log = logging.getLogger("proxy.websocket")
@@ -203,8 +203,12 @@ class StreamSession:
         except ApiError as e:
             await self.send_reply({"error": e.message, **echo})
             return
+        await self.run_generation(options)
+
+    async def run_generation(self, options: GenerateOptions, plan: SpeechPlan | None = None) -> None:
+        """One text (or one planned cut of a text stream) generated as the current task, cancellable."""
         chunk_id = next(self.chunk_ids)
-        self.current = asyncio.create_task(self.generate(options, chunk_id))
+        self.current = asyncio.create_task(self.generate(options, chunk_id, plan))
         try:
             await asyncio.wait({self.current})
         finally:
@@ -222,7 +226,7 @@ class StreamSession:
         await self.send_reply({"error": "Internal error while generating this text", "text": options.text, **where})
 
     # -- one text chunk ----------------------------------------------------------------------------------------------
-    async def generate(self, options: GenerateOptions, chunk_id: int) -> None:
+    async def generate(self, options: GenerateOptions, chunk_id: int, plan: SpeechPlan | None = None) -> None:
         conversation = self.conversation if self.config.context else None
         streaming = self.config.streaming
         where = {"chunk_id": chunk_id} if streaming else {}
@@ -246,9 +250,10 @@ class StreamSession:
 
         try:
             # Admission of this text (policy, key limits, drain, full) before its context is built.
+            plan = plan or plan_speech(options)  # long texts: several segments, spoken as one
             with self.admission.admit(self.scope, options, self.pool) as lease:
                 watermark = self.settings.watermark_enabled
-                async with Generation(self.pool, options, lease, watermark, conversation) as generation:
+                async with SpokenGeneration(self.pool, plan, lease, watermark, conversation) as generation:
                     if renderer is not None:
                         await play(generation, renderer, send)
                     else:
@@ -261,8 +266,6 @@ class StreamSession:
                 renderer.close()
         audio = _concat(parts)
         processing_ms = (time.perf_counter() - started) * 1000.0
-        if conversation is not None:
-            conversation.add(options.speaker_id, options.text, audio)
         if streaming:
             await self.send_reply(
                 {
@@ -277,6 +280,7 @@ class StreamSession:
                     "first_audio_ms": first_audio_ms,
                     "first_audio_proxy_ms": first_proxy_ms,
                     "watermarked": generation.watermarked,
+                    "segments": generation.report(),  # what was spoken, with spans of the text
                 },
                 kind="end",
             )

@@ -41,3 +41,23 @@ async def wait_until_healthy(base: str, ready: bool = True) -> None:
                 pass
             await asyncio.sleep(0.1)
     pytest.fail("python -m proxy did not become healthy")
+
+
+def too_long_for_the_model(text: str = "Words upon words.") -> dict:
+    """A /generate body the proxy accepts and Triton refuses (INVALID_ARG, the prompt exceeds the 2048 positions).
+    Long texts are split into segments that fit (proxy/spoken.py), but a voice clip's transcript is sent whole with
+    every segment: 2,000 characters of it (~1,440 tiny-tokenizer tokens) and 90 s of audio cannot fit."""
+    import base64
+    import io
+
+    import numpy as np
+    import soundfile
+
+    clip = io.BytesIO()
+    soundfile.write(clip, np.zeros(12_000, np.float32), 24_000, format="WAV", subtype="PCM_16")
+    return {
+        "text": text,
+        "max_audio_length_ms": 90_000,
+        "reference_audio": base64.b64encode(clip.getvalue()).decode(),
+        "reference_text": "word " * 400,
+    }

@@ -6,7 +6,8 @@
 - bench_gpu.py runs from a bare Python that has only torch, transformers and numpy (and what those install): it is
   run, at tiny shapes on the CPU, with `python -I -S` and a site folder holding only those distributions, so importing
   anything else (tritonclient, soxr, scipy, ...) anywhere in it or in csm_tts fails the test;
-- bench_stream.py's JSON schema on a tiny seeded fixed-length run against the session's live Triton.
+- bench_stream.py's JSON schema on a tiny seeded fixed-length run against the session's live Triton;
+- bench_text_frontend.py runs and prints both of its measurements (its streaming figures use a simulated clock).
 """
 
 from __future__ import annotations
@@ -257,6 +258,19 @@ def _bare_site(dest: Path) -> Path:
     return dest
 
 
+def test_bench_text_frontend_prints_both_measurements():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_text_frontend.py"), "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "normalize (all stages)" in result.stdout
+    # the simulated clock makes the streaming figures exact: the early first cut is x4.4 sooner on these answers
+    assert "sentence ends only / early first cut: x4.40" in result.stdout
+
+
 def test_bench_gpu_runs_from_a_bare_python(tmp_path):
     site = _bare_site(tmp_path / "site")
     assert (site / "torch").exists() and (site / "transformers").exists() and (site / "numpy").exists()
@@ -355,3 +369,13 @@ def test_bench_stream_json_schema(grpc_url, tmp_path, capsys):
         assert row["audio_s"] == pytest.approx(2 * 4 * 0.08)
         assert row["fixed_frames"] == 4
     assert "TTFA ms" in capsys.readouterr().out
+
+
+def test_bench_text_stream_arguments_and_tokens():
+    bench = load_script("bench_text_stream")
+    args = bench.parse_args(["--proxy-url", "http://127.0.0.1:1", "--rounds", "2"])
+    assert (args.words_per_s, args.rounds, args.proxy_model) == (8.0, 2, "csm_1b")
+    assert bench.tokens("Sure, it is.") == ["Sure,", " it", " is."]
+    assert "".join(bench.tokens("a  b")) == "a  b"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--words-per-s", "0"])

@@ -64,7 +64,15 @@ def test_every_named_repository_path_exists():
 
 
 @pytest.mark.parametrize(
-    "module", ["proxy.app", "csm_tts.watermark.options", "csm_tts.parsing", "csm_tts.triton.errors"]
+    "module",
+    [
+        "proxy.app",
+        "csm_tts.watermark.options",
+        "csm_tts.parsing",
+        "csm_tts.triton.errors",
+        "csm_tts.text.frontend",
+        "csm_tts.text.elevenlabs",
+    ],
 )
 def test_what_the_proxy_imports_needs_no_torch(module):
     """The proxy image installs no torch: the proxy and the csm_tts modules it shares must not import it."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import websockets
-from live_proxy import Proxy, wait_until_healthy
+from live_proxy import Proxy, too_long_for_the_model, wait_until_healthy
 from live_proxy import start_proxy as start_live_proxy
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -112,7 +112,7 @@ async def test_proxy_metrics_count_each_request(triton_server):
             assert value(final, "csm_proxy_time_to_first_audio_seconds_count", endpoint="/stream") == 1
             bad = {"endpoint": "/generate", "method": "POST", "status": "422"}
             # Valid for the proxy, refused by Triton (INVALID_ARG): the prompt and 90 s of audio exceed the context.
-            too_long = {"text": "Words upon words. " * 250, "max_audio_length_ms": 90_000}
+            too_long = too_long_for_the_model()
             async with session.post(proxy.http + "/generate", json=too_long) as r:
                 assert r.status == 422
             final = await proxy_metrics(session, proxy.http)

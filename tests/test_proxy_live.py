@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import soundfile
 import websockets
-from live_proxy import Proxy, wait_until_healthy
+from live_proxy import Proxy, too_long_for_the_model, wait_until_healthy
 from live_proxy import start_proxy as start_live_proxy
 
 from csm_tts.tooling.local_triton import free_port
@@ -161,7 +161,7 @@ async def test_generate_wav_and_options(http, triton_server):
 
 async def test_triton_rejections_are_422_with_its_message(http):
     # Valid for the proxy, too long for the model's 2048-position context: Triton's INVALID_ARG, checked cheaply.
-    response = await http.post("/generate", json={"text": "word " * 900, "max_audio_length_ms": 90_000})
+    response = await http.post("/generate", json=too_long_for_the_model())
     body = await response.json()
     assert response.status == 422 and "context holds 2048" in body["error"] and "INVALID_ARG" not in body["error"]
 

@@ -317,6 +317,8 @@ async def test_index(down_client):
         "POST /v1/audio/speech",
         "GET /v1/models",
         "GET /v1/audio/voices",
+        "WS /v1/text-to-speech/{voice_id}/stream-input",
+        "WS /v1/text-to-speech/{voice_id}/multi-stream-input",
     }
 
 

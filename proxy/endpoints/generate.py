@@ -19,7 +19,7 @@ from csm_tts import SAMPLE_RATE
 from proxy.appkeys import OFFLOAD, SETTINGS, TRITON
 from proxy.conversation import ContextBudget, Conversation
 from proxy.errors import ApiError
-from proxy.generation import Generation, synthesize
+from proxy.generation import synthesize
 from proxy.parse.job import GenerateOptions, SpeechJob
 from proxy.parse.native import (
     NO_TEXT,
@@ -35,6 +35,7 @@ from proxy.parse.websocket import StreamConfig, parse_stream_config
 from proxy.render import http
 from proxy.render.frames import wav_message
 from proxy.requests import admit, check_admission, read_json
+from proxy.spoken import SpeechPlan, SpokenGeneration, conversation_for, plan_speech
 from proxy.upstream.errors import UpstreamError
 from proxy.voice_context import voice_segments
 from proxy.voices import InvalidReference
@@ -45,9 +46,11 @@ log = logging.getLogger("proxy")
 async def generate(request: web.Request) -> web.Response:
     started = time.perf_counter()
     job = parse_generate_body(await read_json(request), ReferenceLimits.from_settings(request.app[SETTINGS]))
+    plan = plan_speech(job.options)
     with admit(request, job.options) as lease:
-        clip = await synthesize_job(request, job, lease)
-    return await http.clip_json(clip, request.app[OFFLOAD], (time.perf_counter() - started) * 1000.0)
+        clip = await synthesize_job(request, job, plan, lease)
+    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    return await http.clip_json(clip, request.app[OFFLOAD], elapsed_ms, plan.headers())
 
 
 async def generate_wav(request: web.Request) -> web.StreamResponse:
@@ -55,9 +58,10 @@ async def generate_wav(request: web.Request) -> web.StreamResponse:
     if isinstance(data, dict) and "response_format" in data:
         return await stream_generate(request, data)
     job = parse_generate_body(data, ReferenceLimits.from_settings(request.app[SETTINGS]))
+    plan = plan_speech(job.options)
     with admit(request, job.options) as lease:
-        clip = await synthesize_job(request, job, lease)
-    return await http.wav_file(clip, request.app[OFFLOAD])
+        clip = await synthesize_job(request, job, plan, lease)
+    return await http.wav_file(clip, request.app[OFFLOAD], plan.headers())
 
 
 async def generate_audio(request: web.Request) -> web.StreamResponse:
@@ -69,10 +73,12 @@ async def stream_generate(request: web.Request, data: object) -> web.StreamRespo
     app = request.app
     settings = app[SETTINGS]
     job = parse_generate_body(data, ReferenceLimits.from_settings(settings), response_format=True)
+    plan = plan_speech(job.options)
     with admit(request, job.options) as lease:
         reference = await job_voice(request, job)
-        async with Generation(app[TRITON], job.options, lease, settings.watermark_enabled, None, reference) as g:
-            headers = http.content_disposition(job.format)
+        conversation = conversation_for(settings)
+        async with SpokenGeneration(app[TRITON], plan, lease, settings.watermark_enabled, conversation, reference) as g:
+            headers = {**http.content_disposition(job.format), **plan.headers()}
             return await http.stream_audio(request, g, job.format, app[OFFLOAD], headers=headers)
 
 
@@ -84,11 +90,12 @@ async def job_voice(request: web.Request, job: SpeechJob) -> list:
         raise reference_error(e) from None
 
 
-async def synthesize_job(request: web.Request, job: SpeechJob, lease):
+async def synthesize_job(request: web.Request, job: SpeechJob, plan: SpeechPlan, lease):
     reference = await job_voice(request, job)
     settings = request.app[SETTINGS]
+    conversation = conversation_for(settings)
     return await synthesize(
-        Generation(request.app[TRITON], job.options, lease, settings.watermark_enabled, None, reference)
+        SpokenGeneration(request.app[TRITON], plan, lease, settings.watermark_enabled, conversation, reference)
     )
 
 
@@ -127,14 +134,14 @@ async def chunk_line(request: web.Request, options: dict, text: str, conversatio
     app = request.app
     try:
         job = with_text(options, text)
+        plan = plan_speech(job)
         with admit(request, job) as lease:
-            clip = await synthesize(Generation(app[TRITON], job, lease, app[SETTINGS].watermark_enabled, conversation))
+            watermark = app[SETTINGS].watermark_enabled
+            clip = await synthesize(SpokenGeneration(app[TRITON], plan, lease, watermark, conversation))
     except (ApiError, UpstreamError) as e:
         return json.dumps({"error": e.message, "text": text})
     except Exception:
         log.exception("POST /stream/chunks: a text failed")
         return json.dumps({"error": "Internal error while generating this text", "text": text})
-    if conversation is not None:
-        conversation.add(job.speaker_id, text, clip.audio)
     fields = {"text": text, "audio_base64": None, "sample_rate": SAMPLE_RATE}
     return await app[OFFLOAD].run(wav_message, fields, clip.audio)

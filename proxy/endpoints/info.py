@@ -44,6 +44,10 @@ ENDPOINTS = {
     "audio file (or SSE events), streamed as it is generated",
     "GET /v1/models": "OpenAI's model list: the served model and the OpenAI names it answers to",
     "GET /v1/audio/voices": "The voices: OpenAI names, presets from CSM_VOICES_DIR, speaker ids",
+    "WS /v1/text-to-speech/{voice_id}/stream-input": "ElevenLabs' input streaming: text pieces in, the server cuts "
+    "them, {audio, isFinal} out (output_format pcm_8000-pcm_48000, mp3_*; key in xi-api-key)",
+    "WS /v1/text-to-speech/{voice_id}/multi-stream-input": "The same with several contexts (context_id, "
+    "close_context): pipecat's ElevenLabsTTSService(url=...)",
 }
 
 

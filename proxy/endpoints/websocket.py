@@ -17,6 +17,7 @@ from proxy.parse.websocket import CONFIG_KEYS, StreamConfig, parse_stream_config
 from proxy.requests import check_admission
 from proxy.session import StreamSession
 from proxy.settings import Settings
+from proxy.text_session import TextStreamSession
 
 
 async def stream_ws(request: web.Request) -> web.StreamResponse:
@@ -53,7 +54,8 @@ async def stream_ws(request: web.Request) -> web.StreamResponse:
     bound_socket_buffers(request, settings)
     app[WEBSOCKETS].add(ws)
     try:
-        await StreamSession(ws, request, config).run()
+        session = TextStreamSession if config.text_stream else StreamSession
+        await session(ws, request, config).run()
     finally:
         app[WEBSOCKETS].discard(ws)
     return ws

@@ -18,7 +18,16 @@ from csm_tts import limits
 from csm_tts.parsing import shown
 from csm_tts.watermark.options import KEY_FORMAT, InvalidWatermarkOption, parse_key
 
-OPTION_NAMES = ("speaker_id", "max_audio_length_ms", "temperature", "topk", "watermark", "watermark_key", "seed")
+OPTION_NAMES = (
+    "speaker_id",
+    "max_audio_length_ms",
+    "temperature",
+    "topk",
+    "watermark",
+    "watermark_key",
+    "seed",
+    "normalize",
+)
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
@@ -105,6 +114,12 @@ def check_seed(value: object) -> int | None:
     return None if value is None else integer(value, 0, limits.MAX_SEED)
 
 
+def check_flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"must be true or false, got {shown(value)}")
+
+
 CHECKS = {
     "speaker_id": lambda v: integer(v, 0, limits.MAX_SPEAKER_ID),
     "max_audio_length_ms": lambda v: integer(v, limits.API_MIN_AUDIO_LENGTH_MS, limits.MAX_AUDIO_LENGTH_MS),
@@ -113,6 +128,7 @@ CHECKS = {
     "watermark": check_watermark,
     "watermark_key": check_watermark_key,
     "seed": check_seed,
+    "normalize": check_flag,
 }
 
 
@@ -165,6 +181,7 @@ class SamplingOptions(pydantic.BaseModel):
     watermark: Watermark = None
     watermark_key: WatermarkKey = None
     seed: Seed = None
+    normalize: Annotated[bool, checked(check_flag)] = True  # text normalised for speech (docs/text.md)
 
 
 class Options(SamplingOptions):

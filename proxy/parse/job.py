@@ -23,6 +23,7 @@ class GenerateOptions:
     watermark: bool | None = None  # None: the server default
     watermark_key: tuple[int, ...] | None = None  # None: the server key
     seed: int | None = None
+    normalize: bool = True  # the text is normalised for speech before it is split (proxy/spoken.py)
 
     def triton_parameters(self, watermark_default: bool | None = None) -> dict:
         """The gRPC request parameters for the `tts` model. `watermark_default` is sent when the request has none

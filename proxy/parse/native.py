@@ -97,7 +97,7 @@ def check_options(data: Mapping, allowed: tuple[str, ...] = OPTION_NAMES) -> tup
 # -- query strings: typed from their string spelling, then the same checks ---------------------------------------
 def query_value(name: str, raw: str) -> object:
     raw = raw.strip()
-    if name in ("watermark", "binary", "context"):
+    if name in ("watermark", "binary", "context", "normalize", "text_stream", "early_cut"):
         if raw.lower() in ("", "null", "none") and name == "watermark":
             return None
         try:

@@ -44,7 +44,7 @@ MODEL_CREATED = 1741824000  # 2025-03-13, CSM-1B's release (OpenAI's model objec
 STREAM_FORMATS = ("audio", "sse")
 MAX_INSTRUCTIONS_CHARS = 4096
 SPEECH_FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions", "stream_format")
-EXTRA_OPTIONS = ("seed", "temperature", "topk", "max_audio_length_ms", "watermark", "watermark_key")
+EXTRA_OPTIONS = ("seed", "temperature", "topk", "max_audio_length_ms", "watermark", "watermark_key", "normalize")
 # The order in which a body's problems are reported (the first one is the answer).
 ORDER = (*SPEECH_FIELDS[:3], "response_format", "stream_format", "speed", "instructions", *EXTRA_OPTIONS)
 

@@ -18,7 +18,7 @@ SAMPLE_FORMATS = ("s16le", "f32le")
 # Stream mode may also send each text chunk as one encoded file, in pieces as generated (proxy/render/encoders.py).
 ENCODED_FORMATS = tuple(name for name in RESPONSE_FORMATS if name != "pcm")
 MODES = ("message", "stream")
-CONFIG_KEYS = ("mode", "binary", "format", "context")
+CONFIG_KEYS = ("mode", "binary", "format", "context", "text_stream", "early_cut")
 CONTROL_KEYS = ("cancel", "done", "config")
 
 
@@ -32,6 +32,9 @@ class StreamConfig:
     sample_format: str = "s16le"  # stream mode: PCM (s16le, f32le) or an encoded format (mp3, opus, ...)
     context: bool = True  # voice continuity: earlier chunks of the session are context for the next
     options: dict = field(default_factory=dict)  # default generation options for the session's text chunks
+    # text streaming (query string only): messages are pieces of one text, cut by the server (proxy/text_session.py)
+    text_stream: bool = False
+    early_cut: bool = True  # text streaming: the first segment ends at the first clause, not the first sentence
 
     def public(self) -> dict:
         return {
@@ -39,6 +42,7 @@ class StreamConfig:
             "binary": self.binary,
             "format": self.sample_format,
             "context": self.context,
+            **({"text_stream": True, "early_cut": self.early_cut} if self.text_stream else {}),
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()},
         }
 
@@ -74,7 +78,7 @@ def parse_stream_config(data: object, base: StreamConfig) -> StreamConfig:
             )
         else:
             changes["sample_format"] = data["format"]
-    for name in ("binary", "context"):
+    for name in ("binary", "context", "text_stream", "early_cut"):
         if name in data:
             if not isinstance(data[name], bool):
                 errors.append({"field": name, "message": f"must be true or false, got {shown(data[name])}"})
@@ -82,6 +86,8 @@ def parse_stream_config(data: object, base: StreamConfig) -> StreamConfig:
                 changes[name] = data[name]
     values, option_errors = check_options(data)
     errors += option_errors
+    if changes.get("text_stream", base.text_stream) and changes.get("mode", base.mode) != "stream":
+        errors.append({"field": "text_stream", "message": "needs mode stream (audio leaves as it is generated)"})
     if errors:
         raise ValidationError(errors)
     return replace(base, **changes, options={**base.options, **values})

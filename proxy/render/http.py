@@ -25,6 +25,7 @@ from proxy.render.audio import AudioRenderer, play
 from proxy.render.frames import sse_audio, sse_event, usage
 from proxy.render.offload import Offload, json_with_base64
 from proxy.render.pcm import wav_bytes
+from proxy.spoken import SpokenGeneration
 from proxy.upstream.errors import UpstreamError
 
 log = logging.getLogger("proxy.render")
@@ -32,7 +33,7 @@ log = logging.getLogger("proxy.render")
 
 async def stream_audio(
     request: web.Request,
-    generation: Generation,
+    generation: Generation | SpokenGeneration,
     fmt: AudioFormat,
     offload: Offload,
     sse: bool = False,
@@ -60,8 +61,13 @@ async def stream_audio(
         await response.prepare(request)
         await play(generation, renderer, send)
         if sse:
-            done = usage(generation.options.text, renderer.samples_in, tokens_per_byte)
-            await response.write(sse_event({"type": "speech.audio.done", "usage": done}))
+            done = {
+                "type": "speech.audio.done",
+                "usage": usage(generation.options.text, renderer.samples_in, tokens_per_byte),
+            }
+            if isinstance(generation, SpokenGeneration):
+                done["segments"] = generation.report()  # what was spoken, segment by segment
+            await response.write(sse_event(done))
         await response.write_eof()
     except (UpstreamError, ApiError) as e:
         log.warning("generation failed after %d samples were sent: %s", renderer.samples_in, e)
@@ -83,11 +89,10 @@ def content_disposition(fmt: AudioFormat) -> dict:
     return {"Content-Disposition": f"attachment; filename=speech.{fmt.extension}"}
 
 
-async def wav_file(clip: Clip, offload: Offload) -> web.Response:
+async def wav_file(clip: Clip, offload: Offload, headers: dict | None = None) -> web.Response:
     body = await offload.run(wav_bytes, clip.audio)
-    return web.Response(
-        body=body, content_type="audio/wav", headers={"Content-Disposition": "attachment; filename=speech.wav"}
-    )
+    headers = {"Content-Disposition": "attachment; filename=speech.wav", **(headers or {})}
+    return web.Response(body=body, content_type="audio/wav", headers=headers)
 
 
 def _clip_json(clip: Clip, processing_time_ms: float) -> bytes:
@@ -101,7 +106,9 @@ def _clip_json(clip: Clip, processing_time_ms: float) -> bytes:
     return json_with_base64(fields, "audio_base64", wav_bytes(clip.audio))
 
 
-async def clip_json(clip: Clip, offload: Offload, processing_time_ms: float) -> web.Response:
+async def clip_json(
+    clip: Clip, offload: Offload, processing_time_ms: float, headers: dict | None = None
+) -> web.Response:
     """POST /generate's answer: up to ~6 MB of base64, built in the pool."""
     body = await offload.run(_clip_json, clip, processing_time_ms)
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(body=body, content_type="application/json", headers=headers)
