@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import wait_for as poll
 
 from csm_tts.triton.watchdog import started_at
 
@@ -15,10 +16,8 @@ def alive(pid: int) -> bool:
 
 
 def wait_for(condition, timeout_s: float = 10.0, what: str = "the condition") -> float:
-    """Seconds until `condition()` held; fails the test after `timeout_s`."""
+    """Seconds until `condition()` held; fails the test after `timeout_s` (conftest.wait_for, which only answers)."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    pytest.fail(f"{what}: not within {timeout_s:.0f} s")
+    if not poll(condition, timeout_s):
+        pytest.fail(f"{what}: not within {timeout_s:.0f} s")
+    return time.monotonic() - started
