@@ -448,8 +448,12 @@ async def test_twenty_concurrent_websocket_clients(proxy):
     results = await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(20))), 120)
     elapsed = time.monotonic() - start
     for i, wav in enumerate(results):
-        assert decode_wav(wav).size == SAMPLES_1S
-        assert wav == results[i % 2]  # same seed, same audio: no stream got another's chunks
+        audio, same_seed = decode_wav(wav).astype(np.int32), decode_wav(results[i % 2]).astype(np.int32)
+        assert audio.size == SAMPLES_1S
+        # Same seed, same codes, same audio: no stream got another's chunks. The codec decodes the streams of a round
+        # in one batch, whose float rounding (~3e-7) may flip an int16 sample by one step; another stream's audio
+        # would differ everywhere.
+        assert np.abs(audio - same_seed).max() <= 1
     assert results[0] != results[1]
     print(f"20 concurrent clients: {elapsed:.1f} s")
     await wait_idle(proxy)

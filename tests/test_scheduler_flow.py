@@ -190,7 +190,7 @@ def test_a_held_stream_ahead_of_real_time_blocks_nobody():
     assert not flow.behind(103.0 + 1.5)  # forgotten once no held stream is behind for a while
     assert not flow.held(hold, 5 * SAMPLE_RATE, None, now=104.0)  # unknown progress never holds
     assert not FlowControl(max_unwatermarked_s=None).held(hold, 10**9, 0, now=104.0)
-    assert flow.queue_wait_s(30.0, now=103.0) == flow.behind_queue_wait_s and flow.queue_wait_s(30.0, 200.0) == 30.0
+    assert flow.queue_wait_s(30.0, behind=True) == flow.behind_queue_wait_s and flow.queue_wait_s(30.0, False) == 30.0
     with pytest.raises(ValueError, match="max_unwatermarked_s"):
         FlowControl(max_unwatermarked_s=0)
     small = FlowControl(max_unwatermarked_s=0.5)
@@ -202,7 +202,8 @@ def test_an_expired_queued_job_is_refused_before_its_prompt_is_built(engine):
     slow = RecordingEngine(engine, slow_prepare_s=1.5)
     sched = scheduler_for(slow, max_active=1, max_queued=4, max_queue_wait_s=0.3, flow=FlowControl(None))
     try:
-        running = submit(sched, ProgressSink(None), text="Takes the only slot.", ms=LONG)
+        # 20 s of audio: it must hold the slot past the slow prompt and the wait (4 s ran out on a quiet box).
+        running = submit(sched, ProgressSink(None), text="Takes the only slot.", ms=20_000)
         assert running.first.wait(30)
         first = submit(sched, ProgressSink(None), text="slow prompt", ms=800)
         assert wait_for(lambda: "slow prompt" in slow.prepared)

@@ -98,8 +98,8 @@ class FlowControl:
     def behind(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) - self.behind_at < BEHIND_MEMORY_S
 
-    def queue_wait_s(self, max_queue_wait_s: float | None, now: float) -> float | None:
-        """How long a queued request may wait for a slot now."""
-        if not self.behind(now):
+    def queue_wait_s(self, max_queue_wait_s: float | None, behind: bool) -> float | None:
+        """How long a queued request may wait for a slot now (`behind`: the scheduler's view of `behind`)."""
+        if not behind:
             return max_queue_wait_s
         return min(self.behind_queue_wait_s, max_queue_wait_s or math.inf)

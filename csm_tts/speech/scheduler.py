@@ -234,10 +234,10 @@ class StreamScheduler(OutputStage):
     def _expired(self, now: float) -> list[tuple[float, Job]]:
         """Queued jobs that waited longer than they may for a slot; holding the lock. In admission order, the first
         jobs have a free slot each (they only wait for their turn, one prefill a round) and never expire."""
-        limit = self.flow.queue_wait_s(self.max_queue_wait_s, now)
+        limit = self.flow.queue_wait_s(self.max_queue_wait_s, self._behind(now))
         if limit is None:
             return []
-        slots = 0 if self.flow.behind(now) else self.max_active - len(self._active)
+        slots = 0 if self._behind(now) else self.max_active - len(self._active)
         order = [*self._ready, *([self._preparing] if self._preparing else []), *self._waiting]
         late = [j for j in order[slots:] if j is not self._preparing and now - j.queued_at > limit]
         for job in late:
@@ -247,14 +247,18 @@ class StreamScheduler(OutputStage):
     def _refuse_late(self, late: list[tuple[float, Job]]) -> None:
         for waited, job in late:
             behind, slot = f"the watermarker is behind ({self._held} streams held back)", "no stream slot became free"
-            why = behind if self.flow.behind() else f"{slot} within {waited:.1f} s ({len(self._active)} streams active)"
+            why = behind if self._behind() else f"{slot} within {waited:.1f} s ({len(self._active)} streams active)"
             message = f"{why}; retry in a moment or on another server"
             self.log(f"refusing a queued request: {message}")
             self._send_error(job, message, "UNAVAILABLE")
 
     def _admissible(self, now: float) -> bool:
         """A prepared job may start: a slot is free and the watermarker keeps up (flow_control.py)."""
-        return bool(self._ready) and len(self._active) < self.max_active and not self.flow.behind(now)
+        return bool(self._ready) and len(self._active) < self.max_active and not self._behind(now)
+
+    def _behind(self, now: float | None = None) -> bool:
+        """The watermarker is behind these streams: with none left (cancelled ones ended), a new one slows nobody."""
+        return bool(self._active) and self.flow.behind(now)
 
     # -- one job ----------------------------------------------------------------------------------------------------
     def _prepare(self, job: Job) -> None:

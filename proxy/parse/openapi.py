@@ -142,7 +142,8 @@ def openapi_document(version: str) -> dict:
         "info": {
             "title": "CSM-1B streaming text-to-speech",
             "version": version,
-            "description": "The native API and OpenAI's speech API (docs/api.md). WS /stream is described there.",
+            "description": "The native API and OpenAI's speech API (docs/api.md). The WebSockets (WS /stream, "
+            "ElevenLabs' stream-input) are described there and in docs/elevenlabs.md.",
         },
         "components": {
             "schemas": {
