@@ -4,8 +4,9 @@ proxy/parse/websocket.py; audio is rendered and framed by proxy/render/).
 The reader (`async for msg in ws`) parses and queues; the worker handles the queue in order, one text chunk at a
 time, so every client message gets its reply in order, and a client that hangs up is noticed at once (its Triton
 stream is cancelled) even while a chunk is being generated. A cancel is answered by the reader itself, at once: it
-never waits for the cancelled generation to unwind, so the reply leaves before a close that follows is read. Each text is admitted on its own (proxy/admission.py)
-before its context is built: a key's limits and the drain apply per text.
+never waits for the cancelled generation to unwind, so the reply leaves before a close that follows is read.
+Each text is admitted on its own (proxy/admission.py) before its context is built: a key's limits and the drain
+apply per text.
 
 Flow control: the queue holds at most `ws_max_pending` text chunks (more are refused with an error); each audio
 message is written before the next Triton response is read, so a slow reader slows its own stream instead of
