@@ -1,10 +1,12 @@
 """One WS /stream session: its message queue and the two tasks that serve it (the socket's protocol is parsed by
 proxy/parse/websocket.py; audio is rendered and framed by proxy/render/).
 
-The reader (`async for msg in ws`) only parses and queues; the worker handles the queue in order, one text chunk at
-a time, so every client message gets its reply in order, and a client that hangs up is noticed at once (its Triton
-stream is cancelled) even while a chunk is being generated. Each text is admitted on its own (proxy/admission.py)
-before its context is built: a key's limits and the drain apply per text.
+The reader (`async for msg in ws`) parses and queues; the worker handles the queue in order, one text chunk at a
+time, so every client message gets its reply in order, and a client that hangs up is noticed at once (its Triton
+stream is cancelled) even while a chunk is being generated. A cancel is answered by the reader itself, at once: it
+never waits for the cancelled generation to unwind, so the reply leaves before a close that follows is read.
+Each text is admitted on its own (proxy/admission.py) before its context is built: a key's limits and the drain
+apply per text.
 
 Flow control: the queue holds at most `ws_max_pending` text chunks (more are refused with an error); each audio
 message is written before the next Triton response is read, so a slow reader slows its own stream instead of
@@ -71,14 +73,16 @@ class StreamSession:
         worker = asyncio.create_task(self.work(), name="ws-worker")
         try:
             await asyncio.wait({reader, worker}, return_when=asyncio.FIRST_COMPLETED)
-            if worker.done() and not worker.cancelled():
-                error = worker.exception()
-                if error is None:  # {"done": true}: everything answered
+            # The reader also sends (the cancelled reply, refusals): a slow client may stop either task.
+            ended = worker if worker.done() else reader
+            if not ended.cancelled():
+                error = ended.exception()
+                if error is None and ended is worker:  # {"done": true}: everything answered
                     await self.close(WSCloseCode.OK, b"")
                 elif isinstance(error, SlowClient):
                     log.warning("closing a WebSocket whose client accepts no data: %s", error)
                     await self.close(WSCloseCode.POLICY_VIOLATION, str(error).encode()[:120])
-                elif not isinstance(error, ClientGone):
+                elif error is not None and not isinstance(error, ClientGone):
                     log.error("WebSocket session failed", exc_info=error)
                     await self.close(WSCloseCode.INTERNAL_ERROR, b"internal error")
         finally:
@@ -151,6 +155,10 @@ class StreamSession:
             await self.queue.put(item)
 
     async def cancel_all(self) -> None:
+        """Answered by the reader itself, before it reads the next message: a client that sends cancel, done and
+        then closes at once (the demo's Stop) gets its reply before the close is read (aiohttp answers a close
+        frame at once, and nothing can be sent after it). The cancelled generation unwinds (its Triton stream is
+        cancelled) meanwhile; it sends nothing more. Replies still queued answer earlier messages: sent first."""
         kept, dropped = [], 0
         while not self.queue.empty():
             item = self.queue.get_nowait()
@@ -163,34 +171,38 @@ class StreamSession:
             self.current.cancel()
             dropped += 1
         for item in kept:
-            self.queue.put_nowait(item)
-        self.queue.put_nowait(("cancelled", dropped))
+            await self.handle(item)
+        await self.send_reply({"status": "cancelled", "dropped": dropped}, kind="cancelled")
 
     async def work(self) -> None:
         while True:
-            kind, payload = await self.queue.get()
-            if kind == "error":
-                await self.send_reply(payload)
-            elif kind == "cancelled":
-                await self.send_reply({"status": "cancelled", "dropped": payload}, kind="cancelled")
-            elif kind == "done":
+            kind, payload = item = await self.queue.get()
+            if kind == "done":
                 await self.send_reply({"status": "closed"}, kind="closed")
                 return
-            elif kind == "config":
-                try:
-                    self.config = parse_stream_config(payload, self.config)
-                except ApiError as e:
-                    await self.send_reply({"error": e.message})
-                else:
-                    await self.send_reply(
-                        {"status": "configured", "config": self.config.public(), "sample_rate": SAMPLE_RATE},
-                        kind="config",
-                    )
-            elif kind == "text":
+            if kind == "text":
                 try:
                     await self.run_text(payload)
                 finally:
                     self.pending_texts -= 1
+            else:
+                await self.handle(item)
+
+    async def handle(self, item) -> None:
+        """A queued reply that generates nothing (an error, a config)."""
+        kind, payload = item
+        if kind == "error":
+            await self.send_reply(payload)
+        elif kind == "config":
+            try:
+                self.config = parse_stream_config(payload, self.config)
+            except ApiError as e:
+                await self.send_reply({"error": e.message})
+            else:
+                await self.send_reply(
+                    {"status": "configured", "config": self.config.public(), "sample_rate": SAMPLE_RATE},
+                    kind="config",
+                )
 
     async def run_text(self, data: dict) -> None:
         if is_blank(data):

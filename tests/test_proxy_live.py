@@ -369,11 +369,88 @@ async def test_http_disconnect_cancels_the_triton_stream(proxy, triton_server):
     await wait_idle(proxy)
 
 
-def masked_text_frame(payload: bytes) -> bytes:
+def masked_frame(opcode: int, payload: bytes) -> bytes:
+    """One client frame (FIN set, masked), as a browser sends it: opcode 1 text, 8 close."""
     mask = os.urandom(4)
     length = len(payload)
-    header = bytes([0x81, 0x80 | length]) if length < 126 else bytes([0x81, 0x80 | 126]) + struct.pack(">H", length)
+    first = 0x80 | opcode
+    header = bytes([first, 0x80 | length]) if length < 126 else bytes([first, 0x80 | 126]) + struct.pack(">H", length)
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    return masked_frame(0x1, payload)
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each unmasked, unfragmented frame the proxy sent (the last one may be cut short)."""
+    frames, i = [], 0
+    while i + 2 <= len(data):
+        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            length, i = struct.unpack(">H", data[i : i + 2])[0], i + 2
+        elif length == 127:
+            length, i = struct.unpack(">Q", data[i : i + 8])[0], i + 8
+        frames.append((opcode, data[i : i + length]))
+        i += length
+    return frames
+
+
+async def raw_websocket(port: int, query: str, rcvbuf: int | None = None) -> socket.socket:
+    """A WebSocket client on a bare socket (its frames are written as given, several in one write if asked)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(
+        sock,
+        (
+            f"GET /stream?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode(),
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await loop.sock_recv(sock, 1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def test_cancel_done_and_close_at_once_get_the_cancelled_reply(proxy, triton_server):
+    """The demo's Stop: cancel, done and the close frame in ONE write while a chunk is generated. The proxy reads the
+    three back to back, and aiohttp answers a close frame at once (nothing can be sent after it), so the cancelled
+    reply must leave while the cancel is read, not once the cancelled generation has unwound. Triton stops."""
+    loop = asyncio.get_running_loop()
+    sock = await raw_websocket(proxy.runner.addresses[0][1], "mode=stream&binary=true&format=f32le")
+    try:
+        before = len(cancellations(triton_server))
+        request = {"text": "A long answer that will be interrupted.", "max_audio_length_ms": 8000}
+        await loop.sock_sendall(sock, masked_text_frame(json.dumps(request).encode()))
+        received = b""
+        while sum(opcode == 0x2 for opcode, _ in server_frames(received)) < 2:  # generating: audio is coming
+            received += await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 30)
+        stop = [masked_text_frame(b'{"cancel": true}'), masked_text_frame(b'{"done": true}')]
+        await loop.sock_sendall(sock, b"".join(stop) + masked_frame(0x8, struct.pack(">H", 1000)))
+        try:
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    finally:
+        sock.close()
+    frames = server_frames(received)
+    texts = [(n, json.loads(payload)) for n, (opcode, payload) in enumerate(frames) if opcode == 0x1]
+    assert texts and texts[0][1]["type"] == "cancelled" and texts[0][1]["dropped"] == 1, texts
+    after = [opcode for opcode, _ in frames[texts[0][0] + 1 :]]
+    assert 0x2 not in after, after  # the cancelled chunk sends no more audio
+    assert frames[-1][0] == 0x8  # the proxy's close frame ends the session
+    assert_generation_stopped(await wait_for_cancellation(triton_server, before), 8000 // 80)
+    await wait_idle(proxy)
 
 
 async def test_slow_reader_is_bounded_then_disconnected(triton_server, caplog):
@@ -390,26 +467,10 @@ async def test_slow_reader_is_bounded_then_disconnected(triton_server, caplog):
         triton_model="csm_1b",
     )
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # A raw WebSocket client with a small receive window that never reads after the handshake.
+    sock = await raw_websocket(slow_proxy.runner.addresses[0][1], "mode=stream&binary=true&format=f32le", 4096)
     try:
         before = len(cancellations(triton_server))
-        # A raw WebSocket client with a small receive window that never reads after the handshake.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", slow_proxy.runner.addresses[0][1]))
-        key = base64.b64encode(os.urandom(16)).decode()
-        await loop.sock_sendall(
-            sock,
-            (
-                "GET /stream?mode=stream&binary=true&format=f32le HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode(),
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += await loop.sock_recv(sock, 1)
-        assert head.startswith(b"HTTP/1.1 101")
         request = {"text": "Nobody reads this.", "max_audio_length_ms": 10_000}
         await loop.sock_sendall(sock, masked_text_frame(json.dumps(request).encode()))
         # The proxy's send waits on the client (it reads no more of the Triton stream meanwhile), then it gives up.
