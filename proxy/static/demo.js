@@ -438,6 +438,12 @@ class Session {
     if (this.ended) return;
     this.ended = true;
     this.endedAt = performance.now();
+    if (this.stopped && this.ws && this.ws.readyState === WebSocket.OPEN) {
+      // After Stop the server answers the cancel and the done, then closes: wait for that (1 s at most), so that its
+      // replies are read rather than dropped by a close of our own.
+      const closed = new Promise((resolve) => this.ws.addEventListener("close", resolve, { once: true }));
+      await Promise.race([closed, new Promise((resolve) => setTimeout(resolve, 1000))]);
+    }
     if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.close(); // usually the server has closed it
     if (this.player.tap) await this.player.tap.flush();
     await this.context.close();
