@@ -63,7 +63,7 @@ def triton_streams(server) -> dict[str, float]:
     """csm_1b's streams by state, summed over instances, from Triton's metrics port."""
     with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
         parsed = samples(response.read().decode())
-    totals = {"active": 0.0, "queued": 0.0}
+    totals = {"active": 0.0, "queued": 0.0, "held": 0.0}  # held: streams waiting for the watermarker
     for (name, labels), v in parsed.items():
         labels = dict(labels)
         if name == "csm_tts_streams" and labels.get("model") == "csm_1b":

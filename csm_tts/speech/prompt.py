@@ -10,7 +10,7 @@ import torch
 
 from csm_tts import FRAME_MS, SAMPLES_PER_FRAME
 from csm_tts.speech.length_rule import default_audio_length_ms
-from csm_tts.speech.request import GenerationRequest, InvalidRequest, Limits, validate_request
+from csm_tts.speech.request import ContextTooLong, GenerationRequest, Limits, validate_request
 from csm_tts.speech.stream import Prompt
 
 
@@ -42,14 +42,14 @@ class PromptBuilder:
         if request.max_audio_length_ms is not None:
             frames = request.max_audio_length_ms // FRAME_MS
             if frames > room:
-                raise InvalidRequest(
+                raise ContextTooLong(
                     f"the prompt {takes} (text and context) and max_audio_length_ms "
                     f"{request.max_audio_length_ms} needs {frames} more; the model's context holds "
                     f"{self.max_positions}: shorten the text or context, or lower max_audio_length_ms"
                 )
             return frames
         if room < 1:
-            raise InvalidRequest(
+            raise ContextTooLong(
                 f"the prompt {takes} (text and context); the model's context holds "
                 f"{self.max_positions}, leaving no room for audio: shorten the text or context"
             )
