@@ -11,9 +11,9 @@ can be in flight on one instance. Like vLLM's engine core, stepping is split fro
 - the *output stage* checks each handed-over stream for cancellation (once per chunk, not every frame), decodes the
   due chunks of a round in one `engine.take_chunks` call, sends them in order and retires ended streams.
 
-Admission is bounded: a full queue is refused (`ServerFull`, retry-able); a queued request that finds no slot within
-`max_queue_wait_s` (shorter while the watermarker is behind) is refused with UNAVAILABLE, before its prompt is built
-if it is not built yet. Streams that end give their slot back; a request cancelled while queued is never prefilled.
+Admission is bounded: a full queue is refused (`ServerFull`); a queued request with no slot within `max_queue_wait_s`
+(shorter while the watermarker is behind) gets UNAVAILABLE, before its prompt is built where it is not built yet. A
+request cancelled while queued is never prefilled.
 
 Failures stay where they happen. A sink that raises (the client went away, a broken response sender) fails its own
 stream; a batched step or decode that raises fails its streams; the others go on and the next request is served.
@@ -21,8 +21,7 @@ When the engine itself is broken (a probe computation on its device fails after 
 scheduler's own code fails), every stream fails at once with INTERNAL, `submit` refuses new requests with
 `EngineBroken`, and `broken` says why (the adapter reports it and can take the server down for a restart).
 
-An `observer` (csm_tts/triton/metrics.py) hears the streams active, queued and held, and each stage's time (frame
-step, codec decode, send, holds); a failing observer is logged, never fatal.
+An `observer` (csm_tts/triton/metrics.py) hears streams active/queued/held and each stage's time; never fatal.
 """
 
 from __future__ import annotations
@@ -253,11 +252,9 @@ class StreamScheduler(OutputStage):
             self._send_error(job, message, "UNAVAILABLE")
 
     def _admissible(self, now: float) -> bool:
-        """A prepared job may start: a slot is free and the watermarker keeps up (flow_control.py)."""
-        return bool(self._ready) and len(self._active) < self.max_active and not self._behind(now)
+        return bool(self._ready) and len(self._active) < self.max_active and not self._behind(now)  # flow_control.py
 
-    def _behind(self, now: float | None = None) -> bool:
-        """The watermarker is behind these streams: with none left (cancelled ones ended), a new one slows nobody."""
+    def _behind(self, now: float | None = None) -> bool:  # no stream left (cancelled ones ended): nobody waits
         return bool(self._active) and self.flow.behind(now)
 
     # -- one job ----------------------------------------------------------------------------------------------------
