@@ -12,8 +12,7 @@ can be in flight on one instance. Like vLLM's engine core, stepping is split fro
   due chunks of a round in one `engine.take_chunks` call, sends them in order and retires ended streams.
 
 Admission is bounded: a full queue is refused (`ServerFull`); a queued request with no slot within `max_queue_wait_s`
-(shorter while the watermarker is behind) gets UNAVAILABLE, before its prompt is built where it is not built yet. A
-request cancelled while queued is never prefilled.
+(shorter while the watermarker is behind) gets UNAVAILABLE, before its prompt is built where it is not built yet.
 
 Failures stay where they happen. A sink that raises (the client went away, a broken response sender) fails its own
 stream; a batched step or decode that raises fails its streams; the others go on and the next request is served.
