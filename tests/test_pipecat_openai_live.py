@@ -63,5 +63,8 @@ async def test_openai_tts_service(proxy):
         await asyncio.sleep(3)
         await task.queue_frame(EndFrame())
 
-    await asyncio.wait_for(asyncio.gather(PipelineRunner(handle_sigint=False).run(task), speak()), 120)
+    try:
+        await asyncio.wait_for(asyncio.gather(PipelineRunner(handle_sigint=False).run(task), speak()), 120)
+    finally:
+        await tts._client.close()  # pipecat never closes its AsyncOpenAI client: its pooled socket would leak
     assert len(collect.audio) >= 2 * 24000
