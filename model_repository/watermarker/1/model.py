@@ -13,6 +13,7 @@ from csm_tts import SAMPLE_RATE
 from csm_tts.triton.cancellation import report_progress, stop_stream
 from csm_tts.triton.config import ConfigError, config_parameter, float_parameter, int_parameter
 from csm_tts.triton.errors import coded, error_response
+from csm_tts.triton.memory import return_free_memory
 from csm_tts.triton.metrics import WatermarkMetrics, instance_labels
 from csm_tts.triton.request_id import loggable_request_id
 from csm_tts.triton.watchdog import watch_server
@@ -163,12 +164,17 @@ class TritonPythonModel:
 
     # -- the batching thread -------------------------------------------------------------------------------------------
     def _batch_loop(self):
+        worked = False
         while True:
             step = self.queue.next_pass(timeout=0.5)
             if step is None:
                 if self._stop.is_set():
                     return
+                if worked:  # idle for 0.5 s after work: what a burst freed goes back to the system
+                    return_free_memory()
+                    worked = False
                 continue
+            worked = True
             try:
                 self._run_pass(step)
             except Exception as e:  # never let the thread die: every chunk of the pass has been answered below
