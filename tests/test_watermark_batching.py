@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +260,25 @@ def test_bench_watermark_script_prints_equal_outputs_and_the_first_message_table
     for r in first.values():  # the hold-back adds up (each part rounded to a 24 kHz sample)
         assert abs(r["first_message"] + r["up_resampler"] + r["stft"] + r["down_resampler"] - r["input"]) <= 2
     assert "first chunk -> first message" in capsys.readouterr().out
+
+
+def test_a_new_streams_first_chunk_goes_before_audio_its_listeners_have_in_hand():
+    """Playback deadlines: a stream's first chunk is due at once; a running stream's next chunk when its listener
+    reaches it. So a joining stream does not wait behind the running streams' queued audio."""
+    q = new_queue(max_streams_per_pass=1)
+    for i in range(3):
+        q.put(queued("running", i))
+    assert [c.stream_id for c in q.next_pass(timeout=0).batch] == ["running"]  # its first chunk: due now
+    q.put(queued("joining", 0))
+    taken = [q.next_pass(timeout=0).batch[0] for _ in range(3)]
+    assert [(c.stream_id, c.progress // FRAME - 1) for c in taken] == [("joining", 0), ("running", 1), ("running", 2)]
+
+
+def test_a_stream_behind_real_time_goes_before_a_new_one():
+    q = new_queue(max_streams_per_pass=1)
+    late = QueuedChunk("late", FRAME, 51 * FRAME, False, Request(False), arrived=time.monotonic() - 10.0)
+    q.put(QueuedChunk("late", FRAME, FRAME, False, Request(False), arrived=time.monotonic() - 10.0))
+    assert q.next_pass(timeout=0).batch[0].stream_id == "late"  # started 10 s ago
+    q.put(queued("new", 0))
+    q.put(late)  # 4 s of audio delivered in 10 s: its listener has been waiting for 6 s
+    assert [q.next_pass(timeout=0).batch[0].stream_id for _ in range(2)] == ["late", "new"]

@@ -1,12 +1,16 @@
 """The watermarker's queue of chunks: what its batching thread takes for each pass, and what it drops.
 
 The Triton `watermarker` is decoupled: `execute` only queues each chunk (`ChunkQueue.put`) and returns; one thread
-takes passes (`next_pass`): at most one chunk per stream, oldest first and in each stream's order, for one batched
-network pass (`WatermarkStreams.process_batch`). Before each pass every queued chunk's request is asked whether it
-was cancelled; a stream with a cancelled chunk, or one stopped by the adapter (`stop`, after a failure), loses every
-chunk it has queued, however long the queue: they come back as `dropped`, to be answered without being watermarked.
-Triton 2.51 marks only the ensemble requests scheduled after a client's cancel as cancelled, so a stream's older
-queued chunks learn of it from its newest one.
+takes passes (`next_pass`): at most one chunk per stream, in each stream's order, for one batched network pass
+(`WatermarkStreams.process_batch`). When more streams wait than a pass takes, the chunks whose listeners need them
+soonest go first: a chunk's playback deadline is when its stream's first chunk arrived plus the audio before it
+(`progress - samples`). A new stream's first chunk is due at once, so it does not queue behind seconds of audio of
+streams whose listeners have some in hand; a stream that fell behind real time is due before both.
+
+Before each pass every queued chunk's request is asked whether it was cancelled; a stream with a cancelled chunk, or one
+stopped by the adapter (`stop`, after a failure), loses every chunk it has queued, however long the queue: they come
+back as `dropped`, to be answered without being watermarked. Triton 2.51 marks only the ensemble requests scheduled
+after a client's cancel as cancelled, so a stream's older queued chunks learn of it from its newest one.
 
 `request` is opaque here (the adapter's Triton request); `is_cancelled` is the adapter's question about it. Plain
 Python, no Triton: tests/test_watermark_batching.py drives it directly.
@@ -19,6 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from csm_tts import SAMPLE_RATE
 
 
 @dataclass
@@ -48,6 +54,7 @@ class ChunkQueue:
         self.max_streams_per_pass = max_streams_per_pass
         self._queue: list[QueuedChunk] = []
         self._stopped: dict[str, None] = {}  # insertion-ordered and bounded: recently stopped streams
+        self._started: dict[str, float] = {}  # stream -> when its first chunk arrived (bounded like _stopped)
         self._samples = 0
         self._closed = False
         self._changed = threading.Condition()
@@ -58,6 +65,9 @@ class ChunkQueue:
                 raise RuntimeError("the watermarker is shutting down")
             self._queue.append(chunk)
             self._samples += chunk.samples
+            if chunk.stream_id not in self._started:
+                self._started[chunk.stream_id] = chunk.arrived
+                _bound(self._started, self.REMEMBER_STOPPED)
             self._changed.notify()
 
     def stop(self, stream_id: str) -> None:
@@ -95,12 +105,15 @@ class ChunkQueue:
             for chunk in dropped:
                 if chunk.is_last:  # nothing follows a stream's last chunk
                     self._stopped.pop(chunk.stream_id, None)
-            batch: list[QueuedChunk] = []
-            taken = {c.stream_id for c in dropped}
+            stopped = {c.stream_id for c in dropped}
+            heads: dict[str, QueuedChunk] = {}  # each stream's oldest chunk: later ones wait for it
             for chunk in self._queue:
-                if chunk.stream_id not in taken and len(batch) < self.max_streams_per_pass:
-                    batch.append(chunk)
-                taken.add(chunk.stream_id)  # later chunks of a stream wait for its earlier ones
+                if chunk.stream_id not in stopped:
+                    heads.setdefault(chunk.stream_id, chunk)
+            batch = sorted(heads.values(), key=self._deadline)[: self.max_streams_per_pass]
+            for chunk in (*dropped, *batch):
+                if chunk.is_last:
+                    self._started.pop(chunk.stream_id, None)
             gone = {id(c) for c in (*dropped, *batch)}
             self._queue = [c for c in self._queue if id(c) not in gone]
             self._samples = sum(c.samples for c in self._queue)
@@ -120,8 +133,17 @@ class ChunkQueue:
         except Exception:  # a question that fails says nothing: keep the chunk
             return False
 
+    def _deadline(self, chunk: QueuedChunk) -> float:
+        """When the stream's listener reaches this chunk, had every earlier one been answered on arrival."""
+        return self._started.get(chunk.stream_id, chunk.arrived) + (chunk.progress - chunk.samples) / SAMPLE_RATE
+
     def _remember(self, stream_id: str) -> None:
         self._stopped.pop(stream_id, None)
         self._stopped[stream_id] = None
-        while len(self._stopped) > self.REMEMBER_STOPPED:
-            del self._stopped[next(iter(self._stopped))]
+        _bound(self._stopped, self.REMEMBER_STOPPED)
+
+
+def _bound(remembered: dict, size: int) -> None:
+    """Forget the oldest entries of an insertion-ordered dict beyond `size` (streams that never sent a last chunk)."""
+    while len(remembered) > size:
+        del remembered[next(iter(remembered))]
