@@ -98,6 +98,13 @@ class ProxyMetrics:
             ["state"],
             registry=registry,
         )
+        self.behind = Gauge(
+            "csm_proxy_triton_stage_behind",
+            "Serving Triton replicas where a stage does not keep up (stage=watermarker: csm_1b starts no new stream "
+            "there), at their last health check",
+            ["stage"],
+            registry=registry,
+        )
         self.draining = Gauge("csm_proxy_draining", "1 while the proxy drains before it stops", registry=registry)
         for reason in (
             "full",
@@ -117,6 +124,7 @@ class ProxyMetrics:
         self.active_websockets.set(websockets)
         self.replicas.labels("known").set(len(pool.replicas))
         self.replicas.labels("serving").set(len(pool.healthy()))
+        self.behind.labels("watermarker").set(len(pool.behind().get("watermarker", ())))
         return generate_latest(self.registry)
 
 

@@ -31,6 +31,7 @@ class Settings:
     health_interval_s: float = 2.0  # background health check of every replica
     health_timeout_s: float = 0.5  # per health RPC; bounds how long "Triton is down" takes to notice
     stream_idle_timeout_s: float = 60.0  # longest wait for the next response of a Triton stream
+    triton_metrics_port: int | None = 8002  # each replica's metrics port: /health shows a stage that is behind
     # HTTP and WebSocket limits.
     max_body_bytes: int = 1 << 20
     max_connections: int = 1024  # open client connections (beyond: 503 and closed; proxy/connections.py)
@@ -147,6 +148,10 @@ def _port(raw: str) -> int:
     return value
 
 
+def _port_or_off(raw: str) -> int | None:
+    return None if raw.lower() == "off" else _port(raw)
+
+
 def _bool(raw: str) -> bool:
     return parse_bool(raw, "the value")
 
@@ -205,6 +210,7 @@ _VARIABLES = [
     ("TRITON_HEALTH_INTERVAL_S", "health_interval_s", _positive_float),
     ("TRITON_HEALTH_TIMEOUT_S", "health_timeout_s", _positive_float),
     ("TRITON_STREAM_IDLE_TIMEOUT_S", "stream_idle_timeout_s", _positive_float),
+    ("TRITON_METRICS_PORT", "triton_metrics_port", _port_or_off),
     ("PROXY_MAX_BODY_BYTES", "max_body_bytes", _positive_int),
     ("PROXY_MAX_CONNECTIONS", "max_connections", _positive_int),
     ("PROXY_HEADER_TIMEOUT_S", "header_timeout_s", _positive_float),

@@ -51,6 +51,7 @@ def main() -> int:
         proxy_env = {
             **env,
             "TRITON_GRPC_URLS": env.get("TRITON_GRPC_URLS", server.grpc_url),
+            "TRITON_METRICS_PORT": str(server.metrics_port),
             "PROXY_HOST": env.get("PROXY_HOST", "127.0.0.1"),
             "PROXY_PORT": env.get("PROXY_PORT", "8000"),
         }

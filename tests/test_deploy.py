@@ -257,7 +257,12 @@ def test_triton_image():
     assert re.fullmatch(r"TRITON_IMAGE=nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", base), base
     assert ("FROM", "${TRITON_IMAGE}") in steps
     render_step = next(args for keyword, args in steps if keyword == "RUN" and "render_model_repository.py" in args)
-    words = shlex.split(render_step)
+    # The profile as it is, but for the ensemble's bound, set only when the build arg is given (Triton 25.11+).
+    optional = '${ENSEMBLE_MAX_INFLIGHT_REQUESTS:+--set "ensemble_max_inflight=max_inflight_requests: '
+    optional += '${ENSEMBLE_MAX_INFLIGHT_REQUESTS}"}'
+    assert render_step.endswith(optional), render_step
+    assert ("ARG", "ENSEMBLE_MAX_INFLIGHT_REQUESTS=") in steps
+    words = shlex.split(render_step.removesuffix(optional))
     assert words[words.index("--profile") + 1] == "gpu" and "--set" not in words
     out = words[words.index("--out") + 1]
     cmd = json.loads(next(args for keyword, args in steps if keyword == "CMD"))
@@ -746,14 +751,15 @@ def test_gpu_and_cpu_repositories_differ_only_where_the_profiles_say(tmp_path):
     assert configs, "model_repository/ has no config.pbtxt"
     differing_keys = {k for k in PROFILES["cpu"] if PROFILES["cpu"][k] != PROFILES["gpu"][k]}
     differing_keys |= {k for k in DEFAULT_PATHS["cpu"] if DEFAULT_PATHS["cpu"][k] != DEFAULT_PATHS["gpu"][k]}
-    # What may differ: the instance kind (and count), the stream capacity, the watermarker's pinned instance and the
-    # checkpoint paths, nothing else.
+    # What may differ: the instance kind (and count), the stream capacity, the watermarker's pinned instance and its
+    # streams per pass, and the checkpoint paths, nothing else.
     assert differing_keys <= {
         "instance_kind",
         "csm_instance_count",
         "max_active_streams",
         "max_queue_wait_ms",
         "watermark_instance_group",
+        "watermark_streams_per_pass",
         "csm_model_dir",
         "watermark_model_dir",
     }

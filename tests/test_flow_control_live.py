@@ -4,13 +4,18 @@ test's own: 4x the stack's capacity of long requests, then every client gone aft
 - every request was either streaming (first audio) or refused with 503 + Retry-After within 2 s: no 504 after 60 s;
 - within 10 s of the clients leaving, nothing is generating or queued at either model (Triton's metrics, and no
   csm_1b stream left: every cancellation marker is gone);
-- the next 1 s request is served at its usual speed (measured before the burst, same server).
+- the next 1 s request is served at its usual speed (measured before the burst, same server);
+- the watermarker's resident memory is back within 20% of what it was before the burst;
+- while the watermarker is behind, the proxy's /health says so (status degraded, "behind": watermarker), and says
+  "ok" again once the clients have gone.
 
 What each part relies on: refusing at once is csm_1b's admission (no new stream, and a 0.5 s queue wait, while the
 watermarker is behind; the CPU profile's own queue wait is 30 s). Streaming within 2 s, and stopping within seconds,
 need csm_1b to hold streams back on the watermarker's progress reports (flow_control.py), so that little waits at the
-watermarker: a late stream's first chunk does not queue behind seconds of other streams' audio, and a client's
-cancellation (which csm_1b learns only when the watermarker reaches that stream's next chunk) is reached soon.
+watermarker, and the watermarker to take chunks by playback deadline (csm_tts/watermark/batching.py): a late stream's
+first chunk does not queue behind seconds of other streams' audio, and a client's cancellation (which csm_1b learns
+only when the watermarker reaches that stream's next chunk) is reached soon. The memory comes back because the
+watermarker hands freed heap memory back to the system once idle (csm_tts/triton/memory.py).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from conftest import WATERMARK_IDLE_TIMEOUT_S
 from live_proxy import start_proxy
 from test_hardening_live import start_server
 
-from csm_tts.tooling.local_triton import TritonServer
+from csm_tts.tooling.local_triton import TritonServer, free_port
 from csm_tts.tooling.model_repository import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,12 +40,14 @@ pytestmark = pytest.mark.live
 CAPACITY = int(PROFILES["cpu"]["max_active_streams"])
 BURST = 4 * CAPACITY
 ANSWER_S = 2.0  # refused within this (the issue's bound)
-# The issue asks for first audio within 2 s too; on this 2-core box the last of 8 streams joining at once (one prefill
-# a round, 8-stream frame steps, the watermarker on the same cores) got its first audio at 3.9-4.5 s: stated here.
-FIRST_AUDIO_S = 4.0
-SLACK_S = 2.0  # a loaded shared 2-core machine: the stated slack on top (first audio came at 3.9 s at load 5)
+# First audio within 2 s too. On a quiet 2-core box the last of 8 streams joining at once got it at 1.35-1.55 s (it
+# was 2.7-2.8 s before the watermarker served chunks by playback deadline, one stream per pass on a CPU).
+FIRST_AUDIO_S = 2.0
+SLACK_S = 2.0  # a loaded shared 2-core machine: the stated slack on top
 CLIENTS_LEAVE_S = 3.0
 IDLE_WITHIN_S = 10.0
+MEMORY_BACK_WITHIN = 0.20  # the watermarker's resident memory after the burst, relative to before it
+IDLE_TRIM_S = 1.5  # the watermarker gives freed memory back after 0.5 s without work
 TEXT = "A long story that nobody will hear to its end, told again and again for a whole minute."
 
 
@@ -122,6 +129,20 @@ async def one_request(session, url: str, ms: int, seed: int, stay_s: float | Non
     return result
 
 
+def resident_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
+async def watch_health(session, url: str, seen: list[dict], stop: asyncio.Event) -> None:
+    """GET /health every 0.2 s until `stop`; every answer's status and what it says is behind."""
+    while not stop.is_set():
+        async with session.get(url + "/health") as response:
+            body = await response.json()
+            seen.append({"code": response.status, "status": body["status"], "behind": body.get("behind")})
+        await asyncio.sleep(0.2)
+
+
 async def wait_idle(server: TritonServer, timeout: float) -> tuple[float, dict]:
     started = time.monotonic()
     while (left := busy(server)) and time.monotonic() - started < timeout:
@@ -131,19 +152,30 @@ async def wait_idle(server: TritonServer, timeout: float) -> tuple[float, dict]:
 
 async def test_a_burst_is_answered_at_once_and_leaves_nothing_behind(server):
     """Every part is checked and reported before the test fails, so that one run shows which of them hold."""
-    proxy = await start_proxy(server.grpc_url)
+    proxy = await start_proxy(server.grpc_url, triton_metrics_port=server.metrics_port, health_interval_s=0.5)
     problems = []
+    watermarker = server.model_stub("watermarker")
+    assert watermarker is not None, server.model_processes()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
             usual = await one_request(session, proxy.http, 1000, 0, None)
             assert usual["status"] == 200 and usual["audio"] == 2 * 12 * 1920, usual  # 1000 ms: 12 frames, 16 bit
+            await asyncio.sleep(
+                IDLE_TRIM_S
+            )  # the watermarker returns freed memory once idle (csm_tts/triton/memory.py)
+            memory_before = resident_mb(watermarker)
+            health, stop = [], asyncio.Event()
+            watcher = asyncio.create_task(watch_health(session, proxy.http, health, stop))
             burst = await asyncio.gather(
                 *(one_request(session, proxy.http, 60_000, i, CLIENTS_LEAVE_S) for i in range(BURST))
             )
             left_at = time.monotonic()
             statuses = sorted(str(r["status"]) for r in burst)
             print(f"burst of {BURST}: statuses {statuses}; usual 1 s request {usual['total_s']:.2f} s")
-            print("answered in s:", sorted(round(r["answered_s"] or -1, 2) for r in burst))
+            for status in (200, 503):
+                print(
+                    f"{status} in s:", sorted(round(r["answered_s"] or -1, 2) for r in burst if r["status"] == status)
+                )
             if not all(r["status"] in (200, 503) for r in burst):
                 problems.append(f"a request was neither served nor refused with 503 (a 504?): {statuses}")
             if not all(r["retry_after"] for r in burst if r["status"] == 503):
@@ -157,6 +189,17 @@ async def test_a_burst_is_answered_at_once_and_leaves_nothing_behind(server):
                     problems.append(f"{len(late)} requests {kind} later than {within} s (+{SLACK_S} s): {late}")
             waited, left = await wait_idle(server, IDLE_WITHIN_S)
             print(f"idle {time.monotonic() - left_at:.1f} s after the clients left; still busy: {left}")
+            await asyncio.sleep(1.5)  # csm_1b forgets "behind" 1 s after its last sign; then one more health check
+            stop.set()
+            await watcher
+            degraded = [h for h in health if h["status"] == "degraded"]
+            print(f"/health during the burst: {len(degraded)} of {len(health)} answers degraded; last {health[-1]}")
+            if not degraded or any(
+                h["code"] != 200 or h["behind"] != {"watermarker": [server.grpc_url]} for h in degraded
+            ):
+                problems.append(f"/health never said the watermarker was behind, or said it wrongly: {health}")
+            if health[-1] != {"code": 200, "status": "ok", "behind": {}}:
+                problems.append(f"/health after the burst: {health[-1]}")
             if left:
                 problems.append(f"still busy {IDLE_WITHIN_S} s after the clients left: {left}")
                 await wait_idle(server, 120)  # the next request then measures the stack, not the backlog
@@ -166,9 +209,27 @@ async def test_a_burst_is_answered_at_once_and_leaves_nothing_behind(server):
                 problems.append(f"the next request failed: {after}")
             elif after["total_s"] > 3 * usual["total_s"] + SLACK_S:
                 problems.append(f"the next 1 s request took {after['total_s']:.1f} s, {usual['total_s']:.1f} s before")
+            await asyncio.sleep(IDLE_TRIM_S)
+            memory_after = resident_mb(watermarker)
+            print(f"watermarker resident memory {memory_before:.0f} MB before, {memory_after:.0f} MB after")
+            if memory_after > (1 + MEMORY_BACK_WITHIN) * memory_before:
+                problems.append(f"the watermarker kept {memory_after:.0f} MB, {memory_before:.0f} MB before the burst")
     finally:
         await proxy.runner.cleanup()
     assert not problems, "\n".join(problems)
+
+
+async def test_health_without_tritons_metrics_still_serves(server):
+    """A metrics port that does not answer leaves the replica serving; only its stages are unknown."""
+    proxy = await start_proxy(server.grpc_url, triton_metrics_port=free_port())
+    try:
+        async with aiohttp.ClientSession() as session, session.get(proxy.http + "/health") as response:
+            body = await response.json()
+        assert response.status == 200 and body["status"] == "ok", body
+        replica = body["triton"]["replicas"][0]
+        assert replica["stages"] is None and "metrics" in replica["stages_error"], replica
+    finally:
+        await proxy.runner.cleanup()
 
 
 def test_the_servers_log_names_the_graph_policy(server):

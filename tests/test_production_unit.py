@@ -27,8 +27,9 @@ from proxy.logs import JsonFormatter, RequestIdFilter
 from proxy.parse.job import GenerateOptions
 from proxy.scope import RequestScope, accept_request_id, enter_scope, leave_scope
 from proxy.settings import Settings, SettingsError
+from proxy.upstream import stages
 from proxy.upstream.discovery import ServiceDiscovery, grpc_target
-from proxy.upstream.pool import TritonPool
+from proxy.upstream.pool import Replica, ReplicaHealth, TritonPool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -321,6 +322,72 @@ async def test_discovery_adds_and_retires_replicas_and_survives_resolver_failure
     assert grpc_target("::1", 8001) == "[::1]:8001" and grpc_target("10.0.0.5", 8001) == "10.0.0.5:8001"
 
 
+# What Triton 2.51 serves on its metrics port for our gauges (two csm_1b instances; histograms and Triton's own
+# families around them), as tests/test_flow_control_live.py reads it from a live server.
+TRITON_METRICS = """\
+# HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting execution per-model.
+# TYPE nv_inference_pending_request_count gauge
+nv_inference_pending_request_count{model="csm_1b",version="1"} 0
+# HELP csm_tts_streams Streams held by a csm_1b instance: state=active (generating) or queued (waiting)
+# TYPE csm_tts_streams gauge
+csm_tts_streams{instance="csm_1b_0",model="csm_1b",state="held"} 3
+csm_tts_streams{instance="csm_1b_0",model="csm_1b",state="queued"} 1
+csm_tts_streams{instance="csm_1b_0",model="csm_1b",state="active"} 8
+csm_tts_streams{instance="csm_1b_1",model="csm_1b",state="active"} 2
+# HELP csm_tts_watermarker_behind 1 while a csm_1b instance finds the watermarker behind its listeners
+# TYPE csm_tts_watermarker_behind gauge
+csm_tts_watermarker_behind{instance="csm_1b_0",model="csm_1b"} 1
+csm_tts_watermarker_behind{instance="csm_1b_1",model="csm_1b"} 0
+# HELP csm_tts_held_seconds Time a csm_1b stream spent held back
+# TYPE csm_tts_held_seconds histogram
+csm_tts_held_seconds_count{instance="csm_1b_0",model="csm_1b"} 4
+csm_tts_held_seconds_sum{instance="csm_1b_0",model="csm_1b"} 1.5
+csm_tts_held_seconds_bucket{instance="csm_1b_0",model="csm_1b",le="0.01"} 0
+csm_tts_held_seconds_bucket{instance="csm_1b_0",model="csm_1b",le="+Inf"} 4
+# HELP csm_tts_watermark_queued_chunks Chunks waiting at the watermarker
+# TYPE csm_tts_watermark_queued_chunks gauge
+csm_tts_watermark_queued_chunks{instance="watermarker_0",model="watermarker"} 17
+# HELP csm_tts_watermark_queued_audio_seconds Audio waiting at the watermarker
+# TYPE csm_tts_watermark_queued_audio_seconds gauge
+csm_tts_watermark_queued_audio_seconds{instance="watermarker_0",model="watermarker"} 6.54321
+"""
+
+
+def test_stage_load_is_read_from_tritons_metrics():
+    load = stages.parse(TRITON_METRICS)
+    assert load.behind == ["watermarker"]  # one instance of two says so: that replica's watermarker is behind
+    assert load.stages == {
+        "csm_1b": {"active_streams": 10, "queued_streams": 1, "held_streams": 3},
+        "watermarker": {"queued_chunks": 17, "queued_audio_s": 6.54},
+    }
+    calm = stages.parse(TRITON_METRICS.replace('model="csm_1b"} 1', 'model="csm_1b"} 0'))
+    assert calm.behind == [] and calm.as_json()["behind"] == []
+    assert stages.parse("").stages == {}  # an older model repository: no gauges, nothing behind
+    with pytest.raises(ValueError):
+        stages.parse("csm_tts_streams{state=active 3\n")
+
+
+async def test_the_pool_names_stages_behind_on_serving_replicas_only():
+    pool = TritonPool(["127.0.0.1:1"], "tts", health_timeout_s=0.2, metrics_port=free_port())
+    try:
+        replica = pool.replicas[0]
+        assert replica.metrics_url.startswith("http://127.0.0.1:") and replica.metrics_url.endswith("/metrics")
+        replica.health = ReplicaHealth(live=True, ready=True, models={"tts": {"state": "READY"}})
+        assert pool.behind() == {}
+        replica.health.load = stages.parse(TRITON_METRICS)
+        assert pool.behind() == {"watermarker": ["127.0.0.1:1"]}
+        replica.retired = True  # a replica that serves nothing is behind for nobody
+        assert pool.behind() == {}
+    finally:
+        await pool.close()
+    assert Replica("[::1]:8001", metrics_port=8002).metrics_url == "http://[::1]:8002/metrics"
+    assert Replica("triton:8001").metrics_url is None
+    assert Settings.from_env({}).triton_metrics_port == 8002
+    assert Settings.from_env({"TRITON_METRICS_PORT": "off"}).triton_metrics_port is None
+    with pytest.raises(SettingsError, match="TRITON_METRICS_PORT"):
+        Settings.from_env({"TRITON_METRICS_PORT": "0"})
+
+
 # -- Triton-side metrics and the watermarker's errors (fake pb_utils) ------------------------------------------------
 def test_csm_metrics_follow_the_scheduler(engine):
     from csm_tts.speech.request import GenerationRequest
@@ -359,6 +426,9 @@ def test_csm_metrics_follow_the_scheduler(engine):
     assert max(a for a, _ in seen) == 2  # max_active
     metrics.flush()
     assert (metrics.active.value(), metrics.queued.value()) == (0, 0)
+    metrics.occupancy(1, 0, held=1, behind=True)  # what the scheduler reports while the watermarker is behind
+    metrics.flush()
+    assert (metrics.held.value(), metrics.behind.value()) == (1, 1)
     steps = pb.MetricFamily.families["csm_tts_frame_step_seconds"].metrics[0].observations
     assert steps and all(s > 0 for s in steps)
     assert metrics.frames.value() == 3 * 5  # 400 ms = 5 frames each

@@ -56,9 +56,11 @@ class ProgressSink:
 class Observer:
     def __init__(self):
         self.held, self.holds, self.decodes, self.sends, self.steps, self.occupancy_seen = [], [], [], [], [], []
+        self.behind = []
 
-    def occupancy(self, active, queued, held=0):
+    def occupancy(self, active, queued, held=0, behind=False):
         self.held.append(held)
+        self.behind.append(behind)
         self.occupancy_seen.append((active, queued, held))
 
     def frame_step(self, seconds, streams):
@@ -163,6 +165,7 @@ def test_no_stream_starts_while_the_watermarker_is_behind_and_the_queue_is_refus
     try:
         held = submit(sched, ProgressSink(done=0))  # the watermarker never takes anything: behind real time
         assert wait_for(lambda: len(held.chunks) == 2) and wait_for(lambda: sched.flow.behind())
+        assert wait_for(lambda: sched.observer_seen.behind[-1])  # what the csm_tts_watermarker_behind gauge shows
         asked = time.monotonic()
         late = submit(sched, ProgressSink(), text="Refused while the watermarker is behind.")
         assert late.ended.wait(10)
@@ -177,6 +180,7 @@ def test_no_stream_starts_while_the_watermarker_is_behind_and_the_queue_is_refus
         assert held.ended.wait(5 * HELD_CHECK_S + 5)
         assert held.errors == [("the request was cancelled", "CANCELLED")]
         assert wait_for(lambda: recording.streams_active == 0)
+        assert wait_for(lambda: not sched.observer_seen.behind[-1])  # nobody waits any more: not behind
     finally:
         sched.close()
 

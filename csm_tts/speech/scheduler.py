@@ -184,7 +184,7 @@ class StreamScheduler(OutputStage):
         for ready in due:
             self.engine.cut_chunk(ready.stream)
         self._hand_over(checks + due)
-        self._observe(lambda o: o.occupancy(len(self._active), self._queued(), self._held))
+        self._observe(lambda o: o.occupancy(len(self._active), self._queued(), self._held, self._behind(now)))
         if not stepping and job is None:
             self._idle()
         return True

@@ -191,6 +191,14 @@ class TritonServer:
         process group is nothing else, and outlives it)."""
         return group_members(self.process.pid)
 
+    def model_stub(self, model: str) -> int | None:
+        """The PID of the Python stub serving `model` (its command line names `<model>/1/model.py`), or None."""
+        for pid in self.model_processes():
+            with contextlib.suppress(OSError, IndexError, UnicodeDecodeError):
+                if Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].decode()).parent.parent.name == model:
+                    return pid
+        return None
+
     def remove_leftovers(self, grace_s: float = 0.0) -> list[str]:
         """Once the server has exited: what it left. Its stubs end by themselves (csm_tts/triton/watchdog.py) and are
         given `grace_s` to; the rest is killed, their shared-memory regions and the server's markers removed (a stub

@@ -25,6 +25,10 @@ PLACEHOLDER = re.compile(r"\$\{([a-z_][a-z0-9_]*)\}")
 # csm_instance_count is per device: KIND_GPU without a `gpus` list gives each visible GPU that many instances. The
 # watermarker keeps per-stream state in one process, so it is exactly one instance, pinned to one GPU (GPU 0; another
 # one with `--set 'watermark_instance_group={ kind: KIND_GPU, count: 1, gpus: [ 1 ] }'`) however many GPUs Triton sees.
+# The watermarker takes one stream per pass on a CPU (batching gains nothing there, and a pass is what a joining
+# stream's first chunk waits for) and up to 64 on a GPU. ensemble_max_inflight stays empty: Triton 2.51 (local) and
+# 25.10 (Dockerfile.triton) lack the ensemble's max_inflight_requests; on 25.11 or later build with
+# ENSEMBLE_MAX_INFLIGHT_REQUESTS (docs/deployment.md).
 PROFILES: dict[str, dict[str, str]] = {
     "cpu": {
         "instance_kind": "KIND_CPU",
@@ -33,6 +37,8 @@ PROFILES: dict[str, dict[str, str]] = {
         "max_queued_streams": "32",
         "max_queue_wait_ms": "30000",
         "watermark_instance_group": "{ kind: KIND_CPU, count: 1 }",
+        "watermark_streams_per_pass": "1",
+        "ensemble_max_inflight": "",
     },
     "gpu": {
         "instance_kind": "KIND_GPU",
@@ -41,6 +47,8 @@ PROFILES: dict[str, dict[str, str]] = {
         "max_queued_streams": "32",
         "max_queue_wait_ms": "2000",
         "watermark_instance_group": "{ kind: KIND_GPU, count: 1, gpus: [ 0 ] }",
+        "watermark_streams_per_pass": "64",
+        "ensemble_max_inflight": "",
     },
 }
 DEFAULT_PATHS: dict[str, dict[str, str]] = {

@@ -109,6 +109,12 @@ class CsmMetrics:
                 description="Time a csm_1b stream spent held back because its audio waited at the watermarker",
                 kind=pb_utils.MetricFamily.HISTOGRAM,
             ),
+            behind := pb_utils.MetricFamily(
+                name="csm_tts_watermarker_behind",
+                description="1 while a csm_1b instance finds the watermarker behind its listeners (a held stream's "
+                "watermarked audio behind real time): no new stream starts and queued requests are soon refused",
+                kind=pb_utils.MetricFamily.GAUGE,
+            ),
             fallback := pb_utils.MetricFamily(
                 name="csm_tts_cuda_graph_fallback",
                 description="1 when cuda_graphs=auto could not use CUDA graphs and csm_1b serves eager frame steps",
@@ -118,6 +124,7 @@ class CsmMetrics:
         self.active = streams.Metric(labels={**labels, "state": "active"})
         self.queued = streams.Metric(labels={**labels, "state": "queued"})
         self.held = streams.Metric(labels={**labels, "state": "held"})
+        self.behind = behind.Metric(labels=labels)
         self.frames = frames.Metric(labels=labels)
         self.first_chunk = first.Metric(labels=labels, buckets=FIRST_CHUNK_BUCKETS)
         self.step = step.Metric(labels=labels, buckets=FRAME_STEP_BUCKETS)
@@ -125,20 +132,21 @@ class CsmMetrics:
         self.send = send.Metric(labels=labels, buckets=SEND_BUCKETS)
         self.held_time = held.Metric(labels=labels, buckets=HELD_BUCKETS)
         self.fallback = fallback.Metric(labels=labels)
-        self._shown = (None, None, None)
+        self._shown = (None, None, None, None)
         self._lock = threading.Lock()
         self.reporter = Reporter("csm-metrics")
         self.occupancy(0, 0)
 
     # -- the scheduler's observer ------------------------------------------------------------------------------------
-    def occupancy(self, active: int, queued: int, held: int = 0) -> None:
+    def occupancy(self, active: int, queued: int, held: int = 0, behind: bool = False) -> None:
         with self._lock:
-            if (active, queued, held) == self._shown:
+            if (active, queued, held, behind) == self._shown:
                 return
-            self._shown = (active, queued, held)
+            self._shown = (active, queued, held, behind)
         self.reporter.call(self.active.set, active)
         self.reporter.call(self.queued.set, queued)
         self.reporter.call(self.held.set, held)
+        self.reporter.call(self.behind.set, int(behind))
 
     def frame_step(self, seconds: float, streams: int) -> None:
         self.reporter.call(self.step.observe, seconds)

@@ -25,8 +25,8 @@ from proxy.render.index_page import index_page, wants_html
 ENDPOINTS = {
     "GET /": "This description: name, version, endpoints (HTML with a link to /demo when a browser asks)",
     "GET /demo": "A browser page: type like an LLM, hear the streamed audio (WS /stream), download it as WAV",
-    "GET /health": "Proxy, Triton (live/ready per replica), each model, watermark state; 200 when all is ready, "
-    "else 503",
+    "GET /health": "Proxy, Triton (live/ready per replica, each stage's load), each model, watermark state; 200 "
+    "when all is ready (status degraded while a stage is behind), else 503",
     "GET /livez": "Liveness: 200 while the proxy answers",
     "GET /readyz": "Readiness: 200, or 503 once a drain (SIGTERM) started; independent of Triton",
     "GET /openapi.json": "The OpenAPI 3.1 description of the HTTP API (native and OpenAI surfaces)",
@@ -84,6 +84,8 @@ async def health(request: web.Request) -> web.Response:
                 "streams_started": replica.streams_started,
                 "error": h.error,
                 "models": {name: m["state"] for name, m in sorted(h.models.items())},
+                "stages": h.load.as_json() if h.load else None,
+                **({"stages_error": h.load_error} if h.load_error else {}),
             }
         )
         for name, m in h.models.items():
@@ -98,8 +100,9 @@ async def health(request: web.Request) -> web.Response:
     for name in (settings.triton_model, *((settings.watermark_model,) if settings.watermark_default else ())):
         models.setdefault(name, {"ready": False, "ready_replicas": 0, "state": "NOT_FOUND"})
     all_ready = bool(serving) and all(m["ready"] for m in models.values())
+    behind = pool.behind()
     body = {
-        "status": "ok" if all_ready else "unavailable",
+        "status": ("degraded" if behind else "ok") if all_ready else "unavailable",
         "proxy": {
             "status": "ok",
             "name": NAME,
@@ -116,6 +119,7 @@ async def health(request: web.Request) -> web.Response:
             "replicas": replicas,
         },
         "models": dict(sorted(models.items())),
+        "behind": behind,
         "watermark": {
             "enabled": settings.watermark_default,
             "key_source": settings.watermark_key_source,
@@ -127,6 +131,12 @@ async def health(request: web.Request) -> web.Response:
             pool.unavailable_reason()
             if not serving
             else "Not every model is ready: " + ", ".join(name for name, m in models.items() if not m["ready"])
+        )
+    if all_ready and behind:  # still serving; new streams are refused at once (503) where a stage is behind
+        body["warning"] = "; ".join(
+            f"the {stage} is behind on {len(urls)} of {len(serving)} serving replicas: they refuse new streams until "
+            "it catches up"
+            for stage, urls in behind.items()
         )
     if not is_operator(request):
         body = {"status": body["status"]}

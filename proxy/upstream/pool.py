@@ -23,6 +23,7 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from csm_tts.speech.request import ContextSegment
+from proxy.upstream import stages
 from proxy.upstream.errors import UpstreamUnavailable, short
 from proxy.upstream.stream import TritonStream
 
@@ -48,14 +49,18 @@ class ReplicaHealth:
     models: dict[str, dict] = field(default_factory=dict)  # name -> {"state": ..., "reason": ...}
     error: str | None = None
     checked_at: float = 0.0  # time.monotonic()
+    load: stages.StageLoad | None = None  # from Triton's metrics port; None when not read (or unreadable: load_error)
+    load_error: str | None = None
 
     def model_ready(self, name: str) -> bool:
         return self.models.get(name, {}).get("state") == "READY"
 
 
 class Replica:
-    def __init__(self, url: str, discovered: bool = False):
+    def __init__(self, url: str, discovered: bool = False, metrics_port: int | None = None):
         self.url = url
+        host = url.rpartition(":")[0]  # "10.0.0.5:8001", "[::1]:8001", "triton:8001"
+        self.metrics_url = None if metrics_port is None else f"http://{host}:{metrics_port}/metrics"
         self.discovered = discovered  # from TRITON_GRPC_SERVICE rather than the fixed list
         self.retired = False  # its address left the service: no new streams; closed once its streams end
         self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
@@ -83,13 +88,15 @@ class TritonPool:
         health_timeout_s: float = 0.5,
         stream_idle_timeout_s: float = 60.0,
         max_streams: int = 128,
+        metrics_port: int | None = None,
     ):
         self.model = model
+        self.metrics_port = metrics_port  # Triton's metrics port on each replica's host; None: not read
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.max_streams = max_streams
-        self.replicas = [Replica(url) for url in urls]
+        self.replicas = [Replica(url, metrics_port=metrics_port) for url in urls]
         self.retired: list[Replica] = []  # gone from the service, still finishing streams
         self.active_streams = 0
         self.chunks_received = 0  # audio responses read from Triton, all streams together
@@ -109,6 +116,7 @@ class TritonPool:
             settings.health_timeout_s,
             settings.stream_idle_timeout_s,
             settings.max_streams,
+            settings.triton_metrics_port,
         )
 
     async def start(self) -> None:
@@ -136,7 +144,7 @@ class TritonPool:
         address went away are retired -- no new streams, their running streams finish, then their client closes."""
         wanted = list(dict.fromkeys(urls))
         known = {r.url for r in self.replicas}
-        added = [Replica(url, discovered=True) for url in wanted if url not in known]
+        added = [Replica(url, discovered=True, metrics_port=self.metrics_port) for url in wanted if url not in known]
         gone = [r for r in self.replicas if r.discovered and r.url not in wanted]
         for replica in gone:
             replica.retired = True
@@ -187,6 +195,11 @@ class TritonPool:
         except (InferenceServerException, grpc.RpcError, TimeoutError, OSError) as e:
             reason = e.message() if isinstance(e, InferenceServerException) else (str(e) or type(e).__name__)
             health = ReplicaHealth(error=short(reason), checked_at=time.monotonic())
+        if replica.metrics_url is not None and health.ready:
+            try:  # a replica whose metrics cannot be read still serves: only its stages are unknown
+                health.load = await asyncio.to_thread(stages.read, replica.metrics_url, timeout)
+            except (OSError, ValueError) as e:
+                health.load_error = short(f"{replica.metrics_url}: {e}")
         replica.health = health
         if replica.healthy(self.model) != was_healthy:
             if replica.healthy(self.model):
@@ -207,6 +220,14 @@ class TritonPool:
 
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy(self.model)]
+
+    def behind(self) -> dict[str, list[str]]:
+        """Stage -> the serving replicas where it does not keep up, at their last health check (stages.py)."""
+        found: dict[str, list[str]] = {}
+        for replica in self.healthy():
+            for stage in replica.health.load.behind if replica.health.load else ():
+                found.setdefault(stage, []).append(replica.url)
+        return found
 
     async def pick(self, exclude: Sequence[Replica] = ()) -> Replica:
         """The healthy replica with the fewest streams in flight (ties in turn); re-checks once when none is."""
