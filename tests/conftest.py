@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 import torch
 
@@ -82,3 +83,10 @@ def triton_server(tmp_path_factory, tiny_csm_dir, tiny_watermark_dir):
 @pytest.fixture(scope="session")
 def grpc_url(triton_server) -> str:
     return triton_server.grpc_url
+
+
+@pytest.fixture(scope="module")
+async def http(proxy):
+    """A client session on the module's `proxy` fixture (live_proxy.module_proxy), its base URL preset."""
+    async with aiohttp.ClientSession(proxy.http) as session:
+        yield session

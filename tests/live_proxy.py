@@ -29,6 +29,19 @@ async def start_proxy(grpc_url: str, app: web.Application | None = None, **setti
     return Proxy(app, await start_server(app, "127.0.0.1", 0))
 
 
+def module_proxy(start, **settings):
+    """A module-scoped `proxy` fixture: `start(triton_server.grpc_url, **settings)` once for the module's tests
+    (`start`: this file's `start_proxy`, or one with other defaults). conftest's `http` opens a client session on it."""
+
+    @pytest.fixture(scope="module")
+    async def proxy(triton_server):
+        running = await start(triton_server.grpc_url, **settings)
+        yield running
+        await running.runner.cleanup()
+
+    return proxy
+
+
 async def wait_until_healthy(base: str, ready: bool = True) -> None:
     """Until a proxy started as a process (`python -m proxy`) answers GET /health (with 200 unless `ready` is False)."""
     async with aiohttp.ClientSession() as session:

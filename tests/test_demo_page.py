@@ -35,7 +35,7 @@ import pytest
 import soundfile
 import websockets
 from aiohttp import web
-from live_proxy import Proxy
+from live_proxy import Proxy, module_proxy
 from live_proxy import start_proxy as start_live_proxy
 
 from csm_tts import SAMPLE_RATE
@@ -143,11 +143,7 @@ async def start_proxy(grpc_url: str, app: web.Application | None = None, **overr
     return await start_live_proxy(grpc_url, app, **{"ws_max_pending": 2, "watermark_enabled": False, **overrides})
 
 
-@pytest.fixture(scope="module")
-async def proxy(triton_server):
-    proxy = await start_proxy(triton_server.grpc_url)
-    yield proxy
-    await proxy.runner.cleanup()
+proxy = module_proxy(start_proxy)
 
 
 @pytest.fixture(scope="module")

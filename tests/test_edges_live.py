@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 import websockets
-from live_proxy import start_proxy
+from live_proxy import module_proxy, start_proxy
 
 from csm_tts.tooling.local_triton import free_port
 from proxy.auth import WS_BEARER_PREFIX, WS_PROTOCOL, generate_key, hash_key
@@ -28,11 +28,7 @@ SLACK_S = 3.0  # a busy 2-core box: timers fire late, not early
 LIMITS = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "max_connections": 6}
 
 
-@pytest.fixture(scope="module")
-async def proxy(triton_server):
-    proxy = await start_proxy(triton_server.grpc_url, **LIMITS)
-    yield proxy
-    await proxy.runner.cleanup()
+proxy = module_proxy(start_proxy, **LIMITS)
 
 
 async def connect(proxy):

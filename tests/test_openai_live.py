@@ -90,12 +90,6 @@ async def client(proxy):
         yield client
 
 
-@pytest.fixture(scope="module")
-async def http(proxy):
-    async with aiohttp.ClientSession(proxy.http) as session:
-        yield session
-
-
 async def direct(triton_server, text: str, params: dict, context=None) -> np.ndarray:
     """What Triton streams for the same request: 16-bit samples."""
     result = await stream(triton_server.grpc_url, MODEL, text, params, context=context)

@@ -6,16 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from live_proxy import module_proxy
 from test_proxy_live import start_proxy
 
 pytestmark = pytest.mark.live
 
 
-@pytest.fixture(scope="module")
-async def proxy(triton_server):
-    proxy = await start_proxy(triton_server.grpc_url)
-    yield proxy
-    await proxy.runner.cleanup()
+proxy = module_proxy(start_proxy)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pipecat imports audioop; PipelineRunner.run is deprecated

@@ -11,9 +11,9 @@ import io
 import json
 import logging
 
-import aiohttp
 import pytest
 import websockets
+from live_proxy import module_proxy
 from test_proxy_live import decode_wav, start_proxy, wait_idle
 
 from csm_tts import SAMPLES_PER_FRAME
@@ -26,17 +26,7 @@ HUGE = "9" * 5000  # an integer literal past Python's int parsing limit
 JSON = {"Content-Type": "application/json"}  # raw bodies are sent as JSON (anything else is 415)
 
 
-@pytest.fixture(scope="module")
-async def proxy(triton_server):
-    proxy = await start_proxy(triton_server.grpc_url)
-    yield proxy
-    await proxy.runner.cleanup()
-
-
-@pytest.fixture(scope="module")
-async def http(proxy):
-    async with aiohttp.ClientSession(proxy.http) as session:
-        yield session
+proxy = module_proxy(start_proxy)
 
 
 def body(text: str) -> bytes:

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import soundfile
 import websockets
-from live_proxy import Proxy, too_long_for_the_model, wait_until_healthy
+from live_proxy import Proxy, module_proxy, too_long_for_the_model, wait_until_healthy
 from live_proxy import start_proxy as start_live_proxy
 
 from csm_tts.tooling.local_triton import free_port
@@ -60,17 +60,7 @@ async def start_proxy(grpc_url: str, **overrides) -> Proxy:
     return await start_live_proxy(grpc_url, **{**settings, **overrides})
 
 
-@pytest.fixture(scope="module")
-async def proxy(triton_server):
-    proxy = await start_proxy(triton_server.grpc_url)
-    yield proxy
-    await proxy.runner.cleanup()
-
-
-@pytest.fixture(scope="module")
-async def http(proxy):
-    async with aiohttp.ClientSession(proxy.http) as session:
-        yield session
+proxy = module_proxy(start_proxy)
 
 
 def decode_wav(data: bytes) -> np.ndarray:

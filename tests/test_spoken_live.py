@@ -12,10 +12,10 @@ import io
 import json
 from urllib.parse import unquote
 
-import aiohttp
 import pytest
 import soundfile
 from audio_checks import ffprobe
+from live_proxy import module_proxy
 from test_proxy_live import start_proxy
 
 from csm_tts.text.frontend import spoken_segments
@@ -75,17 +75,7 @@ class Recorder:
         del self.pool.stream
 
 
-@pytest.fixture(scope="module")
-async def proxy(triton_server):
-    proxy = await start_proxy(triton_server.grpc_url)
-    yield proxy
-    await proxy.runner.cleanup()
-
-
-@pytest.fixture(scope="module")
-async def http(proxy):
-    async with aiohttp.ClientSession(proxy.http) as session:
-        yield session
+proxy = module_proxy(start_proxy)
 
 
 def speech_body(text: str, **extra) -> dict:

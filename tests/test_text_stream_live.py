@@ -12,6 +12,7 @@ import time
 
 import pytest
 import websockets
+from live_proxy import module_proxy
 from test_proxy_live import start_proxy
 
 from csm_tts.text.normalize import normalize
@@ -36,11 +37,7 @@ def pieces(text: str, seed: int = 7) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-async def proxy(triton_server):
-    proxy = await start_proxy(triton_server.grpc_url)
-    yield proxy
-    await proxy.runner.cleanup()
+proxy = module_proxy(start_proxy)
 
 
 async def send_pieces(ws, parts: list[str], rate: float = 40.0) -> float:
