@@ -123,9 +123,10 @@ def test_streams_batched_equal_each_alone_and_one_shot(engine, count):
         assert sum(sizes[1]) < streams[1]["codes"].shape[0]  # dropped unfinished
 
 
-def test_the_window_and_the_convolutions_stream_at_the_real_size():
+def test_the_convolutions_stream_at_the_real_size():
     """transformers' `MimiConfig()` is the real codec (250-step window, 8 layers, SEANet 64 filters), random weights:
-    two streams with different chunk sizes in the same calls."""
+    two streams with different chunk sizes in the same calls. 12 frames are 24 transformer steps: the window's ring
+    never wraps here (the tiny codec's window does, in the tests above), the convolutions are checked at full size."""
     from transformers import MimiConfig, MimiModel
 
     torch.manual_seed(0)
@@ -276,7 +277,7 @@ def test_a_codec_slot_left_by_a_cancelled_stream_leaks_nothing(tiny_csm_dir):
     engine = CsmEngine.from_dir(tiny_csm_dir, max_streams=1)
     fresh = CsmEngine.from_dir(tiny_csm_dir, max_streams=1)
     old = engine.start(GenerationRequest(TEXTS[0], seed=3, max_audio_length_ms=40 * 80))
-    for _ in range(12):  # three chunks decoded: its codec slot holds its history
+    for _ in range(12):  # chunks of 2 and 4 frames decoded, 6 frames pending: its codec slot holds their history
         engine.step(old)
         if engine.chunk_ready(old):
             engine.take_chunk(old)
@@ -294,27 +295,42 @@ def test_a_codec_slot_left_by_a_cancelled_stream_leaks_nothing(tiny_csm_dir):
 
 
 def test_take_chunks_beside_a_stepping_thread(tiny_csm_dir):
-    """The split that the output stage uses: one thread steps, another takes chunks whenever they are due. No frame
-    is lost or repeated, each stream ends with exactly one last chunk, and its audio equals the stream alone."""
+    """The split that the output stage uses: one thread steps and cuts each due chunk (the engine's thread rule),
+    another takes the cut chunks whenever there are some. No frame is lost or repeated, each stream ends with exactly
+    one last chunk, and its audio equals the stream alone."""
     engine = CsmEngine.from_dir(tiny_csm_dir, max_streams=4)
     requests = [
         GenerationRequest(TEXTS[i], temperature=0, speaker_id=i, max_audio_length_ms=(11 + 5 * i) * 80)
         for i in range(3)
     ]
     streams = [engine.start(r) for r in requests]
+    chunks = {id(s): [] for s in streams}
+    taking: set[int] = set()  # streams whose cut chunk the taker holds: not cut again until it is taken
+    last_cut: set[int] = set()
+    deadline = time.monotonic() + 120
 
     def step():
-        while not all(s.finished for s in streams):
-            engine.step_many(streams)
+        while len(last_cut) < len(streams) and time.monotonic() < deadline:
+            # Like the scheduler: a stream whose next chunk is due while its last one is not taken waits.
+            running = [s for s in streams if not s.finished and not (s.due is not None and engine.chunk_ready(s))]
+            if running:
+                engine.step_many(running)
+            for s in streams:
+                if s.due is None and id(s) not in taking and id(s) not in last_cut and engine.chunk_ready(s):
+                    if s.finished:
+                        last_cut.add(id(s))
+                    engine.cut_chunk(s)
+            if not running:
+                time.sleep(0.001)
 
     stepper = threading.Thread(target=step)
     stepper.start()
-    chunks = {id(s): [] for s in streams}
-    deadline = time.monotonic() + 120
     while any(not c or not c[-1].is_last for c in chunks.values()) and time.monotonic() < deadline:
-        due = [s for s in streams if not (chunks[id(s)] and chunks[id(s)][-1].is_last) and engine.chunk_ready(s)]
+        due = [s for s in streams if s.due is not None]
+        taking.update(id(s) for s in due)
         for stream, chunk in zip(due, engine.take_chunks(due), strict=True):
             chunks[id(stream)].append(chunk)
+        taking.clear()
         time.sleep(0.001)
     stepper.join(10)
     assert engine.codec.slots_taken == 0 and engine.streams_active == 0

@@ -171,14 +171,17 @@ def test_a_recorded_pipecat_session_parses_and_segments():
         if isinstance(message, el.Text):
             segmenter = segmenters.setdefault(message.context_id, StreamSegmenter(clock=lambda: 0.0))
             cut = segmenter.feed(message.text)
+        elif isinstance(message, el.CloseContext) and message.interrupt:
+            segmenters.pop(message.context_id)  # barge-in (proxy/elevenlabs_session.py stops it): the rest is dropped
+            continue
         elif isinstance(message, el.Flush | el.CloseContext):
             cut = segmenters[message.context_id].flush()
         else:
             continue
         spoken.setdefault(message.context_id, []).extend(normalize(s.text).text for s in cut if s.text.strip())
     assert spoken[first] == ["Hello there,", "how are you? I am fine."]  # an early first cut, then sentences
-    assert spoken[second] == ["This answer gets interrupted."]  # what was received before close_context
-    assert session["client_audio_frames"] > 0 and session["client_stopped_frames"] == 1
+    # The interrupted turn's one unfinished sentence was never cut before the barge-in: none of it is spoken.
+    assert spoken[second] == []
 
 
 def test_contexts_are_limited_to_five_and_unknown_ones_are_no_ops():
@@ -220,12 +223,13 @@ def test_pipecat_sends_today_what_was_recorded(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "session.json"
-    subprocess.run(
+    run = subprocess.run(
         [sys.executable, "-W", "ignore", str(root / "scripts" / "record_pipecat_elevenlabs.py"), str(out)],
         capture_output=True,
+        text=True,
         timeout=120,
-        check=True,
     )
+    assert run.returncode == 0, run.stderr[-3000:]
     fresh, committed = (json.loads(path.read_text()) for path in (out, root / "tests/pipecat_elevenlabs_session.json"))
 
     def shapes(session):

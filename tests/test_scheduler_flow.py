@@ -140,13 +140,15 @@ def test_a_held_stream_is_not_stepped_and_resumes_when_the_watermarker_takes_its
         sink.catch_up()  # the watermarker reports progress: the stream runs again, one more chunk, held again
         assert wait_for(lambda: len(sink.chunks) == 3)
         assert sink.stream.frames_generated > frames
-        assert sched.observer_seen.holds and sched.observer_seen.holds[0] >= 0.3
-        while not sink.ended.is_set():  # a watermarker that keeps up: the stream runs to its end
+        assert sched.observer_seen.holds and sched.observer_seen.holds[0] >= 0.25  # held since ~frame 10, before 0.3 s
+        deadline = time.monotonic() + 60
+        while not sink.ended.is_set() and time.monotonic() < deadline:  # a watermarker that keeps up: to its end
             sink.catch_up()
             time.sleep(0.01)
         assert sink.chunks[-1].is_last and not sink.errors
         assert sink.stream.frames_generated == LONG // 80
     finally:
+        sink.cancelled = True  # a failed check must not leave a held stream in the session's engine
         sched.close()
 
 
@@ -156,6 +158,15 @@ def test_direct_clients_and_unreporting_sinks_are_never_held(recording):
         direct = submit(sched, ProgressSink(done=None), ms=2000)
         assert direct.ended.wait(60) and direct.chunks[-1].is_last and not direct.errors
         assert set(sched.observer_seen.held) == {0}
+
+        class Unreadable(ProgressSink):
+            def samples_done(self):
+                raise OSError("the progress record is gone")
+
+        broken = submit(sched, Unreadable(done=0), ms=2000)
+        assert broken.ended.wait(60) and broken.chunks[-1].is_last and not broken.errors
+        assert set(sched.observer_seen.held) == {0}
+        assert any("could not be read: the progress record is gone" in m for m in sched.messages)
     finally:
         sched.close()
 
@@ -182,10 +193,11 @@ def test_no_stream_starts_while_the_watermarker_is_behind_and_the_queue_is_refus
         assert wait_for(lambda: recording.streams_active == 0)
         assert wait_for(lambda: not sched.observer_seen.behind[-1])  # nobody waits any more: not behind
     finally:
+        held.cancelled = True
         sched.close()
 
 
-def test_a_held_stream_ahead_of_real_time_blocks_nobody():
+def test_flow_control_hold_and_behind_rules():
     flow, hold = FlowControl(max_unwatermarked_s=1.0), Hold(first_sent_at=100.0)
     # 2 s of audio watermarked 1 s after the first chunk: held (3 s sent), but its listener has audio to spare.
     assert flow.held(hold, 5 * SAMPLE_RATE, 2 * SAMPLE_RATE, now=101.0) and not flow.behind(101.0)
@@ -215,7 +227,9 @@ def test_an_expired_queued_job_is_refused_before_its_prompt_is_built(engine):
         assert expired.ended.wait(10)
         assert expired.errors and expired.errors[0][1] == "UNAVAILABLE"
         assert not first.ended.is_set(), "refused while the prompt before it was still being built, not after"
-        assert first.ended.wait(60) and first.errors[0][1] == "UNAVAILABLE"  # built, then no slot for 0.3 s
+        assert first.ended.wait(60)
+        assert not running.ended.is_set(), "the 20 s stream ended first: this machine is too fast for the test"
+        assert first.errors[0][1] == "UNAVAILABLE"  # built, then no slot for 0.3 s
         assert "Expires in the queue." not in slow.prepared  # no tokenizing, no Mimi encoding of its context
         running.cancelled = True
     finally:
@@ -267,19 +281,24 @@ def test_the_output_stage_decodes_and_sends_off_the_frame_loop_in_order(recordin
         sched.close()
 
 
-def test_batched_streams_still_equal_their_solo_runs_through_the_output_stage(engine):
-    """The output stage hands a stream back after each chunk: what each stream hears does not change."""
+def test_batched_streams_still_equal_their_solo_runs_through_the_output_stage(recording, engine):
+    """The output stage hands a stream back after each chunk and decodes the chunks due in a round together: what
+    each stream hears does not change (to float rounding: a batched decode sums in another order, ~2e-7)."""
     import numpy as np
 
-    sched = scheduler_for(engine, max_active=3, max_queued=3, flow=FlowControl(None))
+    sched = scheduler_for(recording, max_active=3, max_queued=3, flow=FlowControl(None))
     try:
-        requests = [GenerationRequest(f"Number {i}.", temperature=0, max_audio_length_ms=960) for i in range(3)]
+        # Joining one round apart, one frame shorter each: their last chunks fall due in the same round.
+        requests = [
+            GenerationRequest(f"Number {i}.", temperature=0, max_audio_length_ms=(14 - i) * 80) for i in range(3)
+        ]
         sinks = [ProgressSink(None) for _ in requests]
         for request, sink in zip(requests, sinks, strict=True):
             sched.submit(request, sink)
-        for request, sink in zip(requests, sinks, strict=True):
-            assert sink.ended.wait(60)
-            solo = np.concatenate([c.audio for c in engine.generate(request)])
-            assert np.array_equal(np.concatenate([c.audio for c in sink.chunks]), solo)
+        assert all(sink.ended.wait(60) for sink in sinks)
+        assert max(recording.batches) > 1, "no two streams were decoded in one call"
     finally:
         sched.close()
+    for request, sink in zip(requests, sinks, strict=True):  # the solo runs once nothing else runs
+        solo = np.concatenate([c.audio for c in engine.generate(request)])
+        assert np.abs(np.concatenate([c.audio for c in sink.chunks]) - solo).max() <= 5e-6

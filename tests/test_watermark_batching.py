@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -153,8 +154,11 @@ class Request:
         return self.cancelled
 
 
-def queued(stream_id: str, index: int, cancelled=False, is_last=False) -> QueuedChunk:
-    return QueuedChunk(stream_id, FRAME, (index + 1) * FRAME, is_last, Request(cancelled))
+def queued(stream_id: str, index: int, cancelled=False, is_last=False, arrived: float | None = None) -> QueuedChunk:
+    chunk = QueuedChunk(stream_id, FRAME, (index + 1) * FRAME, is_last, Request(cancelled))
+    if arrived is not None:
+        chunk.arrived = arrived
+    return chunk
 
 
 def new_queue(**options) -> ChunkQueue:
@@ -240,7 +244,17 @@ def test_close_returns_what_is_left_and_refuses_more():
     assert q.next_pass(timeout=0.01) is None  # empty: waits, then nothing
     q.put(queued("a", 1))
     left = q.close()
-    assert [c.progress for c in left] == [2 * FRAME] and q.next_pass(timeout=1) is None
+    assert [c.progress for c in left] == [2 * FRAME]
+    started = time.monotonic()
+    assert q.next_pass(timeout=5) is None and time.monotonic() - started < 1  # closed: no wait
+    waiting = new_queue()
+    woken = []
+    thread = threading.Thread(target=lambda: woken.append(waiting.next_pass(timeout=30)))
+    thread.start()
+    time.sleep(0.1)
+    waiting.close()  # wakes the batching thread at once
+    thread.join(5)
+    assert not thread.is_alive() and woken == [None]
     with pytest.raises(RuntimeError, match="shutting down"):
         q.put(queued("a", 2))
 
@@ -267,9 +281,9 @@ def test_a_new_streams_first_chunk_goes_before_audio_its_listeners_have_in_hand(
     reaches it. So a joining stream does not wait behind the running streams' queued audio."""
     q = new_queue(max_streams_per_pass=1)
     for i in range(3):
-        q.put(queued("running", i))
+        q.put(queued("running", i, arrived=100.0))
     assert [c.stream_id for c in q.next_pass(timeout=0).batch] == ["running"]  # its first chunk: due now
-    q.put(queued("joining", 0))
+    q.put(queued("joining", 0, arrived=100.01))  # due at 100.01 s; "running" 1 at 100.08 s, 2 at 100.16 s
     taken = [q.next_pass(timeout=0).batch[0] for _ in range(3)]
     assert [(c.stream_id, c.progress // FRAME - 1) for c in taken] == [("joining", 0), ("running", 1), ("running", 2)]
 
