@@ -244,7 +244,7 @@ class StreamScheduler(OutputStage):
 
     def _refuse_late(self, late: list[tuple[float, Job]]) -> None:
         for waited, job in late:
-            behind, slot = f"the watermarker is behind ({self._held} streams held back)", "no stream slot became free"
+            behind, slot = "the watermarker is behind real time (streams wait for it)", "no stream slot became free"
             why = behind if self._behind() else f"{slot} within {waited:.1f} s ({len(self._active)} streams active)"
             message = f"{why}; retry in a moment or on another server"
             self.log(f"refusing a queued request: {message}")
