@@ -154,8 +154,8 @@ async def test_a_burst_is_answered_at_once_and_leaves_nothing_behind(server):
     """Every part is checked and reported before the test fails, so that one run shows which of them hold."""
     proxy = await start_proxy(server.grpc_url, triton_metrics_port=server.metrics_port, health_interval_s=0.5)
     problems = []
-    watermarker = server.model_stub("watermarker")
-    assert watermarker is not None, server.model_processes()
+    watermarker, csm_1b = server.model_stub("watermarker"), server.model_stub("csm_1b")
+    assert watermarker is not None and csm_1b is not None, server.model_processes()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
             usual = await one_request(session, proxy.http, 1000, 0, None)
@@ -163,7 +163,7 @@ async def test_a_burst_is_answered_at_once_and_leaves_nothing_behind(server):
             await asyncio.sleep(
                 IDLE_TRIM_S
             )  # the watermarker returns freed memory once idle (csm_tts/triton/memory.py)
-            memory_before = resident_mb(watermarker)
+            memory_before, csm_before = resident_mb(watermarker), resident_mb(csm_1b)
             health, stop = [], asyncio.Event()
             watcher = asyncio.create_task(watch_health(session, proxy.http, health, stop))
             burst = await asyncio.gather(
@@ -212,6 +212,7 @@ async def test_a_burst_is_answered_at_once_and_leaves_nothing_behind(server):
             await asyncio.sleep(IDLE_TRIM_S)
             memory_after = resident_mb(watermarker)
             print(f"watermarker resident memory {memory_before:.0f} MB before, {memory_after:.0f} MB after")
+            print(f"csm_1b resident memory {csm_before:.0f} MB before, {resident_mb(csm_1b):.0f} MB after (unchecked)")
             if memory_after > (1 + MEMORY_BACK_WITHIN) * memory_before:
                 problems.append(f"the watermarker kept {memory_after:.0f} MB, {memory_before:.0f} MB before the burst")
     finally:
