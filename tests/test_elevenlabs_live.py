@@ -88,6 +88,12 @@ async def test_refusals_before_the_upgrade(proxy, key):
             assert r.status == 400 and "output_format" in (await r.json())["error"]["message"]
         async with session.get(base + "/alloy/stream-input", headers={"xi-api-key": "wrong"}) as response:
             assert response.status == 401
+    # The same through a real WebSocket handshake: refused with the status, never upgraded.
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(
+            url(proxy, "/v1/text-to-speech/nobody/stream-input"), additional_headers={"xi-api-key": key}
+        )
+    assert refused.value.response.status_code == 400
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pipecat imports audioop
