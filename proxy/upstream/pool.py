@@ -3,10 +3,11 @@ health, and the choice of a replica for each stream.
 
 `TritonPool` owns one client per replica: the URLs in TRITON_GRPC_URLS and, with TRITON_GRPC_SERVICE, the addresses
 its name resolves to (proxy/upstream/discovery.py adds and retires them as they change). A background task checks
-every replica (server live/ready and the repository index: each model's state); a stream goes to the healthy
-replica with the fewest streams in flight. When no replica is healthy a request re-checks at once (bounded by
-`health_timeout_s`) and otherwise fails with `UpstreamUnavailable` (503) right away, never hanging; the gRPC channels
-retry connecting at most every second, so the proxy recovers by itself when Triton comes back.
+every replica (server live/ready and the repository index: each model's state; with a metrics port, each stage's load,
+proxy/upstream/stages.py); a stream goes to the healthy replica with the fewest streams in flight. When no replica is
+healthy a request re-checks at once (bounded by `health_timeout_s`) and otherwise fails with `UpstreamUnavailable`
+(503) right away, never hanging; the gRPC channels retry connecting at most every second, so the proxy recovers by
+itself when Triton comes back.
 """
 
 from __future__ import annotations
