@@ -7,9 +7,9 @@ import random
 
 import pytest
 
+from csm_tts.limits import MODEL_POSITIONS
 from csm_tts.text.boundaries import clause_bounds, sentence_bounds
 from csm_tts.text.budget import (
-    BACKBONE_POSITIONS,
     MAX_SEGMENT_BYTES,
     split_ranges,
     split_spoken,
@@ -51,7 +51,7 @@ def test_clause_bounds_skip_numbers_and_times():
 def test_the_budget_leaves_room_for_context():
     """400 bytes of text is at most 1,175 positions (length rule, one token per byte): 873 are left for context."""
     assert worst_case_positions(MAX_SEGMENT_BYTES) == 1175
-    assert BACKBONE_POSITIONS - worst_case_positions(MAX_SEGMENT_BYTES) >= 800
+    assert MODEL_POSITIONS - worst_case_positions(MAX_SEGMENT_BYTES) >= 800
     # the 90 s cap: from 587 bytes on the length rule stops growing, so a longer text could be cut off
     assert worst_case_positions(587) - 587 == worst_case_positions(2000) - 2000 == 90_000 // 80
 

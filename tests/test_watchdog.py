@@ -66,10 +66,10 @@ def test_a_frozen_stub_of_a_killed_unreaped_server_is_ended_and_its_region_and_m
         (markers / ("0" * 32)).touch()
         wait_for(lambda: Path(f"/proc/{stub_pid}/stat").read_text().split()[2] == "T", 10)
         os.kill(server.pid, signal.SIGKILL)  # not reaped: signal 0 would still reach it
-        took = wait_for(lambda: gone(stub_pid) and gone(watcher_pid), 5)
+        # Checked every 0.1 s; 5 s is slack for a loaded machine (wait_for fails the test beyond it).
+        wait_for(lambda: gone(stub_pid) and gone(watcher_pid), 5)
         assert not (shm_dir / "triton_python_backend_shm_region_test").exists()
         assert not markers.exists()
-        assert took < 5  # checked every 0.1 s; the bound is slack for a loaded machine
     finally:
         for pid in (stub_pid, watcher_pid):
             if not gone(pid):

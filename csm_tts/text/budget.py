@@ -24,16 +24,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from csm_tts import FRAME_MS
+from csm_tts.limits import MAX_AUDIO_LENGTH_MS
 from csm_tts.speech.length_rule import default_audio_length_ms
 from csm_tts.text.boundaries import budget_cut, sentence_bounds, utf8_size
 from csm_tts.text.normalize import SpokenText
 
-BACKBONE_POSITIONS = 2048
-AUDIO_CAP_MS = 90_000
 MAX_SEGMENT_BYTES = 400
 
 
-def worst_case_positions(size_bytes: int, cap_ms: int = AUDIO_CAP_MS) -> int:
+def worst_case_positions(size_bytes: int, cap_ms: int = MAX_AUDIO_LENGTH_MS) -> int:
     """Positions a segment of `size_bytes` may take: one per byte of text (a byte-level worst case) plus its audio."""
     return size_bytes + default_audio_length_ms("x" * size_bytes, cap_ms) // FRAME_MS
 

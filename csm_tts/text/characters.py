@@ -26,7 +26,7 @@ _KEPT = {"\n", "\t"}
 # Line and paragraph separators and a lone carriage return are line ends.
 _LINE_ENDS = {"\u2028", "\u2029", "\r", "\x0b", "\x0c", "\x85"}
 # Cc control, Cf format (zero-width space/joiners, bidi marks and isolates, soft hyphen, BOM), Co private use,
-# Cs lone surrogates; Mn variation selectors only (other combining marks are letters' accents).
+# Cs lone surrogates. Combining marks stay (letters' accents), except those `_is_removed` names.
 _REMOVED_CATEGORIES = {"Cc", "Cf", "Co", "Cs"}
 
 
@@ -35,7 +35,7 @@ def _is_removed(char: str) -> bool:
         return False
     if unicodedata.category(char) in _REMOVED_CATEGORIES:
         return True
-    point = ord(char)
+    point = ord(char)  # variation selectors (Mn) and the combining enclosing keycap U+20E3 (Me): emoji residue
     return 0xFE00 <= point <= 0xFE0F or 0xE0100 <= point <= 0xE01EF or point == 0x20E3
 
 

@@ -61,7 +61,6 @@ class StreamQuery:
     voice_id: str
     multi: bool
     output_format: OutputFormat
-    model_id: str = ""
     auto_mode: bool = False
     normalization: str = "auto"  # apply_text_normalization: "auto" and "on" normalise, "off" does not
     language_code: str | None = None
@@ -96,7 +95,6 @@ def parse_query(voice_id: str, query: Mapping[str, str], *, multi: bool) -> Stre
         voice_id=voice_id,
         multi=multi,
         output_format=OUTPUT_FORMATS[name],
-        model_id=query.get("model_id", "")[:128],
         auto_mode=auto_mode,
         normalization=normalization,
         language_code=language,
@@ -166,7 +164,8 @@ def _reject_constant(name: str) -> float:
 
 
 def _json_object(raw: str | bytes) -> dict:
-    if len(raw) > MAX_MESSAGE_BYTES:
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"a message may be at most {MAX_MESSAGE_BYTES} bytes", close_code=1009)
     if isinstance(raw, bytes):
         try:

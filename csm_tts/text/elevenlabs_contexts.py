@@ -29,8 +29,8 @@ class Contexts:
     ended: bool = False
 
     def admit(self, message: Message) -> Message | None:
-        """The message to act on, None when there is nothing to do (a flush or close of a context that is not
-        open), or ProtocolError when it breaks the connection's rules."""
+        """The message to act on, or None when there is nothing to do (a flush or close of a context that is not
+        open); raises ProtocolError when it breaks the connection's rules."""
         if isinstance(message, Text):
             return self._text(message)
         if isinstance(message, Flush):

@@ -69,7 +69,7 @@ class StreamPolicy:
     def __post_init__(self) -> None:
         if not 0 <= self.first_min_chars <= self.first_max_chars or self.first_max_chars < 1:
             raise ValueError("need 0 <= first_min_chars <= first_max_chars and first_max_chars >= 1")
-        if self.first_max_chars > self.max_bytes or self.max_bytes < 1:
+        if self.first_max_chars > self.max_bytes:  # first_max_chars >= 1 (above), so max_bytes >= 1 too
             raise ValueError("need 1 <= first_max_chars <= max_bytes")
         if self.min_chars < 0 or not self.max_wait_s > 0:
             raise ValueError("min_chars must be >= 0 and max_wait_s > 0")

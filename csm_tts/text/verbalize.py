@@ -167,9 +167,12 @@ def _month(written: str) -> str:
     return next(month for month in _MONTHS if month.startswith(written[:3].title()))
 
 
-def _date(month: str, day: str, year: str | None) -> str:
-    said = f"{month} {numbers.ordinal(str(int(day)))}"
+def _with_year(said: str, year: str | None) -> str:
     return f"{said} {numbers.year(year)}" if year else said
+
+
+def _date(month: str, day: str, year: str | None) -> str:
+    return _with_year(f"{month} {numbers.ordinal(str(int(day)))}", year)
 
 
 def _month_day(match: re.Match[str], language: str) -> str:
@@ -177,8 +180,7 @@ def _month_day(match: re.Match[str], language: str) -> str:
 
 
 def _day_month(match: re.Match[str], language: str) -> str:
-    said = f"the {numbers.ordinal(str(int(match['day'])))} of {_month(match['month'])}"
-    return f"{said} {numbers.year(match['year'])}" if match["year"] else said
+    return _with_year(f"the {numbers.ordinal(str(int(match['day'])))} of {_month(match['month'])}", match["year"])
 
 
 def _iso_date(match: re.Match[str], language: str) -> str:
