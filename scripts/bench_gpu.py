@@ -27,8 +27,9 @@ Every request is seeded and fixed-length (ignore EOS). In this order, each part 
 4. the codec stage (`CodecSlots`, csm_tts/speech/codec_stream.py) at each --concurrency level: ms per output round
    in which every stream brings a chunk of the schedule's first and largest size, in one batched call and one call per
    stream (--codec-rounds timed rounds, median); then the watermark (silentcipher's full-size networks, random
-   weights) per chunk at each level, one stream's chunk at a time as one Triton instance runs it (there is no
-   batched watermarker API yet): only when silentcipher, soxr and pyyaml are importable (a note says otherwise);
+   weights) per chunk at each level, one stream's chunk at a time, unbatched (the served watermarker batches streams
+   in passes: `scripts/bench_watermark.py --device cuda` measures that): only when silentcipher, soxr and pyyaml are
+   importable (a note says otherwise);
 5. one stream through `CsmEngine.generate`: time to first audio (default chunk schedule), frames/s, RTF; both paths;
 6. concurrent streams through `StreamScheduler` (all submitted at once): aggregate audio s/s, TTFA p50/p99, worst
    RTF, stalls (a chunk arriving after the audio before it finished playing), peak GPU memory; the new path at every
@@ -310,7 +311,8 @@ def breakdown(engine, kind: str, texts: list[str], streams: int, frames: int) ->
 
 def watermark_cost(device: torch.device, levels: list[int], frames: int, budget) -> dict:
     """Per-chunk cost of silentcipher's full-size networks (random weights) on `device`: each level's streams push
-    one chunk each in turn, as one watermarker instance serves them; chunks follow the default schedule."""
+    one chunk each in turn, unbatched (scripts/bench_watermark.py measures batched passes); chunks follow the default
+    schedule."""
     missing = [m for m in ("silentcipher", "soxr", "yaml") if importlib.util.find_spec(m) is None]
     if missing:
         return {"skipped": f"needs {', '.join(missing)} (pip install soxr pyyaml; silentcipher --no-deps)"}
@@ -635,7 +637,7 @@ def print_report(result: dict) -> None:
             print(f"codec stage: {key} ({codec[key]})")
     watermark = result.get("watermark") or {}
     if watermark.get("rows"):
-        print("watermark (full-size silentcipher, random weights), per stream (no batched watermarker here yet):")
+        print("watermark (full-size silentcipher, random weights), per stream, unbatched:")
         for r in watermark["rows"]:
             print(
                 f"  {r['streams']:>3} streams: {fmt(r['ms_per_frame_of_audio_p50'])} ms per 80 ms of audio (p50), "

@@ -112,8 +112,8 @@ def summarize(target: str, concurrency: int, results: list[RequestResult], wall_
         if not arrivals:
             continue
         ttfa.append(arrivals[0] * 1000)
-        if r.playable() is not None:
-            playable.append(r.playable() * 1000)
+        if (playable_s := r.playable()) is not None:
+            playable.append(playable_s * 1000)
         gaps += [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
         duration = sum(durations)
         audio += duration

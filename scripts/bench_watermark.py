@@ -35,13 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from csm_tts import SAMPLE_RATE  # noqa: E402
+from csm_tts import SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
 from csm_tts.speech.chunk_schedule import ChunkSchedule  # noqa: E402
 from csm_tts.watermark.options import PUBLIC_KEY  # noqa: E402
 from csm_tts.watermark.streaming import StreamingWatermarker, watermark_together  # noqa: E402
 from csm_tts.watermark.weights import load_watermark_model, write_random_checkpoint  # noqa: E402
 
-FRAME = SAMPLE_RATE * 80 // 1000
+FRAME = SAMPLES_PER_FRAME
 
 
 def chunks_of(audio: np.ndarray, schedule: ChunkSchedule) -> list[np.ndarray]:

@@ -13,16 +13,16 @@ Zero state is exactly the zero padding of a one-shot decode, so a stream's chunk
 of its codes (to float rounding: tests/test_codec_slots.py), for any chunk sizes and whoever shares the call.
 
 Every stream's state lives in one slot of buffers allocated once, like the backbone's KV slots (slots.py). A call
-gathers its streams' slots into a batch of a fixed row bucket (padding rows use a scratch slot), runs the layers over
-a fixed frame bucket and writes the states back: static shapes, inputs in fixed buffers, no host synchronisation
-inside, so on a GPU the call is captured as a CUDA graph per (rows, frames) bucket (`cuda_graphs=True`); on the CPU
-it runs eagerly. Streams in one call may bring different frame counts: rows are padded to the bucket, and each row's
-state advances by its own valid count (convolution histories are cut at a per-row offset; keys/values of padded steps
-land in the ring past the row's last step, where its next call overwrites them before any query can see them), so
-padding never reaches a kept sample. `decode` groups streams by frame bucket, one call per bucket present (in steady
-state every due chunk has the largest size: one call), rather than padding all to the largest chunk: a 2-frame first
-chunk does not pay for a 10-frame one (5x the work on a CPU), and small chunks are decoded first.
-"""
+gathers its streams' slots into a batch of a fixed row bucket (padding rows use a scratch slot), runs the layers over a
+fixed frame bucket and writes the states back: static shapes, inputs in fixed buffers, no host synchronisation inside,
+so on a GPU the call can be captured as a CUDA graph per (rows, frames) bucket (`cuda_graphs=True`, opt-in: the engine
+decodes eagerly until the gpu-marked test has passed on a GPU); on the CPU it runs eagerly. Streams in one call may
+bring different frame counts: rows are padded to the bucket, and each row's state advances by its own valid count
+(convolution histories are cut at a per-row offset; keys/values of padded steps land in the ring past the row's last
+step, where its next call overwrites them before any query can see them), so padding never reaches a kept sample.
+`decode` groups streams by frame bucket, one call per bucket present (in steady state every due chunk has the largest
+size: one call), rather than padding all to the largest chunk: a 2-frame first chunk does not pay for a 10-frame one (5x
+the work on a CPU), and small chunks are decoded first."""
 
 from __future__ import annotations
 
@@ -250,8 +250,8 @@ class CodecSlots:
         return [samples[row, : n * per_frame].numpy() for row, n in enumerate(valid)]
 
     def capture_graphs(self) -> int:
-        """Capture a CUDA graph for every (rows, frames) bucket now, so that no stream pays for a capture later (at
-        model load). Returns how many graphs exist."""
+        """Capture a CUDA graph for every (rows, frames) bucket now, so that no stream pays for a capture later (for
+        callers that turned graphs on: benchmarks and tests). Returns how many graphs exist."""
         if not self.cuda_graphs:
             return 0
         with self._lock:

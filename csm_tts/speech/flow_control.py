@@ -78,7 +78,9 @@ class FlowControl:
         for job in jobs:
             try:
                 stream = job.stream  # sent, being decoded, and generated for the next chunk
-                made = stream.samples_sent + (len(stream.due or ()) + len(stream.pending)) * SAMPLES_PER_FRAME
+                # `due` first: the output stage clears it only after counting the chunk in `samples_sent`.
+                due = len(stream.due or ())
+                made = stream.samples_sent + (due + len(stream.pending)) * SAMPLES_PER_FRAME
                 held = self.held(job.hold, made, job.samples_done(), now)
             except Exception as e:  # a sink that cannot report must not hold (or fail) its stream
                 log_error(f"stream {job.name}: its watermark progress could not be read: {e}")

@@ -42,7 +42,7 @@ class Job:
     stream: Stream | None = None
     ended: bool = False  # its final response was sent (or could not be): nothing more goes to its sink
     queued_at: float = field(default_factory=time.monotonic)
-    handed_over: bool = False  # owned by the output stage (a chunk due, or a check): the stepper leaves it alone
+    handed_over: bool = False  # with the output stage (a due chunk, or a check): still stepped, no new chunk cut
     hold: Hold = field(default_factory=Hold)
     _ending: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

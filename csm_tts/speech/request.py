@@ -24,7 +24,6 @@ class ContextTooLong(InvalidRequest):
 
     def __init__(self, detail: str):
         super().__init__(limits.with_reason(self.reason, detail))
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def validate_request(request: GenerationRequest, bounds: Limits, codebook_size: 
             raise InvalidRequest(f"{name} must be an integer from 0 to {bounds.max_speaker_id}, got {value!r}")
     low, high = limits.ENGINE_TEMPERATURE
     if not (isinstance(request.temperature, (int, float)) and low <= request.temperature <= high):
-        raise InvalidRequest(f"temperature must be between 0 (greedy) and 2, got {request.temperature!r}")
+        raise InvalidRequest(f"temperature must be between {low:g} (greedy) and {high:g}, got {request.temperature!r}")
     if not isinstance(request.topk, int) or not 1 <= request.topk <= codebook_size:
         raise InvalidRequest(f"topk must be an integer from 1 to {codebook_size}, got {request.topk!r}")
     if request.max_audio_length_ms is not None and (

@@ -115,9 +115,6 @@ class StreamScheduler(OutputStage):
     def _queued(self) -> int:
         return len(self._waiting) + len(self._ready) + (self._preparing is not None)
 
-    def _due(self, job: Job) -> bool:  # the stepping thread's view of a stream's next chunk
-        return job.stream.finished or self.engine.chunk_ready(job.stream)
-
     # -- the threads ----------------------------------------------------------------------------------------------
     def _loop(self, work: Callable[[], bool]) -> None:
         """Run `work` until it says stop. Nothing escapes: a bug in the scheduler's own code breaks the engine loudly
@@ -171,7 +168,8 @@ class StreamScheduler(OutputStage):
             # At most one prefill between two batched steps, so a burst of new streams cannot freeze running ones.
             job = self._ready.popleft() if self._admissible(now) else None
             # A stream whose next chunk is due while its last one is still being decoded waits for the output stage.
-            candidates = [j for j in self._active if not j.ended and not (j.handed_over and self._due(j))]
+            ready = self.engine.chunk_ready
+            candidates = [j for j in self._active if not j.ended and not (j.handed_over and ready(j.stream))]
         for gone in retired:  # slots are released here, never while a step may use them
             self._release(gone)
         self._refuse_late(late)
@@ -180,7 +178,7 @@ class StreamScheduler(OutputStage):
         stepping, checks = self._not_held(candidates, now)
         if stepping:
             self._step(stepping)
-        due = [j for j in stepping if not j.handed_over and self._due(j)]
+        due = [j for j in stepping if not j.handed_over and self.engine.chunk_ready(j.stream)]
         for ready in due:
             self.engine.cut_chunk(ready.stream)
         self._hand_over(checks + due)

@@ -50,7 +50,7 @@ class Stream:
     positions: int = 0  # positions of the backbone context filled (prompt, then one per frame fed back)
     # The engine's codec slot (the stream's decoder state), owned until its last chunk is taken or it is released.
     codec_slot: int | None = None
-    pending: list[torch.Tensor] = field(default_factory=list)  # frames not yet decoded, each [32] on the CPU
+    pending: list[torch.Tensor] = field(default_factory=list)  # frames not yet cut into a chunk, each [32] on the CPU
     frames_generated: int = 0
     # The next chunk's frames, cut from `pending` when it fell due (`cut`); decoded by `CsmEngine.take_chunks`.
     due: list[torch.Tensor] | None = None

@@ -190,14 +190,9 @@ def remove_stale_dirs() -> list[Path]:
     """Directories left by servers that no longer run (named after their PID). Removed; returned for the log."""
     if os.environ.get("CSM_CANCEL_DIR"):
         return []
-    removed = []
-    for path in _base().glob(f"{_PREFIX}*"):
-        pid = path.name.removeprefix(_PREFIX)
-        if not pid.isdigit() or int(pid) == os.getppid() or _alive(int(pid)):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
+    pids = [path.name.removeprefix(_PREFIX) for path in _base().glob(f"{_PREFIX}*")]
+    dead = [int(pid) for pid in pids if pid.isdigit() and int(pid) != os.getppid() and not _alive(int(pid))]
+    return [path for pid in dead if (path := remove_dead_server_markers(pid)) is not None]
 
 
 def _alive(pid: int) -> bool:

@@ -241,12 +241,10 @@ class WatermarkMetrics:
         self.reporter.call(self.pass_time.observe, seconds)
         self._gauge("streams", streams_held)
 
-    def chunk(self, seconds: float, streams_held: int | None = None) -> None:
+    def chunk(self, seconds: float) -> None:
         if self._closed:  # a request answered at or after unload
             return
         self.reporter.call(self.latency.observe, seconds)
-        if streams_held is not None:
-            self._gauge("streams", streams_held)
 
     def flush(self) -> None:
         self.reporter.flush()

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from csm_tts import limits
 from csm_tts.speech.chunk_schedule import ChunkSchedule
 from csm_tts.speech.engine import CsmEngine
 from csm_tts.speech.flow_control import FlowControl
@@ -138,9 +139,13 @@ def read_config(model_config):
         "model_dir": config_parameter(model_config, "model_dir", env="CSM_MODEL_DIR"),
         "schedule": ChunkSchedule(first_frames=first, growth=growth, max_frames=largest),
         "limits": Limits(
-            max_audio_length_ms=integer("max_audio_length_ms", 90_000, 80, 163_840),  # 2048 frames at most
-            max_context_audio_s=float_parameter(model_config, "max_context_audio_s", 120.0, 0.0, 163.84),
-            max_context_segments=integer("max_context_segments", 32, 0, 1024),
+            max_audio_length_ms=integer(  # 2048 frames at most
+                "max_audio_length_ms", limits.MAX_AUDIO_LENGTH_MS, limits.ENGINE_MIN_AUDIO_LENGTH_MS, 163_840
+            ),
+            max_context_audio_s=float_parameter(
+                model_config, "max_context_audio_s", limits.MAX_CONTEXT_AUDIO_S, 0.0, 163.84
+            ),
+            max_context_segments=integer("max_context_segments", limits.MAX_CONTEXT_SEGMENTS, 0, 1024),
         ),
         "max_active": integer("max_active_streams", 8, 1, 1024),
         "max_queued": integer("max_queued_streams", 32, 1, 100_000),
