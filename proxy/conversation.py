@@ -51,7 +51,8 @@ class ContextBudget:
 
 @dataclass
 class Conversation:
-    """The finished chunks of one WebSocket session or one /stream/chunks request, oldest first."""
+    """The finished chunks of one conversation, oldest first: a WebSocket or ElevenLabs session, one /stream/chunks
+    request, or one long text's segments."""
 
     budget: ContextBudget
     segments: list[ContextSegment] = field(default_factory=list)

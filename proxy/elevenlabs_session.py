@@ -18,10 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import soxr
 from aiohttp import WSMsgType, web
 
-from csm_tts import SAMPLE_RATE
 from csm_tts.text import elevenlabs as el
 from csm_tts.text.elevenlabs_contexts import Contexts
 from csm_tts.text.incremental import StreamPolicy
@@ -30,8 +28,7 @@ from proxy.conversation import ContextBudget, Conversation
 from proxy.errors import ApiError
 from proxy.formats import AudioFormat
 from proxy.parse.job import GenerateOptions
-from proxy.render.encoders import StreamEncoder
-from proxy.render.pcm import to_pcm16
+from proxy.render.audio import AudioRenderer, play
 from proxy.spoken import SpokenGeneration
 from proxy.text_stream import CutPlan, TextStream
 from proxy.upstream.errors import UpstreamError
@@ -41,30 +38,12 @@ POLL_S = 0.1  # how often waiting text is checked against the segmenter's max wa
 FINAL = None  # queued after a context's last cut: send isFinal
 
 
-class OutputConverter:
-    """24 kHz float chunks -> the connection's output format: 16-bit PCM at any rate (soxr), or MP3."""
-
-    def __init__(self, fmt: el.OutputFormat):
-        self._encoder = self._resampler = None
-        if fmt.codec == "mp3":
-            bit_rate = (fmt.bitrate_kbps or 128) * 1000
-            self._encoder = StreamEncoder(
-                AudioFormat(fmt.name, "audio/mpeg", "mp3", "mp3", "libmp3lame", fmt.sample_rate, bit_rate)
-            )
-        elif fmt.sample_rate != SAMPLE_RATE:
-            self._resampler = soxr.ResampleStream(SAMPLE_RATE, fmt.sample_rate, 1, dtype="float32", quality="HQ")
-
-    def convert(self, audio: np.ndarray, last: bool = False) -> bytes:
-        if self._encoder is not None:
-            data = self._encoder.encode(audio) if audio.size else b""
-            return data + (self._encoder.finish() if last else b"")
-        if self._resampler is not None:
-            audio = self._resampler.resample_chunk(audio, last=last)
-        return to_pcm16(audio).tobytes()
-
-    def close(self) -> None:
-        if self._encoder is not None:
-            self._encoder.close()
+def audio_format(fmt: el.OutputFormat) -> AudioFormat:
+    """The connection's output format for the shared renderer: 16-bit PCM at any rate, or MP3 (soxr resamples)."""
+    if fmt.codec == "mp3":
+        bit_rate = (fmt.bitrate_kbps or 128) * 1000
+        return AudioFormat(fmt.name, "audio/mpeg", "mp3", "mp3", "libmp3lame", fmt.sample_rate, bit_rate)
+    return AudioFormat(fmt.name, "audio/pcm", "pcm", sample_rate=fmt.sample_rate)
 
 
 @dataclass
@@ -202,27 +181,25 @@ class ElevenLabsSession:
             return
 
     async def generate(self, context: Context, cut: CutPlan) -> None:
-        converter = OutputConverter(self.query.output_format)
+        renderer = AudioRenderer(audio_format(self.query.output_format), self.offload)
+
+        async def send(data: bytes, audio: np.ndarray) -> None:
+            if data:  # an encoder may hold a chunk's audio back for its next frame
+                await self.send(el.audio(data, context.id))
+
         try:
             with self.admission.admit(self.scope, cut.plan.options, self.pool) as lease:
                 watermark = self.settings.watermark_enabled
                 async with SpokenGeneration(
                     self.pool, cut.plan, lease, watermark, self.conversation, self.reference
                 ) as generation:
-                    async for chunk in generation:
-                        if chunk.audio.size:
-                            data = await self.offload.run(converter.convert, chunk.audio)
-                            if data:
-                                await self.send(el.audio(data, context.id))
-            tail = await self.offload.run(converter.convert, np.zeros(0, np.float32), True)
-            if tail:
-                await self.send(el.audio(tail, context.id))
+                    await play(generation, renderer, send)
         except (UpstreamError, ApiError) as e:
             log.warning("ElevenLabs context %r: a segment failed: %s", context.id, e.message)
             fields = {"message": e.message, "error": "generation_failed"}
             await self.send(el.Answer({**fields, **({"contextId": context.id} if context.id is not None else {})}))
         finally:
-            converter.close()
+            renderer.close()  # after the encode job in flight, if a barge-in cancelled this task during one
 
     async def send(self, answer: el.Answer) -> None:
         async with self.send_lock:

@@ -43,3 +43,5 @@ FORMATS = {
     )
 }
 RESPONSE_FORMATS = tuple(FORMATS)  # mp3, opus, aac, flac, wav, pcm (OpenAI's order)
+# Raw PCM frames of the WebSocket stream (little-endian 16-bit integers or 32-bit floats), beside the encoded formats.
+SAMPLE_FORMATS = ("s16le", "f32le")

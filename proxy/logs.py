@@ -1,7 +1,7 @@
 """Log lines with the request id (from the request's scope, proxy/scope.py), as text or JSON (PROXY_LOG_FORMAT).
 
 Text: `2026-12-02 10:00:00,000 INFO proxy [3f2a...]: message`. JSON: one object per line with `time`, `level`,
-`logger`, `request_id` (when the line belongs to a request), `message` and, for errors, `exception`. aiohttp's access
+`logger`, `request_id` (when the line belongs to a request), `message` and, for errors, `exception`.
 The access log (logger `proxy.access`) has one line per request and per WebSocket session, written by the observe
 middleware (`access_line`), client-aborted requests included.
 """

@@ -1,7 +1,7 @@
 """The URL table: which handler serves which endpoint (GET / lists them with a description, proxy/endpoints/info.py).
 
 A new endpoint: a module in proxy/endpoints/ (parse with proxy/parse/, `admit` from proxy/requests.py before any
-expensive work, generate with proxy/generation.py, answer with proxy/render/), one line here, one in info.ENDPOINTS.
+expensive work, generate with proxy/spoken.py, answer with proxy/render/), one line here, one in info.ENDPOINTS.
 """
 
 from __future__ import annotations

@@ -246,13 +246,13 @@ class StreamSession:
         sent = 0
         first_proxy_ms = first_audio_ms = None
         started = time.perf_counter()
-        # Stream mode: each chunk as it comes (PCM, or pieces of one encoded file); message mode: one WAV at the end.
+        # Stream mode: each chunk as it comes (PCM, or pieces of one encoded file); message mode: one WAV at the end
+        # (`parts`: only message mode keeps the audio).
         renderer = AudioRenderer(self.config.sample_format, self.offload) if streaming else None
 
         async def send(payload: bytes, audio: np.ndarray) -> None:
             nonlocal sent, first_proxy_ms, first_audio_ms
             received = time.perf_counter()
-            parts.append(audio)
             await self.send_audio(payload, audio.size, chunk_id, sent)
             if first_proxy_ms is None:
                 now = time.perf_counter()
@@ -276,18 +276,18 @@ class StreamSession:
         finally:
             if renderer is not None:
                 renderer.close()
-        audio = _concat(parts)
         processing_ms = (time.perf_counter() - started) * 1000.0
-        if streaming:
+        if streaming:  # the audio has gone out chunk by chunk: only its size is reported
+            samples = generation.samples
             await self.send_reply(
                 {
                     "chunk_id": chunk_id,
                     "text": options.text,
                     "final": True,
                     "audio_messages": sent,
-                    "samples": int(audio.size),
+                    "samples": samples,
                     "sample_rate": SAMPLE_RATE,
-                    "duration_ms": audio.size * 1000.0 / SAMPLE_RATE,
+                    "duration_ms": samples * 1000.0 / SAMPLE_RATE,
                     "processing_time_ms": processing_ms,
                     "first_audio_ms": first_audio_ms,
                     "first_audio_proxy_ms": first_proxy_ms,
@@ -300,10 +300,11 @@ class StreamSession:
             fields = {
                 "audio_base64": None,
                 "sample_rate": SAMPLE_RATE,
-                "processing_time_ms": (time.perf_counter() - started) * 1000.0,
+                "processing_time_ms": processing_ms,
                 "text": options.text,
             }
-            reply = await self.offload.run(wav_message, fields, audio)  # the documented shape, built in the pool
+            # The documented shape, built in the pool.
+            reply = await self.offload.run(wav_message, fields, _concat(parts))
             async with self.send_lock:
                 await self._send(reply)
 

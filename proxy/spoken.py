@@ -139,7 +139,6 @@ class SpokenGeneration:
         reference: Sequence[ContextSegment] = (),
     ):
         self.pool = pool
-        self.plan = plan
         self.options = plan.options
         self.lease = lease
         self.watermark_default = watermark_default
@@ -185,7 +184,8 @@ class SpokenGeneration:
                     raise
                 await self._next_segment()
                 continue
-            self._audio.append(chunk.audio)
+            if self.conversation is not None:  # its audio becomes the next segment's context
+                self._audio.append(chunk.audio)
             self.samples += chunk.audio.size
             self.watermarked = self.watermarked or chunk.watermarked
             chunk = dataclasses.replace(
@@ -217,15 +217,16 @@ class SpokenGeneration:
         generation, self._current = self._current, None
         await generation.__aexit__(None, None, None)
         segment = self.segments[self._index]
-        segment.samples = sum(a.size for a in self._audio)
+        segment.samples = generation.samples
         frames = math.ceil(segment.samples / SAMPLES_PER_FRAME)
-        segment.end = "length" if frames >= segment_audio_limit_ms(generation.options) // FRAME_MS else "eos"
+        limit_ms = segment_audio_limit_ms(generation.options)
+        segment.end = "length" if frames >= limit_ms // FRAME_MS else "eos"
         if segment.end == "length":
             log.warning(
                 "segment %d of %d ended without its end-of-speech frame (ran to its %d ms limit)",
                 self._index + 1,
                 len(self.segments),
-                segment_audio_limit_ms(generation.options),
+                limit_ms,
             )
         if self.lease is not None:
             self.lease.admission.metrics.text_segments.labels(segment.end).inc()

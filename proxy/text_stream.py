@@ -48,10 +48,6 @@ class TextStream:
         self._base = 0  # where the current segmenter's text starts in everything received
         self._segmenter = StreamSegmenter(self.policy, clock)
 
-    @property
-    def pending(self) -> str:
-        return self._segmenter.pending
-
     def feed(self, piece: str) -> list[CutPlan]:
         self.received += len(piece)
         return self._plans(self._segmenter.feed(piece))

@@ -3,15 +3,19 @@ ElevenLabs output conversion, and the options that turn these on (normalize, tex
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+import soundfile
 
 from csm_tts.text import elevenlabs as el
-from proxy.elevenlabs_session import OutputConverter
+from proxy.elevenlabs_session import audio_format
 from proxy.errors import ApiError, ValidationError
 from proxy.parse.job import GenerateOptions
 from proxy.parse.native import parse_generate, parse_query
 from proxy.parse.websocket import StreamConfig, parse_stream_config
+from proxy.render.encoders import StreamEncoder
 from proxy.spoken import plan_speech
 from proxy.text_stream import TextStream
 
@@ -58,16 +62,20 @@ def test_plan_speech_refuses_nothing_speakable():
 
 @pytest.mark.parametrize("name,rate", [("pcm_16000", 16000), ("pcm_24000", 24000), ("pcm_44100", 44100)])
 def test_pcm_output_is_resampled(name, rate):
-    converter = OutputConverter(el.OUTPUT_FORMATS[name])
+    encoder = StreamEncoder(audio_format(el.OUTPUT_FORMATS[name]))
     audio = np.sin(np.arange(24000) / 10).astype(np.float32) * 0.5
-    data = converter.convert(audio[:12000]) + converter.convert(audio[12000:], last=True)
+    data = encoder.encode(audio[:12000]) + encoder.encode(audio[12000:]) + encoder.finish()
     assert abs(len(data) // 2 - rate) <= 2
 
 
 def test_mp3_output_is_one_stream():
-    converter = OutputConverter(el.OUTPUT_FORMATS["mp3_44100_128"])
-    data = converter.convert(np.zeros(24000, np.float32)) + converter.convert(np.zeros(0, np.float32), last=True)
-    assert data[:3] == b"ID3" or data[0] == 0xFF
+    """Two chunks and the tail: one MP3 file (one ID3 tag) of 1 s at 44.1 kHz, as an independent decoder reads it."""
+    encoder = StreamEncoder(audio_format(el.OUTPUT_FORMATS["mp3_44100_128"]))
+    audio = np.sin(np.arange(24000) / 10).astype(np.float32) * 0.5
+    data = encoder.encode(audio[:12000]) + encoder.encode(audio[12000:]) + encoder.finish()
+    assert data.count(b"ID3") == 1
+    decoded, rate = soundfile.read(io.BytesIO(data))
+    assert rate == 44100 and 44100 <= decoded.shape[0] <= 44100 + 2 * 1152
 
 
 def test_options_and_config():

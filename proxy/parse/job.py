@@ -58,7 +58,3 @@ class SpeechJob:
     sse: bool = False
     voice: Voice | None = None  # a preset's clip is the first context segment
     reference: ReferenceClip | None = None  # the client's own clip replaces the preset's
-
-    @property
-    def text(self) -> str:
-        return self.options.text

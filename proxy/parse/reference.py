@@ -18,12 +18,11 @@ REFERENCE_FIELDS = ("reference_audio", "reference_text")
 
 @dataclass(frozen=True)
 class ReferenceLimits:
-    max_bytes: int = limits.REFERENCE_MAX_BYTES  # decoded from base64
-    max_seconds: float = limits.REFERENCE_MAX_SECONDS
+    max_bytes: int = limits.REFERENCE_MAX_BYTES  # decoded from base64; its length is checked once decoded (voices.py)
 
     @classmethod
     def from_settings(cls, settings) -> ReferenceLimits:
-        return cls(max_bytes=settings.reference_max_bytes, max_seconds=settings.reference_max_seconds)
+        return cls(max_bytes=settings.reference_max_bytes)
 
 
 def parse_reference(data: Mapping, bounds: ReferenceLimits) -> ReferenceClip | None:

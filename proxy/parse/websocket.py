@@ -9,12 +9,11 @@ from dataclasses import dataclass, field, replace
 
 from csm_tts.parsing import shown
 from proxy.errors import ValidationError
-from proxy.formats import RESPONSE_FORMATS
+from proxy.formats import RESPONSE_FORMATS, SAMPLE_FORMATS
 from proxy.parse import strict_json
 from proxy.parse.fields import OPTION_NAMES, unknown_fields
 from proxy.parse.native import check_options
 
-SAMPLE_FORMATS = ("s16le", "f32le")
 # Stream mode may also send each text chunk as one encoded file, in pieces as generated (proxy/render/encoders.py).
 ENCODED_FORMATS = tuple(name for name in RESPONSE_FORMATS if name != "pcm")
 MODES = ("message", "stream")
@@ -49,11 +48,6 @@ class StreamConfig:
     @property
     def streaming(self) -> bool:
         return self.mode == "stream"
-
-    @property
-    def encoded(self) -> bool:
-        """Stream mode with an encoded format: a chunk's audio messages concatenate to one file."""
-        return self.streaming and self.sample_format in ENCODED_FORMATS
 
 
 def parse_stream_config(data: object, base: StreamConfig) -> StreamConfig:

@@ -3,7 +3,8 @@ bounded thread pool. Forms: the API's response formats (mp3, opus, aac, flac, wa
 WebSocket's raw sample formats (s16le, f32le). The bytes of one generation concatenate to one complete file.
 
 `play` is the one "generate -> render -> send -> finish" loop every streaming endpoint runs (HTTP file, SSE,
-WebSocket stream mode); each piece is sent before the next chunk is read, so a slow reader slows its own stream.
+WebSocket stream mode, the ElevenLabs socket at its own rates); each piece is sent before the next chunk is read, so a
+slow reader slows its own stream.
 """
 
 from __future__ import annotations
@@ -13,20 +14,23 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from proxy.formats import FORMATS
+from proxy.formats import FORMATS, SAMPLE_FORMATS, AudioFormat
 from proxy.render.encoders import StreamEncoder
 from proxy.render.offload import Offload
 from proxy.render.pcm import pcm_bytes
 
-SAMPLE_FORMATS = ("s16le", "f32le")
-
 
 class AudioRenderer:
-    def __init__(self, form: str, offload: Offload):
+    def __init__(self, form: str | AudioFormat, offload: Offload):
+        """`form`: a response format's or a sample format's name, or an `AudioFormat` of the caller's own (the
+        ElevenLabs socket's rates and bit rates)."""
         self.form = form
         self.offload = offload
         self.samples_in = 0
-        self._encoder = StreamEncoder(FORMATS[form]) if form not in SAMPLE_FORMATS else None
+        if isinstance(form, AudioFormat):
+            self._encoder = StreamEncoder(form)
+        else:
+            self._encoder = StreamEncoder(FORMATS[form]) if form not in SAMPLE_FORMATS else None
         self._job: Future | None = None  # the pool's job now running on the encoder
 
     async def chunk(self, audio: np.ndarray) -> bytes:

@@ -47,8 +47,9 @@ class StreamEncoder:
 
     def __init__(self, fmt: AudioFormat):
         self.format = fmt
-        self.samples_in = 0
         self._resampler = None
+        if fmt.sample_rate != SAMPLE_RATE:  # raw PCM or an encoded format at another rate (ElevenLabs' formats)
+            self._resampler = soxr.ResampleStream(SAMPLE_RATE, fmt.sample_rate, 1, dtype="float32", quality="HQ")
         self._container = self._stream = self._sink = None
         if fmt.container is None:
             return
@@ -59,24 +60,24 @@ class StreamEncoder:
         self._stream = self._container.add_stream(fmt.codec, rate=fmt.sample_rate, layout="mono")
         if fmt.bit_rate:
             self._stream.bit_rate = fmt.bit_rate
-        if fmt.sample_rate != SAMPLE_RATE:
-            self._resampler = soxr.ResampleStream(SAMPLE_RATE, fmt.sample_rate, 1, dtype="float32", quality="HQ")
 
     def encode(self, audio: np.ndarray) -> bytes:
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        self.samples_in += audio.size
-        if self._container is None:
-            return to_pcm16(audio).tobytes()
         if self._resampler is not None:
             audio = self._resampler.resample_chunk(audio)
+        if self._container is None:
+            return to_pcm16(audio).tobytes()
         self._write(audio)
         return self._sink.take()
 
     def finish(self) -> bytes:
-        if self._container is None:
-            return b""
+        tail = np.zeros(0, np.float32)
         if self._resampler is not None:
-            self._write(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+            tail = self._resampler.resample_chunk(tail, last=True)
+        if self._container is None:
+            return to_pcm16(tail).tobytes()
+        if tail.size:
+            self._write(tail)
         for packet in self._stream.encode(None):  # flush the encoder's delay
             self._container.mux(packet)
         self._container.close()

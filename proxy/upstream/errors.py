@@ -42,8 +42,6 @@ class UpstreamTimeout(UpstreamError):
     status = 504
 
 
-# Channel options: the client defaults (large messages: context audio can be several MB) plus a short reconnect
-# backoff, so a restarted Triton is found again within about a second instead of gRPC's default of up to 120 s.
 def classify(message: str) -> UpstreamError:
     """Map a Triton error message to what the client is told, by its code alone. The csm_1b / tts models start
     their messages with the Triton code name ("INVALID_ARG: ..."; csm_tts/triton/errors.py), since gRPC streams carry

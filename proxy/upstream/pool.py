@@ -30,6 +30,8 @@ from proxy.upstream.stream import TritonStream
 
 log = logging.getLogger("proxy.triton")
 
+# Channel options: the client defaults (large messages: context audio can be several MB) plus a short reconnect
+# backoff, so a restarted Triton is found again within about a second instead of gRPC's default of up to 120 s.
 CHANNEL_ARGS = [
     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
     ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
