@@ -1,15 +1,18 @@
-"""What an endpoint reads from its request: the JSON body (bounded; parsed in the thread pool when large) and the
-explicit admission call (proxy/admission.py) with the request's scope and the app's parts."""
+"""What an endpoint reads from its request: the JSON body (bounded; parsed in the thread pool when large), the
+explicit admission call (proxy/admission.py) with the request's scope and the app's parts, and the room and upgrade
+of a WebSocket session (WS /stream and the ElevenLabs sockets alike)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
 
 from proxy.admission import Lease
-from proxy.appkeys import ADMISSION, METRICS, OFFLOAD, SCOPE, SETTINGS, TRITON
+from proxy.appkeys import ADMISSION, METRICS, OFFLOAD, SCOPE, SETTINGS, TRITON, WEBSOCKETS
 from proxy.errors import ApiError
 from proxy.parse import strict_json
 from proxy.parse.job import GenerateOptions
@@ -66,3 +69,38 @@ def check_admission(request: web.Request, asked: Iterable[GenerateOptions] = (),
     of these options would get now, takes nothing. `full`: also refuse when the proxy's stream limit is reached."""
     app = request.app
     app[ADMISSION].check(request[SCOPE], asked, app[TRITON] if full else None)
+
+
+def check_websocket_room(request: web.Request) -> None:
+    """503 + Retry-After when PROXY_MAX_WEBSOCKETS sessions are open (before the upgrade: a plain GET then tells a
+    browser why its handshake failed)."""
+    app, limit = request.app, request.app[SETTINGS].max_websockets
+    if len(app[WEBSOCKETS]) >= limit:
+        app[METRICS].rejections.labels("full").inc()
+        raise ApiError(
+            503, f"Too many WebSocket connections (limit {limit}); retry later", headers={"Retry-After": "1"}
+        )
+
+
+@contextlib.asynccontextmanager
+async def websocket_session(request: web.Request, ws: web.WebSocketResponse) -> AsyncIterator[web.WebSocketResponse]:
+    """The upgrade, its flow control, and the session counted (and closed by a drain) while it runs."""
+    await ws.prepare(request)
+    _bound_socket_buffers(request)
+    request.app[WEBSOCKETS].add(ws)
+    try:
+        yield ws
+    finally:
+        request.app[WEBSOCKETS].discard(ws)
+
+
+def _bound_socket_buffers(request: web.Request) -> None:
+    """Flow control: the proxy holds at most ~ws_write_buffer_bytes (plus one message) for a client before its sends
+    wait; optionally the kernel's send buffer is capped as well."""
+    settings, transport = request.app[SETTINGS], request.transport
+    if transport is None:
+        return
+    transport.set_write_buffer_limits(high=settings.ws_write_buffer_bytes)
+    sock = transport.get_extra_info("socket")
+    if settings.ws_socket_sndbuf and sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.ws_socket_sndbuf)

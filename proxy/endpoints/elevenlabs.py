@@ -10,11 +10,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from csm_tts.text import elevenlabs as el
-from proxy.appkeys import METRICS, OFFLOAD, SETTINGS, VOICES, WEBSOCKETS
+from proxy.appkeys import OFFLOAD, SETTINGS, VOICES
 from proxy.elevenlabs_session import ElevenLabsSession
 from proxy.errors import ApiError
 from proxy.parse.job import GenerateOptions, SpeechJob
-from proxy.requests import check_admission
+from proxy.requests import check_admission, check_websocket_room, websocket_session
 from proxy.voice_context import voice_segments
 from proxy.voices import UnknownVoice
 
@@ -42,18 +42,17 @@ async def serve(request: web.Request, multi: bool) -> web.StreamResponse:
     options = GenerateOptions(text="", speaker_id=voice.speaker_id, normalize=query.normalize)
     # admit, before the upgrade (each cut is admitted again when its turn comes)
     check_admission(request, [options], full=False)
-    if len(app[WEBSOCKETS]) >= settings.max_websockets:
-        app[METRICS].rejections.labels("full").inc()
-        raise ApiError(503, f"Too many WebSocket connections (limit {settings.max_websockets}); retry later")
-    ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat_s, max_msg_size=el.MAX_MESSAGE_BYTES, compress=False)
+    check_websocket_room(request)
+    ws = web.WebSocketResponse(
+        heartbeat=settings.ws_heartbeat_s,
+        max_msg_size=el.MAX_MESSAGE_BYTES,
+        writer_limit=settings.ws_write_buffer_bytes,
+        compress=False,
+    )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, f"{request.path} needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
     # prepare: the voice's clip, if it has one
     reference = await voice_segments(SpeechJob(options, voice=voice), app[OFFLOAD], settings.reference_max_seconds)
-    await ws.prepare(request)
-    app[WEBSOCKETS].add(ws)  # counted, and closed by a drain, like WS /stream's sessions
-    try:
+    async with websocket_session(request, ws):  # counted, and closed by a drain, like WS /stream's sessions
         await ElevenLabsSession(ws, request, query, options, reference).run()
-    finally:
-        app[WEBSOCKETS].discard(ws)
     return ws
