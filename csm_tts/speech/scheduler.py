@@ -227,23 +227,24 @@ class StreamScheduler(OutputStage):
                 self._wake.notify_all()
 
     # -- admission ------------------------------------------------------------------------------------------------
-    def _expired(self, now: float) -> list[tuple[float, Job]]:
-        """Queued jobs that waited longer than they may for a slot; holding the lock. In admission order, the first
-        jobs have a free slot each (they only wait for their turn, one prefill a round) and never expire."""
-        limit = self.flow.queue_wait_s(self.max_queue_wait_s, self._behind(now))
+    def _expired(self, now: float) -> list[tuple[Job, str]]:
+        """Queued jobs that waited longer than they may for a slot, and why; holding the lock. In admission order, the
+        first jobs have a free slot each (they only wait for their turn, one prefill a round) and never expire."""
+        behind = self._behind(now)
+        limit = self.flow.queue_wait_s(self.max_queue_wait_s, behind)
         if limit is None:
             return []
-        slots = 0 if self._behind(now) else self.max_active - len(self._active)
+        slots = 0 if behind else self.max_active - len(self._active)
         order = [*self._ready, *([self._preparing] if self._preparing else []), *self._waiting]
         late = [j for j in order[slots:] if j is not self._preparing and now - j.queued_at > limit]
         for job in late:
             (self._ready if job.prompt is not None else self._waiting).remove(job)
-        return [(now - job.queued_at, job) for job in late]
+        slot = f"no stream slot became free within {{:.1f}} s ({len(self._active)} streams active)"
+        why = "the watermarker is behind real time (streams wait for it)" if behind else slot
+        return [(job, why.format(now - job.queued_at)) for job in late]
 
-    def _refuse_late(self, late: list[tuple[float, Job]]) -> None:
-        for waited, job in late:
-            behind, slot = "the watermarker is behind real time (streams wait for it)", "no stream slot became free"
-            why = behind if self._behind() else f"{slot} within {waited:.1f} s ({len(self._active)} streams active)"
+    def _refuse_late(self, late: list[tuple[Job, str]]) -> None:
+        for job, why in late:
             message = f"{why}; retry in a moment or on another server"
             self.log(f"refusing a queued request: {message}")
             self._send_error(job, message, "UNAVAILABLE")
