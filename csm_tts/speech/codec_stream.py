@@ -128,8 +128,8 @@ class CodecSlots:
         """A free slot for `owner` (a stream), reset: its next decode starts from silence. A slot whose owner was
         garbage-collected without `free` is free again."""
         with self._claims:
-            for slot, held in enumerate(self._owners):
-                if held is None or held() is None:
+            for slot in range(self.slots):
+                if not self._owns(slot, None):
                     self._owners[slot] = weakref.ref(owner)
                     self._fresh[slot] = True
                     return slot
@@ -140,6 +140,11 @@ class CodecSlots:
         with self._claims:
             if slot is not None and self._owns(slot, owner):
                 self._owners[slot] = None
+
+    def release(self, stream) -> None:
+        """The stream's codec slot back, and the stream told so (its last chunk decoded, or it was released)."""
+        self.free(stream.codec_slot, stream)
+        stream.codec_slot = None
 
     def _owns(self, slot: int, owner) -> bool:
         """Whether `owner` holds `slot` (owner None: whether anyone does)."""
@@ -156,7 +161,7 @@ class CodecSlots:
 
     @property
     def slots_taken(self) -> int:
-        return sum(1 for held in self._owners if held is not None and held() is not None)
+        return sum(self._owns(slot, None) for slot in range(self.slots))
 
     def _allocate(self) -> None:
         """Every slot's state, plus one scratch slot (index `slots`) that a batch's padding rows read and write."""
@@ -394,6 +399,5 @@ def next_chunks(codec: CodecSlots, streams: list[Stream]) -> list[AudioChunk]:
         stream.samples_sent += audio.size
         stream.due = None  # after the counters: flow control reads them from the stepping thread
         if last:
-            codec.free(stream.codec_slot, stream)
-            stream.codec_slot = None
+            codec.release(stream)
     return chunks

@@ -144,8 +144,7 @@ class CsmEngine(PromptBuilder):
         """Give the stream's slots back (idempotent). Finished streams release their backbone slot themselves and
         their codec slot with their last chunk; a caller that drops a stream (cancelled, failed) calls this."""
         self._release_backbone(stream)
-        self.codec.free(stream.codec_slot, stream)
-        stream.codec_slot = None
+        self.codec.release(stream)
 
     def _release_backbone(self, stream: Stream) -> None:
         with self._lock:

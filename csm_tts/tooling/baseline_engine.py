@@ -68,8 +68,7 @@ class BaselineEngine(CsmEngine):
 
     def release(self, stream: Stream) -> None:
         stream.cache = None
-        self.codec.free(stream.codec_slot, stream)
-        stream.codec_slot = None
+        self.codec.release(stream)
 
     @torch.inference_mode()
     def frame_codes(self, streams: list[BaselineStream]) -> torch.Tensor:
