@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -143,8 +142,8 @@ class ElevenLabsSession:
             policy = self.policy
             if message.chunk_length_schedule:  # its first number: the early first cut's length
                 policy = StreamPolicy(first_max_chars=min(message.chunk_length_schedule[0], policy.max_bytes))
-            options = dataclasses.replace(self.options, text="")
-            context = Context(message.context_id, TextStream(options, policy, self.query.language_code or "en"))
+            # self.options has no text (the endpoint's): each cut brings its own
+            context = Context(message.context_id, TextStream(self.options, policy, self.query.language_code or "en"))
             context.task = asyncio.create_task(self.speak(context), name="elevenlabs-context")
             self.tasks.add(context.task)
             context.task.add_done_callback(self.tasks.discard)

@@ -234,7 +234,7 @@ class StreamSession:
             raise task.exception()
         # A bug or an unexpected failure: this chunk gets an error reply, the session goes on.
         log.error("WebSocket text chunk failed", exc_info=task.exception())
-        where = {"chunk_id": chunk_id} if self.config.mode == "stream" else {}
+        where = {"chunk_id": chunk_id} if self.config.streaming else {}
         await self.send_reply({"error": "Internal error while generating this text", "text": options.text, **where})
 
     # -- one text chunk ----------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from csm_tts.text.budget import Segment
 from csm_tts.text.frontend import spoken_stream_segment
 from csm_tts.text.incremental import StreamPolicy, StreamSegment, StreamSegmenter
 from proxy.parse.job import GenerateOptions
@@ -71,11 +70,9 @@ class TextStream:
     def _plans(self, cuts: list[StreamSegment]) -> list[CutPlan]:
         out = []
         for cut in cuts:
-            segments = spoken_stream_segment(cut, normalized=self.options.normalize, language=self.language)
-            shifted = tuple(
-                Segment(s.text, s.start, s.end, s.source_start + self._base, s.source_end + self._base)
-                for s in segments
+            segments = tuple(
+                spoken_stream_segment(cut, normalized=self.options.normalize, language=self.language, base=self._base)
             )
-            plan = SpeechPlan(dataclasses.replace(self.options, text=cut.text), shifted) if shifted else None
+            plan = SpeechPlan(dataclasses.replace(self.options, text=cut.text), segments) if segments else None
             out.append(CutPlan(cut.start + self._base, cut.end + self._base, cut.reason, plan))
         return out

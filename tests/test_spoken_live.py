@@ -175,16 +175,6 @@ async def test_over_the_limit_is_a_400_that_names_it(proxy, http):
         assert "the limit is 5000" in (await response.json())["error"]["message"]
 
 
-def test_plan_headers_report_what_is_spoken():
-    from proxy.parse.job import GenerateOptions
-    from proxy.spoken import plan_speech
-
-    plan = plan_speech(GenerateOptions(text="Meet **Dr. Lee** at 3:30 pm."))
-    assert plan.spoken_text == "Meet Dr. Lee at three thirty P M."
-    assert unquote(plan.headers()["X-Spoken-Text"]) == plan.spoken_text
-    assert len(plan.segments) == 1
-
-
 async def test_websocket_message_mode_and_stream_chunks_speak_long_texts_whole(proxy, http):
     import websockets
 

@@ -4,6 +4,7 @@ ElevenLabs output conversion, and the options that turn these on (normalize, tex
 from __future__ import annotations
 
 import io
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -76,6 +77,13 @@ def test_mp3_output_is_one_stream():
     assert data.count(b"ID3") == 1
     decoded, rate = soundfile.read(io.BytesIO(data))
     assert rate == 44100 and 44100 <= decoded.shape[0] <= 44100 + 2 * 1152
+
+
+def test_plan_headers_report_what_is_spoken():
+    plan = plan_speech(GenerateOptions(text="Meet **Dr. Lee** at 3:30 pm."))
+    assert plan.spoken_text == "Meet Dr. Lee at three thirty P M."
+    assert unquote(plan.headers()["X-Spoken-Text"]) == plan.spoken_text
+    assert len(plan.segments) == 1
 
 
 def test_options_and_config():

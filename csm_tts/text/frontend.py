@@ -22,16 +22,22 @@ def spoken_segments(
 
 
 def spoken_stream_segment(
-    segment: StreamSegment, *, normalized: bool = True, language: str = "en", max_bytes: int = MAX_SEGMENT_BYTES
+    segment: StreamSegment,
+    *,
+    normalized: bool = True,
+    language: str = "en",
+    max_bytes: int = MAX_SEGMENT_BYTES,
+    base: int = 0,
 ) -> list[Segment]:
-    """One cut of a text stream as segments, spans in the whole received text. Empty when it has nothing to say (a
-    code block, emoji): a stream skips it rather than failing. Normalisation can lengthen text ("$1,234,567" is
-    eleven words), so the result is split again to the budget."""
+    """One cut of a text stream as segments, spans in the whole received text (`base`: where the segmenter's text
+    starts in it). Empty when it has nothing to say (a code block, emoji): a stream skips it rather than failing.
+    Normalisation can lengthen text ("$1,234,567" is eleven words), so the result is split again to the budget."""
     try:
         spoken = _spoken(segment.text, normalized, language)
     except NothingToSpeak:
         return []
+    offset = base + segment.start
     return [
-        Segment(s.text, s.start, s.end, s.source_start + segment.start, s.source_end + segment.start)
+        Segment(s.text, s.start, s.end, s.source_start + offset, s.source_end + offset)
         for s in split_spoken(spoken, max_bytes, language)
     ]
