@@ -67,7 +67,7 @@ def draining_error() -> ApiError:
 
 class Lease:
     """One admitted Triton stream: the key's stream slot (released exactly once), its Triton request id, its
-    metrics. `with lease:` releases the slot on any exit; `Generation` reports first audio and the end."""
+    metrics. `with lease:` releases the slot on any exit; `SpokenGeneration` reports first audio and the end."""
 
     def __init__(self, admission: Admission, scope: RequestScope):
         self.admission = admission

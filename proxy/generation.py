@@ -6,22 +6,20 @@ reason code CONTEXT_TOO_LONG, csm_tts/limits.py), the oldest conversation segmen
 retried, down to none; only then is the error the client's.
 
 Entering waits for the first audio chunk, so everything that fails before it is still an ordinary HTTP error. The
-stream was admitted before (proxy/admission.py): its `Lease` gives each Triton request its id and hears the first
-audio and the end (metrics, the key's stream slot).
+stream was admitted before (proxy/admission.py): `request_ids` (its `Lease`'s) gives each Triton request its id; the
+whole text's `SpokenGeneration` (proxy/spoken.py) reports its first audio and its end.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from csm_tts import SAMPLE_RATE
 from csm_tts.limits import CONTEXT_TOO_LONG
 from csm_tts.speech.request import ContextSegment
-from proxy.admission import Lease
 from proxy.conversation import Conversation
 from proxy.parse.job import GenerateOptions
 from proxy.upstream.errors import UpstreamRejected
@@ -34,13 +32,13 @@ class Generation:
         self,
         pool: TritonPool,
         options: GenerateOptions,
-        lease: Lease | None = None,
+        request_ids: Callable[[], str] | None = None,
         watermark_default: bool | None = None,
         conversation: Conversation | None = None,
         reference: Sequence[ContextSegment] = (),
     ):
         self.pool = pool
-        self.lease = lease
+        self.request_ids = request_ids
         self.reference = list(reference)
         self.options = options
         self.parameters = options.triton_parameters(watermark_default)
@@ -49,25 +47,14 @@ class Generation:
         )
         self.started = time.perf_counter()
         self.watermarked = False
-        self.key_id: str | None = None
         self.samples = 0
         self._stream: TritonStream | None = None
         self._first: AudioChunk | None = None
         self._ended = False
 
     async def __aenter__(self) -> Generation:
-        try:
-            await self._open()
-        except BaseException:
-            self._close(failed=True)
-            raise
-        if self.lease is not None:
-            self.lease.first_audio(time.perf_counter() - self.started)
-        return self
-
-    async def _open(self) -> None:
         while True:
-            request_id = self.lease.triton_request_id() if self.lease is not None else ""
+            request_id = self.request_ids() if self.request_ids is not None else ""
             stream = self.pool.stream(self.options.text, self.parameters, [*self.reference, *self.context], request_id)
             await stream.__aenter__()
             try:
@@ -83,19 +70,12 @@ class Generation:
                 raise
             self._stream = stream
             self._note(self._first)
-            return
+            return self
 
     async def __aexit__(self, *exc) -> None:
-        try:
-            if self._stream is not None:
-                await self._stream.__aexit__(*exc)
-                self._stream = None
-        finally:
-            self._close(failed=exc[0] is not None or not self._ended)
-
-    def _close(self, failed: bool) -> None:
-        if self.lease is not None:
-            self.lease.closed(time.perf_counter() - self.started, self.samples / SAMPLE_RATE, failed)
+        if self._stream is not None:
+            await self._stream.__aexit__(*exc)
+            self._stream = None
 
     def __aiter__(self) -> Generation:
         return self
@@ -114,7 +94,6 @@ class Generation:
         self._ended = chunk.is_last
         self.samples += chunk.audio.size
         self.watermarked = self.watermarked or chunk.watermarked
-        self.key_id = chunk.key_id or self.key_id
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0

@@ -107,25 +107,6 @@ class SpokenSegment:
         }
 
 
-class _SegmentLease:
-    """The request's Lease as each segment's Generation sees it: first audio once, the end once (by the whole)."""
-
-    def __init__(self, lease: Lease):
-        self.lease = lease
-        self.first = True
-
-    def triton_request_id(self) -> str:
-        return self.lease.triton_request_id()
-
-    def first_audio(self, seconds: float) -> None:
-        if self.first:
-            self.first = False
-            self.lease.first_audio(seconds)
-
-    def closed(self, seconds: float, audio_seconds: float, failed: bool) -> None:
-        pass
-
-
 class SpokenGeneration:
     """`async with SpokenGeneration(...) as g: async for chunk in g` over every segment of a plan, in order."""
 
@@ -148,7 +129,6 @@ class SpokenGeneration:
         self.started = time.perf_counter()
         self.watermarked = False
         self.samples = 0
-        self._leases = _SegmentLease(lease) if lease is not None else None
         self._index = -1
         self._current: Generation | None = None
         self._audio: list = []
@@ -162,6 +142,8 @@ class SpokenGeneration:
         except BaseException:
             self._close()
             raise
+        if self.lease is not None:
+            self.lease.first_audio(time.perf_counter() - self.started)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -207,7 +189,12 @@ class SpokenGeneration:
         self._audio = []
         options = dataclasses.replace(self.options, text=self.segments[self._index].text)
         generation = Generation(
-            self.pool, options, self._leases, self.watermark_default, self.conversation, self.reference
+            self.pool,
+            options,
+            self.lease.triton_request_id if self.lease is not None else None,
+            self.watermark_default,
+            self.conversation,
+            self.reference,
         )
         await generation.__aenter__()  # on failure it has closed itself
         self._current = generation
