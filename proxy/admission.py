@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from proxy.auth import ApiKey, LimitReached
 from proxy.drain import Drain
 from proxy.errors import ApiError
-from proxy.metrics import MetricsHooks, ProxyMetrics
+from proxy.metrics import ProxyMetrics
 from proxy.parse.job import GenerateOptions
 from proxy.scope import RequestScope
 from proxy.upstream.pool import TritonPool
@@ -78,12 +78,12 @@ class Lease:
         return self.scope.next_triton_request_id()
 
     def first_audio(self, seconds: float) -> None:
-        self.admission.measure.first_audio(self.scope, seconds)
+        self.admission.metrics.stream_first_audio(self.scope, seconds)
 
     def closed(self, seconds: float, audio_seconds: float, failed: bool) -> None:
         """The stream ended (it had started): its metrics, then the slot."""
         if self._held:
-            self.admission.measure.closed(self.scope, seconds, audio_seconds, failed)
+            self.admission.metrics.stream_closed(self.scope, seconds, audio_seconds, failed)
         self.release()
 
     def release(self) -> None:
@@ -104,7 +104,6 @@ class Admission:
 
     def __init__(self, metrics: ProxyMetrics, policy: WatermarkPolicy, drain: Drain):
         self.metrics = metrics
-        self.measure = MetricsHooks(metrics)
         self.policy = policy
         self.drain = drain
 
@@ -134,7 +133,7 @@ class Admission:
                 scope.key.take_stream()
             except LimitReached as e:
                 self.refuse("rate_limited", too_many(e))
-        self.measure.admitted(scope)
+        self.metrics.stream_admitted(scope)
         return Lease(self, scope)
 
     def refuse(self, reason: str, error: Exception):

@@ -127,25 +127,18 @@ class ProxyMetrics:
         self.behind.labels("watermarker").set(len(pool.behind().get("watermarker", ())))
         return generate_latest(self.registry)
 
+    # -- what an admitted stream reports (proxy/admission.py `Lease`) ------------------------------------------------
+    def stream_admitted(self, scope: RequestScope) -> None:
+        if scope.key is not None and self.key_names:
+            self.key_streams.labels(scope.key.name).inc()
 
-class MetricsHooks:
-    """What an admitted stream reports (proxy/admission.py `Lease`)."""
+    def stream_first_audio(self, scope: RequestScope, seconds: float) -> None:
+        self.ttfa.labels(scope.endpoint).observe(seconds)
 
-    def __init__(self, metrics: ProxyMetrics):
-        self.metrics = metrics
-
-    def admitted(self, scope: RequestScope) -> None:
-        if scope.key is not None and self.metrics.key_names:
-            self.metrics.key_streams.labels(scope.key.name).inc()
-
-    def first_audio(self, scope: RequestScope, seconds: float) -> None:
-        self.metrics.ttfa.labels(scope.endpoint).observe(seconds)
-
-    def closed(self, scope: RequestScope, seconds: float, audio_seconds: float, failed: bool) -> None:
-        m = self.metrics
+    def stream_closed(self, scope: RequestScope, seconds: float, audio_seconds: float, failed: bool) -> None:
         scope.audio_seconds += audio_seconds
-        m.stream_seconds.labels(scope.endpoint, "failed" if failed else "completed").observe(seconds)
+        self.stream_seconds.labels(scope.endpoint, "failed" if failed else "completed").observe(seconds)
         if audio_seconds > 0:
-            m.audio_seconds.labels(scope.endpoint).inc(audio_seconds)
+            self.audio_seconds.labels(scope.endpoint).inc(audio_seconds)
             if not failed:
-                m.rtf.labels(scope.endpoint).observe(seconds / audio_seconds)
+                self.rtf.labels(scope.endpoint).observe(seconds / audio_seconds)
