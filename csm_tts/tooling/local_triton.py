@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csm_tts.tooling.model_repository import render
-from csm_tts.triton import cancellation
+from csm_tts.triton import cancellation, watchdog
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 DEFAULT_TRITON_DIR = ROOT / ".triton"
@@ -50,12 +50,8 @@ def group_members(group: int) -> dict[int, list[str]]:
         try:
             if not proc.name.isdigit() or int(proc.name) == group or os.getpgid(int(proc.name)) != group:
                 continue
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found[int(proc.name)] = [
-                    a.decode()
-                    for a in (proc / "cmdline").read_bytes().split(b"\0")
-                    if a.startswith(b"triton_python_backend_shm_region_") and b"/" not in a
-                ]
+            if watchdog.started_at(int(proc.name)) is not None:
+                found[int(proc.name)] = watchdog.shm_regions(proc.name)
         except (OSError, ProcessLookupError):
             continue
     return found

@@ -53,16 +53,21 @@ def started_at(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
+def shm_regions(pid: int | str) -> list[str]:
+    """The Python-backend shared-memory regions named on the command line of process `pid` (OSError when it is gone)."""
+    arguments = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    return [a for a in arguments if a.startswith(SHM_REGION_PREFIX) and "/" not in a]
+
+
 def this_stub(pid: int | str = "self") -> Stub | None:
     """The process `pid` (this one by default) as a stub of a running tritonserver, or None when it is not one."""
     try:
-        arguments = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        regions = shm_regions(pid)
         stat = Path(f"/proc/{pid}/stat").read_text()
         own_pid, parent = int(stat.split()[0]), int(stat.rsplit(")", 1)[1].split()[1])
         parent_name = Path(f"/proc/{parent}/comm").read_text().strip()
     except (OSError, ValueError, IndexError):
         return None
-    regions = [a for a in arguments if a.startswith(SHM_REGION_PREFIX) and "/" not in a]
     server_started = started_at(parent)
     if parent_name != "tritonserver" or not regions or server_started is None:
         return None
