@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from collections import defaultdict
 
 import numpy as np
 import torch
 from transformers.models.mimi.modeling_mimi import MimiConv1d, MimiConvTranspose1d, MimiResnetBlock
 
-from csm_tts.speech.slots import batch_buckets
+from csm_tts.speech.slots import SlotOwners, batch_buckets
 from csm_tts.speech.stream import AudioChunk, NoFreeSlot, Stream
 
 
@@ -115,7 +114,7 @@ class CodecSlots:
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
-        self._owners: list[weakref.ref | None] = [None] * slots
+        self._owners = SlotOwners(slots)
         self._fresh = [True] * slots  # claimed since its last decode: its state starts from zeros
         # Keys/values of the last `window - 1` steps, and room for the largest call's new ones.
         self.ring = self.window - 1 + self.frame_buckets[-1] * self.steps_per_frame
@@ -128,29 +127,22 @@ class CodecSlots:
         """A free slot for `owner` (a stream), reset: its next decode starts from silence. A slot whose owner was
         garbage-collected without `free` is free again."""
         with self._claims:
-            for slot in range(self.slots):
-                if not self._owns(slot, None):
-                    self._owners[slot] = weakref.ref(owner)
-                    self._fresh[slot] = True
-                    return slot
+            slot = self._owners.free_slot()
+            if slot is not None:
+                self._owners.take(slot, owner)
+                self._fresh[slot] = True
+                return slot
         raise NoFreeSlot(f"all {self.slots} codec slots are taken (streams whose last chunk was not taken yet)")
 
     def free(self, slot: int | None, owner) -> None:
         """Give `owner`'s slot back (idempotent; a slot now owned by someone else is left alone)."""
         with self._claims:
-            if slot is not None and self._owns(slot, owner):
-                self._owners[slot] = None
+            self._owners.free(slot, owner)
 
     def release(self, stream) -> None:
         """The stream's codec slot back, and the stream told so (its last chunk decoded, or it was released)."""
         self.free(stream.codec_slot, stream)
         stream.codec_slot = None
-
-    def _owns(self, slot: int, owner) -> bool:
-        """Whether `owner` holds `slot` (owner None: whether anyone does)."""
-        held = self._owners[slot]
-        alive = None if held is None else held()
-        return alive is not None and (owner is None or alive is owner)
 
     @property
     def slot_bytes(self) -> int:
@@ -161,7 +153,7 @@ class CodecSlots:
 
     @property
     def slots_taken(self) -> int:
-        return sum(self._owns(slot, None) for slot in range(self.slots))
+        return self._owners.taken
 
     def _allocate(self) -> None:
         """Every slot's state, plus one scratch slot (index `slots`) that a batch's padding rows read and write."""
@@ -197,7 +189,7 @@ class CodecSlots:
         if len(set(slots)) != len(slots):
             raise ValueError("one decode call takes each slot at most once")
         for slot, codes in work:
-            if not 0 <= slot < self.slots or (owners is None and not self._owns(slot, None)):
+            if not 0 <= slot < self.slots or (owners is None and self._owners.owner(slot) is None):
                 raise ValueError(f"codec slot {slot} is not claimed")
             if codes.dim() != 2 or codes.shape[1] != self.num_codebooks or codes.is_floating_point():
                 raise ValueError(f"codes must be integers of shape [frames, {self.num_codebooks}], got {codes.shape}")
@@ -235,7 +227,7 @@ class CodecSlots:
             codes[row, :, : chunk.shape[0]] = chunk.T
         with self._claims:
             # A claim after this point marks the slot fresh again: its new owner's first call resets it.
-            owned = [owners is None or self._owns(slot, owners[row]) for row, slot in enumerate(slots)]
+            owned = [owners is None or self._owners.owner(slot) is owners[row] for row, slot in enumerate(slots)]
             slots = [slot if mine else self.slots for slot, mine in zip(slots, owned, strict=True)]
             fresh = [slot for slot in slots if slot < self.slots and self._fresh[slot]]
             for slot in fresh:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import secrets
 import threading
 import uuid
-import weakref
 from collections.abc import Iterator
 
 import torch
@@ -31,7 +30,7 @@ from csm_tts.speech.graphs import FrameGraphs, compare_probe, probe_frame
 from csm_tts.speech.prompt import PromptBuilder
 from csm_tts.speech.request import GenerationRequest, Limits
 from csm_tts.speech.sampling import sample_codes
-from csm_tts.speech.slots import SMALL_TOPK, WINDOWS, SlotState, batch_buckets, fit_slots
+from csm_tts.speech.slots import SMALL_TOPK, WINDOWS, SlotOwners, SlotState, batch_buckets, fit_slots
 from csm_tts.speech.stream import AudioChunk, NoFreeSlot, Prompt, Stream
 
 
@@ -99,7 +98,7 @@ class CsmEngine(PromptBuilder):
         self.batch_sizes = batch_buckets(max_streams)
         self.windows = tuple(sorted({min(w, self.max_positions) for w in WINDOWS}))
         self.topk_bounds = (min(SMALL_TOPK, self.codebook_size), self.codebook_size)
-        self._owners: list[weakref.ref | None] = [None] * max_streams  # slot -> its stream
+        self._owners = SlotOwners(max_streams)  # slot -> its stream
         self._state: SlotState | None = None  # allocated by the first start (or capture)
         self._lock = threading.RLock()
 
@@ -131,14 +130,14 @@ class CsmEngine(PromptBuilder):
         return self._state
 
     def _free_slot(self) -> int:
-        for slot, owner in enumerate(self._owners):
-            if owner is None or owner() is None:  # a stream dropped without release frees its slot too
-                return slot
-        raise NoFreeSlot(f"all {self.max_streams} stream slots are taken")
+        slot = self._owners.free_slot()
+        if slot is None:
+            raise NoFreeSlot(f"all {self.max_streams} stream slots are taken")
+        return slot
 
     @property
     def streams_active(self) -> int:
-        return sum(1 for owner in self._owners if owner is not None and owner() is not None)
+        return self._owners.taken
 
     def release(self, stream: Stream) -> None:
         """Give the stream's slots back (idempotent). Finished streams release their backbone slot themselves and
@@ -149,8 +148,7 @@ class CsmEngine(PromptBuilder):
     def _release_backbone(self, stream: Stream) -> None:
         with self._lock:
             slot, stream.slot = stream.slot, None
-            if slot is not None and self._owners[slot] is not None and self._owners[slot]() is stream:
-                self._owners[slot] = None
+            self._owners.free(slot, stream)
 
     # -- generation ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -189,11 +187,11 @@ class CsmEngine(PromptBuilder):
                 slot=slot,
                 positions=prompt_length,
             )
-            self._owners[slot] = weakref.ref(stream)
+            self._owners.take(slot, stream)
             try:
                 stream.codec_slot = self.codec.claim(stream)
             except NoFreeSlot:
-                self._owners[slot] = None
+                self._owners.free(slot, stream)
                 raise
         return stream
 
@@ -314,8 +312,7 @@ class CsmEngine(PromptBuilder):
 
     def _step_locked(self, streams: list[Stream]) -> None:
         for stream in streams:
-            owner = None if stream.slot is None else self._owners[stream.slot]
-            if owner is None or owner() is not stream:
+            if stream.slot is None or self._owners.owner(stream.slot) is not stream:
                 raise ValueError(f"stream {stream.stream_id} has no slot (it was released)")
         shape = self._shape(streams)
         graph = self._graph(shape)  # None when eager; a capture (once per shape) resets the inputs

@@ -3,6 +3,7 @@ tensors a frame step reads and writes (allocated once: fixed addresses, as CUDA 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -131,3 +132,30 @@ class SlotState:
             window_ids=torch.arange(context, device=device),
             depth_rotary=model.depth_decoder.model.rotary_emb(probe, depth_positions),
         )
+
+
+class SlotOwners:
+    """Which stream holds each of `n` slots (the backbone's and the codec's), by weak reference: a stream dropped
+    without being released frees its slot too. The caller holds its own lock around these calls."""
+
+    def __init__(self, n: int):
+        self._refs: list[weakref.ref | None] = [None] * n
+
+    def owner(self, slot: int):
+        ref = self._refs[slot]
+        return None if ref is None else ref()
+
+    def free_slot(self) -> int | None:
+        return next((slot for slot in range(len(self._refs)) if self.owner(slot) is None), None)
+
+    def take(self, slot: int, owner) -> None:
+        self._refs[slot] = weakref.ref(owner)
+
+    def free(self, slot: int | None, owner) -> None:
+        """Give `owner`'s slot back (idempotent; a slot now held by another is left alone)."""
+        if slot is not None and self.owner(slot) is owner:
+            self._refs[slot] = None
+
+    @property
+    def taken(self) -> int:
+        return sum(self.owner(slot) is not None for slot in range(len(self._refs)))
