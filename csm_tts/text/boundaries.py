@@ -63,7 +63,8 @@ def fitting_prefix(text: str, max_bytes: int) -> int:
 
 def budget_cut(text: str, max_bytes: int, language: str = "en", sentences: list[int] | None = None) -> int:
     """Where to cut a text too long for one segment: the last sentence, then clause, then word end that fits.
-    `sentences`: sentence starts already decided (the stream decides them its own way)."""
+    `sentences`: the cuts already decided at sentence level (a stream's sentence starts and code-block ends, decided
+    its own way)."""
     limit = fitting_prefix(text, max_bytes)
     if sentences is None:
         sentences = sentence_bounds(text, language)

@@ -44,16 +44,11 @@ def _solid_end(text: str, end: int) -> int:
     return end
 
 
-def _fence_ends(text: str) -> list[int]:
-    """Where the line that closes a ``` code block ends: a listing is a segment of its own."""
-    ends, at, count = [], 0, 0
-    while (at := text.find("```", at)) >= 0:
-        count += 1
-        at += 3
-        line_end = text.find("\n", at)
-        if count % 2 == 0 and line_end >= 0:
-            ends.append(line_end + 1)
-    return ends
+def _fence_ends(text: str, fences: list[int]) -> list[int]:
+    """Where the line that closes a ``` code block ends (`fences`: where each ``` starts; every second one closes):
+    a listing is a segment of its own."""
+    line_ends = (text.find("\n", fence + 3) for fence in fences[1::2])
+    return [end + 1 for end in line_ends if end >= 0]
 
 
 @dataclass(frozen=True)
@@ -174,6 +169,7 @@ class StreamSegmenter:
         reach = min(len(text), max(limit, policy.first_max_chars) + 64)
         window = text[:reach]
         fences = [match.start() for match in _FENCE.finditer(window)]
+        closed = _fence_ends(window, fences)
 
         def usable(bound: int, least_chars: int) -> bool:
             # settled, long enough, and not inside an open code fence (a listing is cut whole)
@@ -183,7 +179,7 @@ class StreamSegmenter:
         # Sentence starts cost a sentencex call each: they are decided only up to the first other candidate.
         if self._first and policy.early_first_cut:
             last, least = policy.first_max_chars, policy.first_min_chars
-            others = sorted({*_fence_ends(window), *clause_bounds(window)})
+            others = sorted({*closed, *clause_bounds(window)})
             others = [b for b in others if b <= last and usable(b, least)][:1]
             sentences = [b for b in self._sentence_starts(others[0] if others else last, final) if usable(b, least)]
             if sentences or others:
@@ -192,7 +188,7 @@ class StreamSegmenter:
                 words = [b for b in word_bounds(window) if b <= last and text[:b].strip()]
                 return (words[-1] if words else last), "first"
             return None
-        fence_ends = [b for b in _fence_ends(window) if b <= limit and usable(b, 0)]
+        fence_ends = [b for b in closed if b <= limit and usable(b, 0)]
         others = [b for b in fence_ends if usable(b, policy.min_chars)][:1]
         sentences = [b for b in self._sentence_starts(others[0] if others else limit, final) if usable(b, 0)]
         long_enough = [b for b in sentences if usable(b, policy.min_chars)] + others
