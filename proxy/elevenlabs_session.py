@@ -67,7 +67,9 @@ class ElevenLabsSession:
         self.offload = app[OFFLOAD]
         self.rules = Contexts(multi=query.multi)
         self.contexts: dict[str | None, Context] = {}
-        self.conversation = Conversation(ContextBudget.from_settings(self.settings))
+        # Voice continuity across turns, unless the operator turned it off (PROXY_CONTEXT_ENABLED=false).
+        budget = ContextBudget.from_settings(self.settings)
+        self.conversation = Conversation(budget) if self.settings.context_enabled else None
         self.send_lock = asyncio.Lock()
         self.last_message = time.monotonic()
         self.policy = StreamPolicy()
